@@ -1,0 +1,1506 @@
+"""queue_tool: a tiny durable job-queue service (one WSGI module, SQLite, no framework).
+
+A client POSTs a batch of work items and gets one token per valid item; it then
+follows each job with that token until it is done.
+
+Routes:
+    POST   /api             submit a batch: [{"item": "...", "valor": seconds}, ...]
+    GET    /check/<token>   follow a job (?wait=S long-polls up to 30 s)
+    DELETE /check/<token>   cancel a queued or running job
+    GET    /jobs            list jobs, newest first (?status=, ?limit=, ?before=)
+    GET    /health          liveness and queue depth
+    GET    /metrics         Prometheus text format
+    GET    /openapi.json    the OpenAPI 3.1 description of all of the above
+
+Run it:     python queue_tool.py --port 8000 --db queue_tool.sqlite3
+Embed it:   gunicorn queue_tool:app   (configured from QUEUE_TOOL_* variables)
+Build one:  queue_tool.make_app(db="jobs.sqlite3", workers=4, process=my_function)
+
+Jobs live in an SQLite file; worker threads claim them atomically, so several
+processes may share one database. Delivery is at-least-once: a job whose process
+dies mid-run is run again.
+
+Caveat: `python queue_tool.py` serves with the standard library's threaded
+`wsgiref` server, which is fine for small deployments and development. For more
+traffic, run the module-level `app` under gunicorn or waitress, or put a proxy in
+front of it.
+"""
+
+__version__ = "0.1.0"
+__all__ = [
+    "ITEM_SCHEMA",
+    "ApiError",
+    "App",
+    "Runner",
+    "Settings",
+    "SettingsError",
+    "Store",
+    "app",
+    "main",
+    "make_app",
+]
+
+import argparse
+import base64
+import dataclasses
+import datetime
+import hmac
+import http
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import socket
+import socketserver
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+import urllib.parse
+import weakref
+import wsgiref.simple_server
+
+import jsonschema
+
+log = logging.getLogger(__name__)
+
+
+# -- Settings ----------------------------------------------------------------
+
+ENV_PREFIX = "QUEUE_TOOL_"
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names the setting."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every knob of the service. Durations are in seconds."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db: str = "queue_tool.sqlite3"
+    workers: int = 16
+    max_valor: float = 3600
+    max_items: int = 1000
+    max_body: int = 1 << 20
+    max_queued: int = 100_000
+    max_attempts: int = 3
+    lease: float = 30
+    retention: float = 7 * 86400
+    grace: float = 10
+    api_key: str = None
+    debug: bool = False
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            _check_setting(field.name, value)
+            if field.name == "db":
+                object.__setattr__(self, "db", os.fspath(value))
+
+
+SETTING_HELP = {
+    "host": "address to listen on",
+    "port": "port to listen on (0 picks a free one)",
+    "db": "SQLite file holding the jobs (:memory: keeps nothing on disk)",
+    "workers": "worker threads in this process (0: accept jobs, run none)",
+    "max_valor": "largest accepted valor, in seconds",
+    "max_items": "most items in one batch",
+    "max_body": "largest request body, in bytes",
+    "max_queued": "most queued jobs before submissions get 503",
+    "max_attempts": "starts before a job whose worker was lost is failed",
+    "lease": "seconds a running job's claim lasts without renewal",
+    "retention": "seconds finished jobs are kept",
+    "grace": "seconds running jobs get to finish on shutdown",
+    "api_key": "bearer key for POST /api, DELETE /check, /jobs, /metrics",
+    "debug": "tracebacks in the log and in 500 bodies",
+}
+
+# Lower bounds (inclusive) of the numeric settings; lease must also be above 0.
+_MINIMUM = {"port": 0, "workers": 0, "max_valor": 0, "max_items": 1, "max_body": 1,
+            "max_queued": 1, "max_attempts": 1, "lease": 0, "retention": 0, "grace": 0}
+_MAXIMUM = {"port": 65535, "workers": 1024}
+
+
+def _setting_type(name):
+    return {f.name: f.type for f in dataclasses.fields(Settings)}[name]
+
+
+def _check_setting(name, value):
+    kind = _setting_type(name)
+    if name == "api_key":
+        if value is not None and (not isinstance(value, str) or not value):
+            raise SettingsError("api_key must be a non-empty string")
+    elif name == "db":
+        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+            raise SettingsError("db must be a file path or :memory:")
+    elif kind is str:
+        if not isinstance(value, str) or not value:
+            raise SettingsError(f"{name} must be a non-empty string")
+    elif kind is bool:
+        if not isinstance(value, bool):
+            raise SettingsError(f"{name} must be true or false")
+    else:
+        whole = kind is int
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                whole and not isinstance(value, int)):
+            raise SettingsError(f"{name} must be {'a whole' if whole else 'a'} number, "
+                                f"not {value!r}")
+        if not math.isfinite(value):
+            raise SettingsError(f"{name} must be a finite number, not {value!r}")
+        low, high = _MINIMUM.get(name), _MAXIMUM.get(name)
+        if low is not None and value < low or name == "lease" and value <= 0:
+            bound = "above" if name == "lease" else "at least"
+            raise SettingsError(f"{name} must be {bound} {low}, not {value!r}")
+        if high is not None and value > high:
+            raise SettingsError(f"{name} must be at most {high}, not {value!r}")
+
+
+def parse_setting(name, text):
+    """Convert one flag or variable string to the setting's type (SettingsError if not)."""
+    kind = _setting_type(name)
+    text = text.strip()
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"{name} must be true or false, not {text!r}")
+    if kind in (int, float):
+        try:
+            return int(text) if kind is int else float(text)
+        except ValueError:
+            word = "a whole number" if kind is int else "a number"
+            raise SettingsError(f"{name} must be {word}, not {text!r}") from None
+    return text if text or name != "api_key" else None
+
+
+def settings_from_env(environ=None, **overrides):
+    """Settings from QUEUE_TOOL_* variables, with `overrides` on top.
+
+    Raises SettingsError naming the variable at fault.
+    """
+    environ = os.environ if environ is None else environ
+    values = {}
+    for field in dataclasses.fields(Settings):
+        variable = ENV_PREFIX + field.name.upper()
+        if variable in environ:
+            try:
+                value = parse_setting(field.name, environ[variable])
+                _check_setting(field.name, value)
+            except SettingsError as exc:
+                raise SettingsError(f"{variable}: {exc}") from None
+            if value is not None:
+                values[field.name] = value
+    values.update(overrides)
+    return Settings(**values)
+
+
+# -- Schema ------------------------------------------------------------------
+
+def item_schema(max_valor=Settings.max_valor):
+    """The JSON Schema one batch item must match."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "Item",
+        "type": "object",
+        "properties": {
+            "item": {"type": "string", "minLength": 1, "maxLength": 1000,
+                     "description": "what to work on"},
+            "valor": {"type": "number", "minimum": 0, "maximum": max_valor,
+                      "description": "the job's cost in seconds"},
+        },
+        "required": ["item", "valor"],
+    }
+
+
+ITEM_SCHEMA = item_schema()
+ItemValidator = jsonschema.Draft202012Validator
+ItemValidator.check_schema(ITEM_SCHEMA)
+
+
+def compile_schema(schema):
+    """One validator per schema, built once and reused for every item."""
+    return ItemValidator(schema)
+
+
+def item_error(validator, item):
+    """The validator's message for an invalid item, or None when it is valid."""
+    if isinstance(item, dict) and isinstance(item.get("item"), str) and not _is_unicode(
+            item["item"]):
+        return "'item' is not valid Unicode (it holds a lone surrogate)"
+    error = jsonschema.exceptions.best_match(validator.iter_errors(item))
+    return None if error is None else error.message
+
+
+def _is_unicode(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# -- Errors ------------------------------------------------------------------
+
+class ApiError(Exception):
+    """A failure the client should see: rendered as {"message": ..., "error": ...}."""
+
+    def __init__(self, status, error, message, headers=()):
+        super().__init__(message)
+        self.status, self.error, self.message = status, error, message
+        self.headers = list(headers)
+
+
+class QueueFull(Exception):
+    """The store refused a batch that would push queued jobs over the limit."""
+
+
+class StoreError(Exception):
+    """The database file cannot be opened or written."""
+
+
+# -- Store -------------------------------------------------------------------
+
+QUEUED, RUNNING, DONE, FAILED, CANCELED = "queued", "running", "done", "failed", "canceled"
+STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELED)
+FINAL_STATES = frozenset((DONE, FAILED, CANCELED))
+COUNTERS = ("submitted", "invalid", "finished_done", "finished_failed", "finished_canceled")
+
+SCHEMA_SQL = (
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        token TEXT NOT NULL UNIQUE,
+        item TEXT NOT NULL,
+        valor,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        owner TEXT,
+        lease_until REAL,
+        progress REAL,
+        result TEXT,
+        error TEXT)""",
+    "CREATE INDEX IF NOT EXISTS jobs_status_id ON jobs (status, id)",
+    ("CREATE INDEX IF NOT EXISTS jobs_finished_at ON jobs (finished_at)"
+     " WHERE finished_at IS NOT NULL"),
+    "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+)
+JOB_COLUMNS = ("token, item, valor, status, created_at, started_at, finished_at, attempts,"
+               " owner, lease_until, progress, result, error")
+
+# Stores whose connections must be forgotten in a forked child: an SQLite
+# connection must never be used (or even closed) on both sides of a fork.
+_open_stores = weakref.WeakSet()
+
+
+def _forget_connections_after_fork():
+    for store in list(_open_stores):
+        store._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_connections_after_fork)
+
+
+class Store:
+    """The jobs table in one SQLite file: the only code that touches sqlite3.
+
+    One connection per process behind a lock; each public method is one short
+    transaction (writes start with BEGIN IMMEDIATE) and returns plain dicts.
+    """
+
+    def __init__(self, path, busy_timeout=10.0):
+        self.path = os.fspath(path)
+        self.busy_timeout = busy_timeout
+        self._lock = threading.Lock()  # guards self._conn and its use
+        self._conn = None
+        self._pid = None
+        try:
+            with self._transaction() as conn:
+                for statement in SCHEMA_SQL:
+                    conn.execute(statement)
+                conn.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)",
+                                 [(name,) for name in COUNTERS])
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(f"cannot use database {self.path!r}: {exc}") from None
+        if self.path != ":memory:":
+            # Reopened on first use in each process, so a pre-forking host
+            # never shares this connection with its children.
+            self.close()
+        _open_stores.add(self)
+
+    def _connect(self):
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        if self.path != ":memory:":
+            conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a 202 means the batch survives a power cut, not just a crash.
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    def _connection(self):
+        if self._conn is None or self._pid != os.getpid():
+            self._conn, self._pid = self._connect(), os.getpid()
+        return self._conn
+
+    def _after_fork(self):
+        self._lock = threading.Lock()
+        self._conn = None  # the parent's; dropped unclosed on purpose
+
+    def close(self):
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    class _Tx:
+        def __init__(self, store, write):
+            self.store, self.write = store, write
+
+        def __enter__(self):
+            self.store._lock.acquire()
+            try:
+                conn = self.store._connection()
+                if self.write:
+                    conn.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.store._lock.release()
+                raise
+            self.conn = conn
+            return conn
+
+        def __exit__(self, kind, value, tb):
+            try:
+                if self.write:
+                    if kind is None:
+                        self.conn.execute("COMMIT")
+                    elif self.conn.in_transaction:
+                        self.conn.execute("ROLLBACK")
+            finally:
+                self.store._lock.release()
+
+    def _transaction(self):
+        return self._Tx(self, write=True)
+
+    def _reading(self):
+        return self._Tx(self, write=False)
+
+    # Each method below is one transaction.
+
+    def submit(self, jobs, invalid, max_queued, now):
+        """Queue `jobs` [(token, item, valor)] at once, or none (QueueFull)."""
+        with self._transaction() as conn:
+            if jobs:
+                (queued,) = conn.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()
+                if queued + len(jobs) > max_queued:
+                    raise QueueFull(f"{queued} jobs are queued; the limit is {max_queued}")
+                conn.executemany(
+                    "INSERT INTO jobs (token, item, valor, status, created_at)"
+                    " VALUES (?, ?, ?, 'queued', ?)",
+                    [(token, item, valor, now) for token, item, valor in jobs])
+            self._count(conn, submitted=len(jobs), invalid=invalid)
+
+    def get(self, token):
+        with self._reading() as conn:
+            row = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE token = ?",
+                               (token,)).fetchone()
+        return None if row is None else dict(row)
+
+    def has_queued(self):
+        with self._reading() as conn:
+            return conn.execute(
+                "SELECT 1 FROM jobs WHERE status = 'queued' LIMIT 1").fetchone() is not None
+
+    def claim(self, owner, lease_until, now):
+        """Move the oldest queued job to running for `owner`; its row, or None."""
+        if not self.has_queued():  # a read costs no write lock
+            return None
+        with self._transaction() as conn:
+            row = conn.execute(
+                f"UPDATE jobs SET status = 'running', owner = ?, lease_until = ?,"
+                f" started_at = ?, attempts = attempts + 1, progress = NULL"
+                f" WHERE id = (SELECT id FROM jobs WHERE status = 'queued'"
+                f" ORDER BY id LIMIT 1) RETURNING {JOB_COLUMNS}",
+                (owner, lease_until, now)).fetchone()
+        return None if row is None else dict(row)
+
+    def finish(self, token, owner, status, now, result=None, error=None):
+        """End a job this owner runs; False when it was canceled or taken back."""
+        with self._transaction() as conn:
+            changed = conn.execute(
+                "UPDATE jobs SET status = ?, finished_at = ?, result = ?, error = ?,"
+                " owner = NULL, lease_until = NULL"
+                " WHERE token = ? AND owner = ? AND status = 'running'",
+                (status, now, result, error, token, owner)).rowcount
+            if changed:
+                self._count(conn, **{"finished_" + status: 1})
+        return bool(changed)
+
+    def set_progress(self, token, owner, progress):
+        with self._transaction() as conn:
+            conn.execute("UPDATE jobs SET progress = ? WHERE token = ? AND owner = ?"
+                         " AND status = 'running'", (progress, token, owner))
+
+    def cancel(self, token, now):
+        """Cancel a queued or running job: (job before, job after), None if unknown."""
+        with self._transaction() as conn:
+            before = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE token = ?",
+                                  (token,)).fetchone()
+            if before is None or before["status"] in FINAL_STATES:
+                return None if before is None else (dict(before), dict(before))
+            after = conn.execute(
+                f"UPDATE jobs SET status = 'canceled', finished_at = ?, owner = NULL,"
+                f" lease_until = NULL WHERE token = ? RETURNING {JOB_COLUMNS}",
+                (now, token)).fetchone()
+            self._count(conn, finished_canceled=1)
+        return dict(before), dict(after)
+
+    def renew(self, owner, lease_until):
+        """Extend this owner's leases; the tokens it still holds as running."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "UPDATE jobs SET lease_until = ? WHERE owner = ? AND status = 'running'"
+                " RETURNING token", (lease_until, owner)).fetchall()
+        return {row["token"] for row in rows}
+
+    def release(self, owner):
+        """Put this owner's running jobs back in the queue; their tokens."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL,"
+                " progress = NULL WHERE owner = ? AND status = 'running' RETURNING token",
+                (owner,)).fetchall()
+        return [row["token"] for row in rows]
+
+    def running_owners(self):
+        with self._reading() as conn:
+            rows = conn.execute("SELECT DISTINCT owner FROM jobs WHERE status = 'running'"
+                                " AND owner IS NOT NULL").fetchall()
+        return [row["owner"] for row in rows]
+
+    def recover(self, now, max_attempts, lost_owners=()):
+        """Take back running jobs whose lease ran out or whose owner is gone.
+
+        Each goes back to queued, or to failed once started max_attempts times.
+        Returns [(token, new status)].
+        """
+        marks = ",".join("?" * len(lost_owners))
+        lost = f" OR owner IN ({marks})" if lost_owners else ""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                f"UPDATE jobs SET"
+                f" status = CASE WHEN attempts >= ? THEN 'failed' ELSE 'queued' END,"
+                f" finished_at = CASE WHEN attempts >= ? THEN ? ELSE NULL END,"
+                f" error = CASE WHEN attempts >= ? THEN 'worker lost after ' || attempts"
+                f" || ' attempts' ELSE error END,"
+                f" owner = NULL, lease_until = NULL, progress = NULL"
+                f" WHERE status = 'running' AND (lease_until < ?{lost})"
+                f" RETURNING token, status",
+                (max_attempts, max_attempts, now, max_attempts, now, *lost_owners)).fetchall()
+            failed = sum(row["status"] == FAILED for row in rows)
+            if failed:
+                self._count(conn, finished_failed=failed)
+        return [(row["token"], row["status"]) for row in rows]
+
+    def purge(self, finished_before, batch=500):
+        """Delete up to `batch` jobs finished before the given time; how many."""
+        with self._transaction() as conn:
+            return conn.execute(
+                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < ?"
+                " LIMIT ?)", (finished_before, batch)).rowcount
+
+    def list(self, status=None, before=None, limit=50):
+        """Up to `limit` jobs, newest first, older than job id `before`.
+
+        Returns (jobs, id to pass as `before` for the next page or None).
+        """
+        where, params = [], []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if before is not None:
+            where.append("id < ?")
+            params.append(before)
+        clause = " WHERE " + " AND ".join(where) if where else ""
+        with self._reading() as conn:
+            rows = conn.execute(f"SELECT id, {JOB_COLUMNS} FROM jobs{clause}"
+                                f" ORDER BY id DESC LIMIT ?", (*params, limit + 1)).fetchall()
+        jobs = [dict(row) for row in rows[:limit]]
+        next_before = jobs[-1]["id"] if len(rows) > limit else None
+        for job in jobs:
+            del job["id"]
+        return jobs, next_before
+
+    def counts(self):
+        """Jobs by live state: {"queued": n, "running": n}."""
+        with self._reading() as conn:
+            rows = conn.execute("SELECT status, COUNT(*) AS n FROM jobs WHERE status IN"
+                                " ('queued', 'running') GROUP BY status").fetchall()
+        counts = {QUEUED: 0, RUNNING: 0}
+        counts.update((row["status"], row["n"]) for row in rows)
+        return counts
+
+    def counters(self):
+        with self._reading() as conn:
+            rows = conn.execute("SELECT name, value FROM counters").fetchall()
+        return {row["name"]: row["value"] for row in rows}
+
+    @staticmethod
+    def _count(conn, **deltas):
+        conn.executemany("UPDATE counters SET value = value + ? WHERE name = ?",
+                         [(n, name) for name, n in deltas.items() if n])
+
+
+# -- Workers -----------------------------------------------------------------
+
+class Job:
+    """What a processor receives: one running job.
+
+    `canceled` is an Event set when the job is canceled or the service shuts
+    down; a long processor should wait on it or poll it.
+    """
+
+    def __init__(self, runner, row):
+        self._runner = runner
+        self.token, self.item, self.valor = row["token"], row["item"], row["valor"]
+        self.attempts = row["attempts"]
+        self.canceled = threading.Event()
+
+    def set_progress(self, fraction):
+        """Report progress from 0 to 1; shown by GET /check while the job runs."""
+        fraction = float(fraction)
+        if not math.isfinite(fraction):
+            raise ValueError(f"progress must be a finite number, not {fraction!r}")
+        self._runner.store.set_progress(self.token, self._runner.owner,
+                                        min(1.0, max(0.0, fraction)))
+
+    def __repr__(self):
+        return f"<Job {self.token} item={self.item!r} valor={self.valor!r}>"
+
+
+def wait_valor(job):
+    """The default processor: wait `valor` seconds, or less if canceled."""
+    job.canceled.wait(job.valor)
+
+
+class Runner:
+    """The worker threads of one process: claim, run, renew leases, recover, purge.
+
+    Holds a token -> Event map of the jobs running here; the Event is set when
+    the job ends, and the entry is dropped.
+    """
+
+    poll_interval = 1.0  # how often idle workers look for jobs of other processes
+    purge_interval = 60.0
+
+    def __init__(self, store, process=wait_valor, workers=16, lease=30.0, max_attempts=3,
+                 retention=7 * 86400.0, grace=10.0):
+        self.store, self.process = store, process
+        self.workers, self.lease, self.max_attempts = workers, lease, max_attempts
+        self.retention, self.grace = retention, grace
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._reset()
+
+    def _reset(self):
+        # All guarded by self._lock.
+        self._live = {}        # token -> (Job, Event set when it ends)
+        self._submits = 0      # bumped on each local submit, so no wake-up is missed
+        self._threads = []
+        self._pid = None       # the process whose threads these are
+        self._stopping = threading.Event()
+        self.owner = None
+
+    # Starting and stopping.
+
+    def start(self):
+        """Start the threads in this process, once; a forked child starts its own."""
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            if self._pid is not None:  # a forked child: the parent's threads are not here
+                self._reset()
+            self._pid = os.getpid()
+            self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+            stopping = self._stopping
+            threads = [threading.Thread(target=self._work, args=(stopping,),
+                                        name=f"queue_tool-worker-{n}", daemon=True)
+                       for n in range(self.workers)]
+            threads.append(threading.Thread(target=self._housekeep, args=(stopping,),
+                                            name="queue_tool-housekeeper", daemon=True))
+            self._threads = threads
+        self._recover()
+        for thread in threads:
+            thread.start()
+
+    @property
+    def started(self):
+        return self._pid == os.getpid() and not self._stopping.is_set()
+
+    def stop(self, grace=None):
+        """Stop claiming, give running jobs `grace` seconds, requeue the rest.
+
+        Returns the tokens put back in the queue.
+        """
+        grace = self.grace if grace is None else grace
+        with self._lock:
+            if self._pid != os.getpid() or self._stopping.is_set():
+                return []
+            self._stopping.set()
+            self._wake.notify_all()
+            threads = list(self._threads)
+        deadline = time.monotonic() + grace
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            live = list(self._live.values())
+        for job, _ in live:
+            job.canceled.set()  # the default processor returns at once
+        requeued = self.store.release(self.owner)
+        for token in requeued:
+            log.info("job %s requeued at shutdown", token)
+        return requeued
+
+    # Telling workers and waiters.
+
+    def notify_submitted(self, count):
+        """Wake up to `count` idle workers: jobs were just queued here."""
+        with self._lock:
+            self._submits += 1
+            self._wake.notify(count)
+
+    def cancel_local(self, token):
+        """Tell a job running here that it was canceled; False if not here."""
+        with self._lock:
+            entry = self._live.get(token)
+        if entry is None:
+            return False
+        entry[0].canceled.set()
+        return True
+
+    def wait_for(self, token, timeout):
+        """The job's row once it is final or `timeout` seconds pass (None if unknown).
+
+        A job running here is waited for on its Event; any other is polled in the
+        store, briefly at first, then up to every 0.25 s.
+        """
+        deadline = time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            row = self.store.get(token)
+            remaining = deadline - time.monotonic()
+            if row is None or row["status"] in FINAL_STATES or remaining <= 0:
+                return row
+            with self._lock:
+                entry = self._live.get(token)
+            if entry is not None:
+                entry[1].wait(remaining)
+            else:
+                time.sleep(min(pause, remaining))
+                pause = min(pause * 2, 0.25)
+
+    def alive_workers(self):
+        """Worker threads running in this process now."""
+        with self._lock:
+            threads = self._threads if self._pid == os.getpid() else []
+            return sum(t.is_alive() for t in threads if t.name != "queue_tool-housekeeper")
+
+    # The threads.
+
+    def _work(self, stopping):
+        while not stopping.is_set():
+            with self._lock:
+                seen = self._submits
+            try:
+                row = self.store.claim(self.owner, time.time() + self.lease, time.time())
+            except sqlite3.Error:
+                log.exception("claiming a job failed; retrying")
+                stopping.wait(self.poll_interval)
+                continue
+            if row is None:
+                with self._lock:
+                    if self._submits == seen and not stopping.is_set():
+                        self._wake.wait(self.poll_interval)
+                continue
+            self._run(row)
+
+    def _run(self, row):
+        job, ended = Job(self, row), threading.Event()
+        with self._lock:
+            self._live[job.token] = (job, ended)
+        log.info("job %s running (attempt %d)", job.token, job.attempts)
+        started = time.monotonic()
+        try:
+            status, result, error = DONE, self._call_process(job), None
+        except Exception as exc:
+            log.warning("job %s failed", job.token, exc_info=True)
+            status, result, error = FAILED, None, str(exc) or type(exc).__name__
+        try:
+            if self.store.finish(job.token, self.owner, status, time.time(), result, error):
+                log.info("job %s %s in %.3fs", job.token, status, time.monotonic() - started)
+        except sqlite3.Error:
+            # The lease runs out and another worker takes it again: at-least-once.
+            log.exception("recording job %s as %s failed", job.token, status)
+        finally:
+            with self._lock:
+                del self._live[job.token]
+            ended.set()
+
+    def _call_process(self, job):
+        """Run the processor; its JSON-serialisable return value, as JSON text."""
+        value = self.process(job)
+        if value is None:
+            return None
+        try:
+            return json.dumps(value, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError):
+            log.warning("job %s returned %s, which is not JSON; no result is kept",
+                        job.token, type(value).__name__)
+            return None
+
+    def _housekeep(self, stopping):
+        """Renew leases, notice remote cancels, recover lost jobs, purge old ones."""
+        renew_every = min(self.lease / 3, self.poll_interval)
+        last_purge = 0.0
+        while not stopping.wait(renew_every):
+            try:
+                held = self.store.renew(self.owner, time.time() + self.lease)
+                with self._lock:
+                    gone = [job for token, (job, _) in self._live.items() if token not in held]
+                for job in gone:  # canceled (or taken back) by another process
+                    job.canceled.set()
+                self._recover()
+                if time.monotonic() - last_purge >= min(self.purge_interval, self.retention):
+                    last_purge = time.monotonic()
+                    self.purge()
+            except sqlite3.Error:
+                log.exception("housekeeping failed; retrying")
+
+    def _recover(self):
+        lost = [owner for owner in self.store.running_owners() if _owner_is_gone(owner)]
+        for token, status in self.store.recover(time.time(), self.max_attempts, lost):
+            log.warning("job %s lost its worker; now %s", token, status)
+
+    def purge(self):
+        """Delete finished jobs older than `retention`, in small batches."""
+        total = 0
+        while True:
+            purged = self.store.purge(time.time() - self.retention)
+            total += purged
+            if purged < 500:
+                break
+        if total:
+            log.info("purged %d finished jobs", total)
+        return total
+
+
+def _owner_is_gone(owner):
+    """True when `owner` was a process on this host that no longer exists."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+# -- WSGI app ----------------------------------------------------------------
+
+MESSAGES = {QUEUED: "Na fila", RUNNING: "Em processamento", DONE: "Finalizado",
+            FAILED: "Falhou", CANCELED: "Cancelado"}
+ACCEPTED_MESSAGE = "Itens recebidos para processamento"
+INVALID_MARKER = "INVALID_JOB_REQUEST"
+TOKEN_RE = re.compile(r"[0-9a-f]{32}\Z")
+DIGITS_RE = re.compile(r"[0-9]+\Z")
+SECONDS_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
+CURSOR_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
+MAX_DEPTH = 32  # nesting levels of a body; the top-level array is level 1
+MAX_WAIT = 30.0
+MAX_LIMIT = 50, 500  # default and largest page size of GET /jobs
+QUEUE_FULL_RETRY_AFTER = 5
+
+
+def iso_time(timestamp):
+    """Epoch seconds as ISO 8601 UTC with milliseconds, or None."""
+    if timestamp is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def job_view(row, now):
+    """The public JSON view of one job row."""
+    status = row["status"]
+    view = {"message": MESSAGES[status], "status": status, "hash": row["token"],
+            "item": row["item"], "valor": row["valor"],
+            "created_at": iso_time(row["created_at"]),
+            "started_at": iso_time(row["started_at"]),
+            "finished_at": iso_time(row["finished_at"]), "attempts": row["attempts"]}
+    if status == RUNNING:
+        view["progress"] = job_progress(row, now)
+    elif status == DONE and row["result"] is not None:
+        view["result"] = json.loads(row["result"])
+    elif status == FAILED:
+        view["error"] = row["error"]
+    return view
+
+
+def job_progress(row, now):
+    """Reported progress, else the time elapsed over valor (the expected duration)."""
+    if row["progress"] is not None:
+        return row["progress"]
+    if not row["valor"]:
+        return 1.0
+    return round(min(1.0, max(0.0, (now - row["started_at"]) / row["valor"])), 3)
+
+
+def parse_json(body):
+    """The body as JSON, strictly: UTF-8, finite numbers, at most MAX_DEPTH deep."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_json", "the body is not UTF-8") from None
+    if text.startswith("\ufeff"):
+        raise ApiError(400, "invalid_json", "the body starts with a byte order mark")
+    try:
+        value = json.loads(text, parse_constant=_reject_constant,
+                           parse_float=_finite_float, parse_int=_finite_int)
+    except RecursionError:
+        value = None
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    else:
+        if not _deeper_than(value, MAX_DEPTH):
+            return value
+    raise ApiError(400, "invalid_json", f"the body nests deeper than {MAX_DEPTH} levels")
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text):
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is not a finite number")
+    return number
+
+
+def _finite_int(text):
+    number = int(text)
+    try:
+        float(number)
+    except OverflowError:
+        raise ValueError(f"{text[:20]}... is too large for a number") from None
+    return number
+
+
+def _deeper_than(value, limit):
+    stack = [(value, 1)] if isinstance(value, (list, dict)) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, (list, dict)))
+    return False
+
+
+def encode_cursor(job_id):
+    return base64.urlsafe_b64encode(f"before:{job_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor):
+    """The job id in a cursor this service handed out; ApiError otherwise."""
+    if CURSOR_RE.match(cursor):
+        try:
+            text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            text = ""
+        match = re.fullmatch(r"before:([1-9][0-9]{0,18})", text)
+        if match and encode_cursor(int(match[1])) == cursor:
+            return int(match[1])
+    raise ApiError(400, "invalid_cursor", "before must be a cursor from a previous page")
+
+
+def json_body(payload):
+    # backslashreplace turns a stray lone surrogate into its JSON escape.
+    return json.dumps(payload, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
+def error_payload(error, message):
+    return {"message": message, "error": error}
+
+
+def respond(start_response, status, headers, body):
+    """Send one response with the headers every response carries."""
+    headers = [*headers, ("Content-Length", str(len(body))),
+               ("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store")]
+    code = http.HTTPStatus(status)
+    start_response(f"{code.value} {code.phrase}", headers)
+    return [body]
+
+
+def openapi_document(schema, settings):
+    """An OpenAPI 3.1 description of every route; `schema` is the validator's own dict."""
+    def reply(description, body=None, headers=None):
+        response = {"description": description}
+        if body is not None:
+            response["content"] = {"application/json": {"schema": body}}
+        if headers:
+            response["headers"] = {name: {"schema": {"type": "integer"},
+                                          "description": text}
+                                   for name, text in headers.items()}
+        return response
+
+    error = {"$ref": "#/components/schemas/Error"}
+    job = {"$ref": "#/components/schemas/Job"}
+    poll = {"Retry-After": "present while the job is not final: seconds to wait"}
+    bad = {"400": reply("malformed request (see error)", error)}
+    locked = {"401": reply("missing or wrong API key", error)} if settings.api_key else {}
+    security = [{"bearer": []}] if settings.api_key else []
+    token = {"name": "token", "in": "path", "required": True,
+             "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+    not_found = {"404": reply("no job has this token", error)}
+
+    def operation(summary, responses, parameters=(), guarded=False, **extra):
+        op = {"summary": summary, "responses": {**responses, **(locked if guarded else {})}}
+        if parameters:
+            op["parameters"] = list(parameters)
+        if guarded and security:
+            op["security"] = security
+        return {**op, **extra}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "queue_tool", "version": __version__,
+                 "description": "A tiny durable job queue."},
+        "paths": {
+            "/api": {"post": operation(
+                "Submit a batch of items", guarded=True,
+                requestBody={"required": True, "content": {"application/json": {
+                    "schema": {"type": "array", "minItems": 1,
+                               "maxItems": settings.max_items, "items": schema}}}},
+                responses={
+                    "202": reply("the batch is stored; one result per item",
+                                 {"$ref": "#/components/schemas/Accepted"}),
+                    **bad,
+                    "413": reply("body or batch too large", error),
+                    "415": reply("Content-Type is not JSON", error),
+                    "503": reply("queue full", error, {"Retry-After": "seconds"})})},
+            "/check/{token}": {
+                "get": operation(
+                    "Follow a job", [token, {
+                        "name": "wait", "in": "query", "required": False,
+                        "schema": {"type": "number", "exclusiveMinimum": 0,
+                                   "maximum": MAX_WAIT}}],
+                    responses={"200": reply("the job", job, poll), **bad, **not_found}),
+                "delete": operation(
+                    "Cancel a queued or running job", [token], guarded=True,
+                    responses={"200": reply("the canceled job", job), **not_found,
+                               "409": reply("the job is already final", error)})},
+            "/jobs": {"get": operation(
+                "List jobs, newest first", [
+                    {"name": "status", "in": "query", "schema": {"enum": list(STATES)}},
+                    {"name": "limit", "in": "query",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT[1],
+                                "default": MAX_LIMIT[0]}},
+                    {"name": "before", "in": "query", "schema": {"type": "string"},
+                     "description": "the `next` cursor of the previous page"}],
+                guarded=True,
+                responses={"200": reply("a page of jobs", {
+                    "type": "object", "required": ["jobs", "next"],
+                    "properties": {"jobs": {"type": "array", "items": job},
+                                   "next": {"type": ["string", "null"]}}}), **bad})},
+            "/health": {"get": operation("Liveness and queue depth", responses={
+                "200": reply("the service can read its store", {
+                    "type": "object", "properties": {
+                        "status": {"const": "ok"}, "workers": {"type": "integer"},
+                        "queued": {"type": "integer"}, "running": {"type": "integer"}}}),
+                "503": reply("the store cannot be read", error)})},
+            "/metrics": {"get": operation(
+                "Prometheus metrics", guarded=True, responses={"200": {
+                    "description": "the Prometheus text format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}}}})},
+            "/openapi.json": {"get": operation("This document", responses={
+                "200": reply("the OpenAPI document", {"type": "object"})})},
+        },
+        "components": {
+            "schemas": {
+                "Item": schema,
+                "Error": {"type": "object", "required": ["message", "error"],
+                          "properties": {"message": {"type": "string"},
+                                         "error": {"type": "string"}}},
+                "Accepted": {"type": "object", "properties": {
+                    "message": {"const": ACCEPTED_MESSAGE},
+                    "processing_items": {"type": "array", "items": {
+                        "type": "object", "required": ["hash", "index", "item"],
+                        "properties": {
+                            "hash": {"type": "string"}, "index": {"type": "integer"},
+                            "item": {"type": ["string", "null"]},
+                            "status": {"const": QUEUED}, "check": {"type": "string"},
+                            "error": {"type": "string"}}}}}},
+                "Job": {"type": "object", "properties": {
+                    "message": {"enum": list(MESSAGES.values())},
+                    "status": {"enum": list(STATES)}, "hash": {"type": "string"},
+                    "item": {"type": "string"}, "valor": {"type": "number"},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "started_at": {"type": ["string", "null"], "format": "date-time"},
+                    "finished_at": {"type": ["string", "null"], "format": "date-time"},
+                    "attempts": {"type": "integer"},
+                    "progress": {"type": "number", "minimum": 0, "maximum": 1},
+                    "result": {}, "error": {"type": "string"}}},
+            },
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+class App:
+    """The WSGI callable: routing, request parsing and JSON responses.
+
+    `start()` starts the worker threads (done on the first request otherwise);
+    `close()` stops them.
+    """
+
+    def __init__(self, settings, store, runner):
+        self.settings, self.store, self.runner = settings, store, runner
+        self.schema = (ITEM_SCHEMA if settings.max_valor == Settings.max_valor
+                       else item_schema(settings.max_valor))
+        self.validator = compile_schema(self.schema)
+        self._api_key = None if settings.api_key is None else settings.api_key.encode()
+        self._routes = {
+            "/api": {"POST": self.post_api},
+            "/check/": {"GET": self.get_check, "DELETE": self.delete_check},
+            "/jobs": {"GET": self.get_jobs},
+            "/health": {"GET": self.get_health},
+            "/metrics": {"GET": self.get_metrics},
+            "/openapi.json": {"GET": self.get_openapi},
+        }
+        self._guarded = {self.post_api, self.delete_check, self.get_jobs, self.get_metrics}
+        self._openapi = None
+
+    def start(self):
+        self.runner.start()
+
+    def close(self, grace=None):
+        """Stop the workers (see Runner.stop) and close the store."""
+        requeued = self.runner.stop(grace)
+        self.store.close()
+        return requeued
+
+    def __call__(self, environ, start_response):
+        started = time.monotonic()
+        method = environ["REQUEST_METHOD"]
+        path = environ.get("PATH_INFO") or "/"
+        try:
+            self.runner.start()
+            handler, args = self._route(method, path)
+            if handler in self._guarded:
+                self._authorize(environ)
+            status, headers, body = handler(environ, *args)
+        except ApiError as exc:
+            status, headers = exc.status, [("Content-Type", "application/json"), *exc.headers]
+            body = json_body(error_payload(exc.error, exc.message))
+        except (sqlite3.Error, StoreError) as exc:
+            log.error("%s %s: the store failed: %s", method, path, exc)
+            status, headers = 503, [("Content-Type", "application/json"), ("Retry-After", "1")]
+            body = json_body(error_payload("store_unavailable", "the job store cannot be used"))
+        except Exception as exc:
+            status, headers = 500, [("Content-Type", "application/json")]
+            payload = error_payload("internal_error", "the server failed; see its log")
+            if self.settings.debug:
+                log.exception("%s %s failed", method, path)
+                payload["traceback"] = traceback.format_exc()
+            else:
+                log.error("%s %s failed: %s: %s", method, path, type(exc).__name__, exc)
+            body = json_body(payload)
+        log.info("%s %s %d %.1fms", method, path, status, (time.monotonic() - started) * 1e3)
+        response = respond(start_response, status, headers, body)
+        return [b""] if method == "HEAD" else response
+
+    def _route(self, method, path):
+        """The handler for a request and its arguments; 404 or 405 otherwise."""
+        args = ()
+        if path.startswith("/check/"):
+            token, path = path[len("/check/"):], "/check/"
+            if not TOKEN_RE.match(token):
+                raise ApiError(404, "not_found", "no job has this token")
+            args = (token,)
+        methods = self._routes.get(path)
+        if methods is None:
+            raise ApiError(404, "not_found", f"there is nothing at {path}")
+        handler = methods.get("GET" if method == "HEAD" else method)
+        if handler is None:
+            allowed = [*methods, "HEAD"] if "GET" in methods else list(methods)
+            raise ApiError(405, "method_not_allowed", f"{path} does not take {method}",
+                           [("Allow", ", ".join(allowed))])
+        return handler, args
+
+    def _authorize(self, environ):
+        if self._api_key is None:
+            return
+        scheme, _, key = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        given = key.strip().encode("latin-1", "replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._api_key):
+            raise ApiError(401, "unauthorized", "this route needs Authorization: Bearer <key>",
+                           [("WWW-Authenticate", 'Bearer realm="queue_tool"')])
+
+    # Request parts.
+
+    @staticmethod
+    def _query(environ):
+        """Query parameters; a repeated one keeps its last value."""
+        pairs = urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        return dict(pairs)
+
+    def _read_body(self, environ):
+        """The request body, refused (413) past max_body before it is all read."""
+        limit, stream = self.settings.max_body, environ["wsgi.input"]
+        length = environ.get("CONTENT_LENGTH", "").strip()
+        if not length:
+            if not environ.get("wsgi.input_terminated"):
+                return b""
+            # A chunked body: read it in pieces, stopping one byte past the limit.
+            chunks, size = [], 0
+            while size <= limit:
+                chunk = stream.read(min(65536, limit + 1 - size))
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+                size += len(chunk)
+            raise self._too_large()
+        if not DIGITS_RE.match(length):
+            raise ApiError(400, "invalid_content_length",
+                           f"Content-Length must be a non-negative integer, not {length!r}")
+        if int(length) > limit:
+            raise self._too_large()
+        try:
+            body = stream.read(int(length)) if int(length) else b""
+        except OSError:
+            body = b""
+        if len(body) != int(length):
+            raise ApiError(400, "invalid_content_length",
+                           "the body is shorter than its Content-Length")
+        return body
+
+    def _too_large(self):
+        return ApiError(413, "body_too_large",
+                        f"the body is larger than {self.settings.max_body} bytes")
+
+    @staticmethod
+    def _require_json(environ):
+        given = environ.get("CONTENT_TYPE", "")
+        media = given.partition(";")[0].strip().lower()
+        if given and not (media == "application/json" or (
+                media.startswith("application/") and media.endswith("+json"))):
+            raise ApiError(415, "unsupported_media_type",
+                           f"the body must be application/json, not {media or given!r}")
+
+    def _job_response(self, status, row):
+        headers = [("Content-Type", "application/json")]
+        if row["status"] not in FINAL_STATES:
+            headers.append(("Retry-After", "1"))
+        return status, headers, json_body(job_view(row, time.time()))
+
+    @staticmethod
+    def _json(status, payload, headers=()):
+        return status, [("Content-Type", "application/json"), *headers], json_body(payload)
+
+    # Handlers, one per route and method.
+
+    def post_api(self, environ):
+        """Submit a batch: 202, or 400/413/415/503 with nothing queued."""
+        self._require_json(environ)
+        batch = parse_json(self._read_body(environ))
+        if not isinstance(batch, list):
+            raise ApiError(400, "not_a_list", "the body must be a JSON array of items")
+        if not batch:
+            raise ApiError(400, "empty_batch", "the array has no items")
+        if len(batch) > self.settings.max_items:
+            raise ApiError(413, "too_many_items",
+                           f"a batch holds at most {self.settings.max_items} items,"
+                           f" not {len(batch)}")
+        results, jobs, prefix = [], [], environ.get("SCRIPT_NAME", "").rstrip("/")
+        for index, entry in enumerate(batch):
+            item = entry.get("item") if isinstance(entry, dict) else None
+            item = item if isinstance(item, str) and _is_unicode(item) else None
+            error = item_error(self.validator, entry)
+            if error is None:
+                token = secrets.token_hex(16)
+                jobs.append((token, item, entry["valor"]))
+                results.append({"hash": token, "index": index, "item": item,
+                                "status": QUEUED, "check": f"{prefix}/check/{token}"})
+            else:
+                results.append({"hash": INVALID_MARKER, "index": index, "item": item,
+                                "error": error})
+        try:
+            self.store.submit(jobs, len(batch) - len(jobs), self.settings.max_queued,
+                              time.time())
+        except QueueFull as exc:
+            raise ApiError(503, "queue_full", f"the queue is full: {exc}",
+                           [("Retry-After", str(QUEUE_FULL_RETRY_AFTER))]) from None
+        if jobs:
+            self.runner.notify_submitted(len(jobs))
+        return self._json(202, {"message": ACCEPTED_MESSAGE, "processing_items": results})
+
+    def get_check(self, environ, token):
+        """Follow a job: 200, 400 (bad wait) or 404."""
+        wait = self._query(environ).get("wait")
+        if wait is not None:
+            if not SECONDS_RE.match(wait) or not 0 < float(wait) <= MAX_WAIT:
+                raise ApiError(400, "invalid_wait",
+                               f"wait must be a number of seconds above 0, at most {MAX_WAIT:g}")
+            row = self.runner.wait_for(token, float(wait))
+        else:
+            row = self.store.get(token)
+        if row is None:
+            raise ApiError(404, "not_found", "no job has this token")
+        return self._job_response(200, row)
+
+    def delete_check(self, environ, token):
+        """Cancel a queued or running job: 200, 404 or 409."""
+        outcome = self.store.cancel(token, time.time())
+        if outcome is None:
+            raise ApiError(404, "not_found", "no job has this token")
+        before, after = outcome
+        if before["status"] in FINAL_STATES:
+            raise ApiError(409, "already_finished",
+                           f"the job is already {before['status']}")
+        if before["status"] == RUNNING:
+            self.runner.cancel_local(token)  # elsewhere its owner notices on renewal
+        log.info("job %s canceled", token)
+        return self._job_response(200, after)
+
+    def get_jobs(self, environ):
+        """List jobs newest first: 200, or 400 for a bad parameter."""
+        query = self._query(environ)
+        status, limit, before = query.get("status"), query.get("limit"), query.get("before")
+        if status is not None and status not in STATES:
+            raise ApiError(400, "invalid_status", f"status must be one of {', '.join(STATES)}")
+        if limit is None:
+            limit = MAX_LIMIT[0]
+        elif DIGITS_RE.match(limit) and 1 <= int(limit) <= MAX_LIMIT[1]:
+            limit = int(limit)
+        else:
+            raise ApiError(400, "invalid_limit",
+                           f"limit must be a whole number from 1 to {MAX_LIMIT[1]}")
+        before = None if before is None else decode_cursor(before)
+        rows, next_id = self.store.list(status, before, limit)
+        now = time.time()
+        return self._json(200, {"jobs": [job_view(row, now) for row in rows],
+                                "next": None if next_id is None else encode_cursor(next_id)})
+
+    def get_health(self, environ):
+        """Liveness and queue depth: 200, or 503 when the store cannot be read."""
+        counts = self.store.counts()
+        return self._json(200, {"status": "ok", "workers": self.runner.alive_workers(),
+                                **counts})
+
+    def get_metrics(self, environ):
+        """Counters and gauges in the Prometheus text format: 200."""
+        counters, counts = self.store.counters(), self.store.counts()
+        lines = []
+        for name, kind, text, samples in (
+            ("queue_tool_jobs_submitted_total", "counter", "Items accepted as jobs.",
+             [("", counters["submitted"])]),
+            ("queue_tool_items_invalid_total", "counter", "Items rejected as invalid.",
+             [("", counters["invalid"])]),
+            ("queue_tool_jobs_finished_total", "counter", "Jobs that reached a final state.",
+             [(f'{{status="{s}"}}', counters["finished_" + s]) for s in sorted(FINAL_STATES)]),
+            ("queue_tool_jobs", "gauge", "Jobs queued or running now, in every process.",
+             [(f'{{status="{s}"}}', counts[s]) for s in (QUEUED, RUNNING)]),
+            ("queue_tool_workers", "gauge", "Worker threads alive in this process.",
+             [("", self.runner.alive_workers())]),
+        ):
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            lines += [f"{name}{labels} {value}" for labels, value in samples]
+        body = ("\n".join(lines) + "\n").encode()
+        return 200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], body
+
+    def get_openapi(self, environ):
+        """The OpenAPI 3.1 document of every route: 200."""
+        if self._openapi is None:
+            self._openapi = json_body(openapi_document(self.schema, self.settings))
+        return 200, [("Content-Type", "application/json")], self._openapi
+
+
+def make_app(settings=None, process=None, **overrides):
+    """Build the service: App(settings) with its Store and Runner.
+
+    `settings` is a Settings record; keyword overrides are setting names
+    (make_app(db="jobs.sqlite3", workers=2)). `process(job)` runs each job
+    (default: wait `valor` seconds). Raises SettingsError or StoreError.
+    """
+    settings = Settings(**overrides) if settings is None else dataclasses.replace(
+        settings, **overrides)
+    store = Store(settings.db)
+    runner = Runner(store, process or wait_valor, workers=settings.workers,
+                    lease=settings.lease, max_attempts=settings.max_attempts,
+                    retention=settings.retention, grace=settings.grace)
+    return App(settings, store, runner)
+
+
+class EnvApp:
+    """The module-level `app`: built from QUEUE_TOOL_* variables on first use.
+
+    Building it lazily keeps `import queue_tool` free of side effects, and a
+    bad variable cannot raise at import: it is logged once, and every request
+    then answers 500 misconfigured.
+    """
+
+    def __init__(self, environ=None):
+        self._environ = environ
+        self._lock = threading.Lock()  # guards building self._app once
+        self._app = self._error = None
+
+    def _build(self):
+        with self._lock:
+            if self._app is None and self._error is None:
+                try:
+                    self._app = make_app(settings_from_env(self._environ))
+                except (SettingsError, StoreError) as exc:
+                    self._error = str(exc)
+                    log.error("queue_tool is misconfigured: %s", exc)
+        return self._app
+
+    def __call__(self, environ, start_response):
+        app = self._app or self._build()
+        if app is None:
+            body = json_body(error_payload("misconfigured",
+                                           f"the service is misconfigured: {self._error}"))
+            return respond(start_response, 500, [("Content-Type", "application/json")], body)
+        return app(environ, start_response)
+
+    def start(self):
+        """Start the worker threads now (e.g. from a gunicorn post_fork hook)."""
+        app = self._app or self._build()
+        if app is not None:
+            app.start()
+
+    def close(self, grace=None):
+        return [] if self._app is None else self._app.close(grace)
+
+
+app = EnvApp()
+
+
+# -- Command line ------------------------------------------------------------
+
+class ThreadingWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+    """wsgiref's server with a thread per request, so one long poll blocks no one."""
+
+    daemon_threads = True
+
+
+class RequestHandler(wsgiref.simple_server.WSGIRequestHandler):
+    timeout = 60  # a client that stalls mid-request cannot hold a thread forever
+
+    def get_environ(self):
+        environ = super().get_environ()
+        if self.headers.get("Content-Type") is None:
+            del environ["CONTENT_TYPE"]  # wsgiref would claim text/plain
+        return environ
+
+    def log_message(self, format, *args):
+        log.debug("%s " + format, self.address_string(), *args)  # App logs each request
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="queue_tool", description="A tiny durable job-queue service.",
+        epilog=f"Each flag can also be set as a {ENV_PREFIX}* variable, e.g. "
+               f"{ENV_PREFIX}MAX_QUEUED; flags win.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    for field in dataclasses.fields(Settings):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool:
+            parser.add_argument(flag, action="store_true", default=None,
+                                help=SETTING_HELP[field.name])
+            continue
+        parser.add_argument(flag, type=_flag_type(field.name), metavar=field.name.upper(),
+                            help=f"{SETTING_HELP[field.name]} (default: {field.default})")
+    return parser
+
+
+def _flag_type(name):
+    def convert(text):
+        try:
+            value = parse_setting(name, text)
+            _check_setting(name, value)
+        except SettingsError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+    convert.__name__ = name
+    return convert
+
+
+def main(argv=None):
+    """Serve until SIGINT or SIGTERM; the exit status (2 for a bad setting)."""
+    parser = build_parser()
+    try:
+        flags = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad flag already reported
+        return exc.code
+    overrides = {name: value for name, value in vars(flags).items() if value is not None}
+    try:
+        settings = settings_from_env(**overrides)
+        service = make_app(settings)
+    except (SettingsError, StoreError) as exc:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if settings.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        server = wsgiref.simple_server.make_server(
+            settings.host, settings.port, service, server_class=ThreadingWSGIServer,
+            handler_class=RequestHandler)
+    except OSError as exc:
+        service.close(grace=0)
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: cannot listen on {settings.host}:{settings.port}:"
+              f" {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    service.start()  # queued jobs resume now, not on the first request
+
+    def shut_down(signum, frame):
+        log.info("%s received; stopping", signal.Signals(signum).name)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {sig: signal.signal(sig, shut_down) for sig in (signal.SIGINT, signal.SIGTERM)}
+    host, port = server.server_address[:2]
+    log.info("queue_tool %s serving on http://%s:%d (db %s, %d workers)",
+             __version__, host, port, settings.db, settings.workers)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        requeued = service.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        log.info("stopped; %d unfinished jobs put back in the queue", len(requeued))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
