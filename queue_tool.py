@@ -1428,6 +1428,7 @@ class RequestHandler(wsgiref.simple_server.WSGIRequestHandler):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="queue_tool", description="A tiny durable job-queue service.",
+        usage="%(prog)s [-h] [--version] [--SETTING VALUE ...]",
         epilog=f"Each flag can also be set as a {ENV_PREFIX}* variable, e.g. "
                f"{ENV_PREFIX}MAX_QUEUED; flags win.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

@@ -1,0 +1,849 @@
+"""Tests for queue_tool: webtest against make_app(), and real server processes on 127.0.0.1."""
+
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import wsgiref.util
+import wsgiref.validate
+from pathlib import Path
+
+import pytest
+import webtest
+
+import queue_tool
+
+HERE = Path(__file__).resolve().parent
+ORIGINAL_BATCH = [{"item": "Teste1"}, {"item": "Teste2", "valor": 10}]
+TOKEN = re.compile(r"[0-9a-f]{32}\Z")
+UNKNOWN_TOKEN = "0" * 32
+
+
+# -- Fixtures ------------------------------------------------------------------
+
+@pytest.fixture
+def gate():
+    """Set it to let gated jobs finish; set at teardown so no worker stays blocked."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+@pytest.fixture
+def make(tmp_path, gate):
+    """Build apps on one tmp db (or another), closed after the test."""
+    apps = []
+
+    def build(**settings):
+        settings.setdefault("db", tmp_path / "q.sqlite3")
+        built = queue_tool.make_app(**settings)
+        apps.append(built)
+        return built
+
+    yield build
+    gate.set()
+    for built in apps:
+        built.close(grace=5)
+
+
+@pytest.fixture
+def seen():
+    """Jobs the gated processor has started, in order."""
+    return []
+
+
+@pytest.fixture
+def gated(gate, seen):
+    """A processor that records its job, then waits for the gate (or a cancel)."""
+    def process(job):
+        seen.append(job)
+        while not gate.wait(0.01):
+            if job.canceled.is_set():
+                return None
+        return {"item": job.item}
+    return process
+
+
+@pytest.fixture
+def app(make, gated):
+    return make(process=gated, workers=2)
+
+
+@pytest.fixture
+def client(app):
+    return webtest.TestApp(wsgiref.validate.validator(app))
+
+
+def submit(client, batch, status=202, **kwargs):
+    return client.post(
+        "/api", json.dumps(batch), content_type="application/json", status=status, **kwargs)
+
+
+def tokens_of(response):
+    return [entry["hash"] for entry in response.json["processing_items"]
+            if entry["hash"] != "INVALID_JOB_REQUEST"]
+
+
+def call(app, method, path, body=b"", **environ):
+    """Call the WSGI app with a hand-made environ (webtest would fix CONTENT_LENGTH)."""
+    env = {"REQUEST_METHOD": method, "PATH_INFO": path, "wsgi.input": io.BytesIO(body)}
+    env.update(environ)
+    wsgiref.util.setup_testing_defaults(env)
+    answer = {}
+
+    def start_response(status, headers, exc_info=None):
+        answer["status"], answer["headers"] = int(status.split()[0]), dict(headers)
+    payload = b"".join(app(env, start_response))
+    return answer["status"], answer["headers"], json.loads(payload)
+
+
+def wait_until(predicate, timeout=10.0, what="the condition"):
+    """Poll `predicate` until it is true, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def started_jobs(seen, count):
+    wait_until(lambda: len(seen) >= count, what=f"{count} started job(s)")
+    return seen[:count]
+
+
+# -- POST /api: the original contract -----------------------------------------
+
+def test_original_batch_answers_as_the_flask_service_did(client):
+    response = submit(client, ORIGINAL_BATCH)
+    assert response.json["message"] == "Itens recebidos para processamento"
+    invalid, accepted = response.json["processing_items"]
+    assert invalid == {"hash": "INVALID_JOB_REQUEST", "index": 0, "item": "Teste1",
+                       "error": "'valor' is a required property"}
+    assert list(accepted) == ["hash", "index", "item", "status", "check"]
+    assert TOKEN.match(accepted["hash"])
+    assert accepted["index"] == 1 and accepted["item"] == "Teste2"
+    assert accepted["status"] == "queued"
+    assert accepted["check"] == f"/check/{accepted['hash']}"
+
+
+def test_running_job_says_em_processamento(client, seen):
+    token = tokens_of(submit(client, [{"item": "a", "valor": 10}]))[0]
+    started_jobs(seen, 1)
+    response = client.get(f"/check/{token}", status=200)
+    assert response.json["message"] == "Em processamento"
+    assert response.json["status"] == "running"
+    assert response.headers["Retry-After"] == "1"
+    assert 0 <= response.json["progress"] <= 1
+
+
+def test_finished_job_says_finalizado(client, gate):
+    token = tokens_of(submit(client, [{"item": "a", "valor": 1}]))[0]
+    gate.set()
+    response = client.get(f"/check/{token}?wait=5", status=200)
+    assert response.json["message"] == "Finalizado"
+    assert response.json["status"] == "done"
+    assert "Retry-After" not in response.headers
+    assert "progress" not in response.json
+
+
+def test_queued_job_says_na_fila(make, gated):
+    client = webtest.TestApp(make(process=gated, workers=0))
+    token = tokens_of(submit(client, [{"item": "a", "valor": 1}]))[0]
+    response = client.get(f"/check/{token}", status=200)
+    assert (response.json["message"], response.json["status"]) == ("Na fila", "queued")
+    assert response.json["started_at"] is None and response.json["attempts"] == 0
+
+
+def test_full_cycle_through_the_wsgi_validator(client, gate):
+    response = submit(client, [{"item": "Teste2", "valor": 10}, {"item": "b", "valor": 0}])
+    gate.set()
+    views = [client.get(f"/check/{token}?wait=5", status=200).json
+             for token in tokens_of(response)]
+    assert [view["message"] for view in views] == ["Finalizado", "Finalizado"]
+    view = views[0]
+    assert list(view)[:9] == ["message", "status", "hash", "item", "valor", "created_at",
+                              "started_at", "finished_at", "attempts"]
+    assert view["item"] == "Teste2" and view["valor"] == 10 and view["attempts"] == 1
+    assert view["result"] == {"item": "Teste2"}
+    for key in ("created_at", "started_at", "finished_at"):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", view[key])
+    assert view["created_at"] <= view["started_at"] <= view["finished_at"]
+
+
+def test_results_keep_input_order_and_indexes(client):
+    batch = [{"item": f"i{n}", "valor": 1} if n % 3 else {"item": f"i{n}"} for n in range(10)]
+    items = submit(client, batch).json["processing_items"]
+    assert [entry["index"] for entry in items] == list(range(10))
+    assert [entry["item"] for entry in items] == [f"i{n}" for n in range(10)]
+    assert [entry["hash"] == "INVALID_JOB_REQUEST" for entry in items] == [
+        n % 3 == 0 for n in range(10)]
+
+
+def test_tokens_are_unique_lowercase_hex(client):
+    tokens = tokens_of(submit(client, [{"item": "a", "valor": 1}] * 200))
+    assert len(set(tokens)) == 200 and all(TOKEN.match(token) for token in tokens)
+
+
+# -- POST /api: items ----------------------------------------------------------
+
+INVALID_ITEMS = [
+    ({"item": "Teste1"}, "Teste1", "'valor' is a required property"),
+    ({"valor": 1}, None, "'item' is a required property"),
+    ({}, None, "is a required property"),
+    ({"item": "", "valor": 1}, "", "should be non-empty"),
+    ({"item": "x" * 1001, "valor": 1}, "x" * 1001, "is too long"),
+    ({"item": 5, "valor": 1}, None, "5 is not of type 'string'"),
+    ({"item": None, "valor": 1}, None, "None is not of type 'string'"),
+    ({"item": ["a"], "valor": 1}, None, "is not of type 'string'"),
+    ({"item": {"a": 1}, "valor": 1}, None, "is not of type 'string'"),
+    ({"item": "a", "valor": "10"}, "a", "'10' is not of type 'number'"),
+    ({"item": "a", "valor": True}, "a", "True is not of type 'number'"),
+    ({"item": "a", "valor": False}, "a", "False is not of type 'number'"),
+    ({"item": "a", "valor": None}, "a", "None is not of type 'number'"),
+    ({"item": "a", "valor": [1]}, "a", "is not of type 'number'"),
+    ({"item": "a", "valor": -1}, "a", "-1 is less than the minimum of 0"),
+    ({"item": "a", "valor": -0.001}, "a", "less than the minimum of 0"),
+    ({"item": "a", "valor": 3600.5}, "a", "3600.5 is greater than the maximum of 3600"),
+    ([], None, "[] is not of type 'object'"),
+    ("Teste", None, "'Teste' is not of type 'object'"),
+    (5, None, "5 is not of type 'object'"),
+    (None, None, "None is not of type 'object'"),
+    (True, None, "True is not of type 'object'"),
+]
+
+
+@pytest.mark.parametrize("item, echoed, message", INVALID_ITEMS)
+def test_invalid_item_is_reported_and_not_queued(client, app, item, echoed, message):
+    response = submit(client, [item, {"item": "ok", "valor": 1}])
+    invalid, accepted = response.json["processing_items"]
+    assert invalid["hash"] == "INVALID_JOB_REQUEST" and invalid["index"] == 0
+    assert invalid["item"] == echoed
+    assert message in invalid["error"]
+    assert accepted["status"] == "queued"
+    assert [job["token"] for job in app.store.list()[0]] == [accepted["hash"]]
+
+
+def test_lone_surrogate_item_is_invalid_and_echoed_as_null(client, app):
+    body = b'[{"item": "ab\\ud800", "valor": 1}]'
+    response = client.post("/api", body, content_type="application/json", status=202)
+    (entry,) = response.json["processing_items"]
+    assert entry["hash"] == "INVALID_JOB_REQUEST" and entry["item"] is None
+    assert "surrogate" in entry["error"]
+    assert app.store.list()[0] == []
+
+
+@pytest.mark.parametrize("item", [
+    {"item": "a", "valor": 0},
+    {"item": "a", "valor": 3600},
+    {"item": "a", "valor": 0.25},
+    {"item": "x" * 1000, "valor": 1},
+    {"item": "ação ✓ 🚀", "valor": 1},
+    {"item": "a", "valor": 1, "other": "ignored", "nested": {"x": [1]}},
+])
+def test_valid_item_is_queued_as_given(make, item):
+    client = webtest.TestApp(make(workers=0))
+    (entry,) = submit(client, [item]).json["processing_items"]
+    view = client.get(entry["check"], status=200).json
+    assert (view["item"], view["valor"]) == (item["item"], item["valor"])
+    assert entry["item"] == item["item"]
+
+
+def test_duplicate_keys_last_one_wins(make):
+    client = webtest.TestApp(make(workers=0))
+    body = b'[{"item": "a", "valor": -5, "valor": 2}, {"item": "a", "valor": 2, "valor": -5}]'
+    valid, invalid = client.post("/api", body, content_type="application/json",
+                                 status=202).json["processing_items"]
+    assert valid["status"] == "queued"
+    assert "less than the minimum" in invalid["error"]
+
+
+def test_max_valor_setting_moves_the_limit(make):
+    client = webtest.TestApp(make(workers=0, max_valor=5))
+    ok, too_long = submit(client, [{"item": "a", "valor": 5},
+                                   {"item": "b", "valor": 5.5}]).json["processing_items"]
+    assert ok["status"] == "queued"
+    assert too_long["error"] == "5.5 is greater than the maximum of 5"
+
+
+def test_all_invalid_batch_is_accepted_with_nothing_queued(client, app):
+    items = submit(client, [{"item": "a"}, {"valor": 1}]).json["processing_items"]
+    assert {entry["hash"] for entry in items} == {"INVALID_JOB_REQUEST"}
+    assert app.store.list()[0] == []
+
+
+def test_item_validator_is_compiled_once_and_reused(make):
+    built = make(workers=0)
+    validator = built.validator
+    client = webtest.TestApp(built)
+    submit(client, [{"item": "a", "valor": 1}, {"item": "b"}])
+    assert built.validator is validator
+    assert built.schema is queue_tool.ITEM_SCHEMA
+    assert isinstance(validator, queue_tool.jsonschema.Draft202012Validator)
+
+
+# -- POST /api: whole-request errors ------------------------------------------
+
+def nested(depth):
+    """A body whose top-level array holds arrays down to `depth` levels."""
+    return ("[" * depth + "]" * depth).encode()
+
+
+REQUEST_ERRORS = [
+    # (body, content type, status, error)
+    (b"", "application/json", 400, "invalid_json"),
+    (b"not json", "application/json", 400, "invalid_json"),
+    (b'[{"item": "a", "valor": 1}', "application/json", 400, "invalid_json"),
+    (b'[{"item": "\xff", "valor": 1}]', "application/json", 400, "invalid_json"),
+    ('[{"item": "a", "valor": 1}]'.encode("utf-16"), "application/json", 400, "invalid_json"),
+    (b'\xef\xbb\xbf[{"item": "a", "valor": 1}]', "application/json", 400, "invalid_json"),
+    (b'[{"item": "a", "valor": NaN}]', "application/json", 400, "invalid_json"),
+    (b'[{"item": "a", "valor": Infinity}]', "application/json", 400, "invalid_json"),
+    (b'[{"item": "a", "valor": -Infinity}]', "application/json", 400, "invalid_json"),
+    (b'[{"item": "a", "valor": 1e309}]', "application/json", 400, "invalid_json"),
+    (b'[{"item": "a", "valor": 1' + b"0" * 400 + b"}]", "application/json", 400,
+     "invalid_json"),
+    (nested(33), "application/json", 400, "invalid_json"),
+    (nested(100_000), "application/json", 400, "invalid_json"),
+    (b'{"item": "a", "valor": 1}', "application/json", 400, "not_a_list"),
+    (b'"text"', "application/json", 400, "not_a_list"),
+    (b"null", "application/json", 400, "not_a_list"),
+    (b"5", "application/json", 400, "not_a_list"),
+    (b"[]", "application/json", 400, "empty_batch"),
+    (b" [ ] ", "application/json", 400, "empty_batch"),
+    (b'[{"item": "a", "valor": 1}]', "text/plain", 415, "unsupported_media_type"),
+    (b'[{"item": "a", "valor": 1}]', "application/x-www-form-urlencoded", 415,
+     "unsupported_media_type"),
+    (b"not json", "text/html; charset=utf-8", 415, "unsupported_media_type"),
+]
+
+
+@pytest.mark.parametrize("body, content_type, status, error", REQUEST_ERRORS)
+def test_bad_request_is_refused_whole(client, app, body, content_type, status, error):
+    response = client.post("/api", body, content_type=content_type, status=status)
+    assert response.json["error"] == error
+    assert response.json["message"]
+    assert response.content_type == "application/json"
+    assert app.store.list()[0] == [] and app.store.counters()["submitted"] == 0
+
+
+def test_nesting_of_32_levels_is_still_json(client):
+    item = submit_raw = client.post("/api", nested(32), content_type="application/json",
+                                    status=202)
+    (entry,) = item.json["processing_items"]
+    assert entry["hash"] == "INVALID_JOB_REQUEST" and submit_raw.status_int == 202
+
+
+@pytest.mark.parametrize("content_type", [
+    "application/json", "application/json; charset=utf-8", "Application/JSON",
+    "application/vnd.api+json"])
+def test_json_media_types_are_accepted(client, content_type):
+    client.post("/api", b'[{"item": "a", "valor": 1}]', content_type=content_type, status=202)
+
+
+def test_missing_content_type_is_taken_as_json(client):
+    response = client.request("/api", method="POST", body=b'[{"item": "a", "valor": 1}]',
+                              status=202)
+    assert response.json["processing_items"][0]["status"] == "queued"
+
+
+@pytest.mark.parametrize("length", ["abc", "-1", "1.5", "+3", "0x10", "١"])
+def test_bad_content_length_is_refused(app, length):
+    status, _, body = call(app, "POST", "/api", b"[]", CONTENT_TYPE="application/json",
+                           CONTENT_LENGTH=length)
+    assert (status, body["error"]) == (400, "invalid_content_length")
+
+
+def test_body_shorter_than_content_length_is_refused(app):
+    status, _, body = call(app, "POST", "/api", b'[{"item": "a", "valor": 1}]',
+                           CONTENT_TYPE="application/json", CONTENT_LENGTH="500")
+    assert (status, body["error"]) == (400, "invalid_content_length")
+    assert app.store.list()[0] == []
+
+
+@pytest.mark.parametrize("content_type, length, body, status, error", [
+    # media type is checked before framing, framing before the JSON itself
+    ("text/plain", "abc", b"junk", 415, "unsupported_media_type"),
+    ("application/json", "abc", b"junk", 400, "invalid_content_length"),
+    ("application/json", None, b"{junk", 400, "invalid_json"),
+    ("application/json", None, b"{}", 400, "not_a_list"),
+])
+def test_checks_run_in_spec_order(app, content_type, length, body, status, error):
+    length = str(len(body)) if length is None else length
+    answer = call(app, "POST", "/api", body, CONTENT_TYPE=content_type, CONTENT_LENGTH=length)
+    assert (answer[0], answer[2]["error"]) == (status, error)
+
+
+# -- GET /check/<token> ----------------------------------------------------------
+
+@pytest.mark.parametrize("path", [
+    f"/check/{UNKNOWN_TOKEN}", "/check/", "/check/abc", "/check/" + "A" * 32,
+    "/check/" + "g" * 32, "/check/" + "0" * 33, f"/check/{UNKNOWN_TOKEN}/x",
+    "/check/..%2Fapi"])
+def test_unknown_or_malformed_token_is_404(client, path):
+    response = client.get(path, status=404)
+    assert response.json == {"message": "no job has this token", "error": "not_found"}
+
+
+@pytest.mark.parametrize("wait", ["", "0", "0.0", "-1", "30.5", "31", "abc", "nan", "inf",
+                                  "1e1", "1_0", " 1"])
+def test_bad_wait_is_400(client, wait):
+    token = tokens_of(submit(client, [{"item": "a", "valor": 1}]))[0]
+    response = client.get(f"/check/{token}", {"wait": wait}, status=400)
+    assert response.json["error"] == "invalid_wait"
+
+
+def test_wait_holds_until_the_job_finishes(client, gate, seen):
+    token = tokens_of(submit(client, [{"item": "a", "valor": 1}]))[0]
+    started_jobs(seen, 1)
+    releaser = threading.Timer(0.2, gate.set)
+    releaser.start()
+    began = time.monotonic()
+    response = client.get(f"/check/{token}?wait=10", status=200)
+    assert response.json["message"] == "Finalizado"
+    assert time.monotonic() - began >= 0.15
+    releaser.join()
+
+
+def test_wait_returns_the_current_state_when_time_runs_out(client, seen):
+    token = tokens_of(submit(client, [{"item": "a", "valor": 1}]))[0]
+    started_jobs(seen, 1)
+    began = time.monotonic()
+    response = client.get(f"/check/{token}?wait=0.3", status=200)
+    assert response.json["message"] == "Em processamento"
+    assert time.monotonic() - began >= 0.3
+
+
+def test_wait_on_a_finished_job_answers_at_once(client, gate):
+    token = tokens_of(submit(client, [{"item": "a", "valor": 1}]))[0]
+    gate.set()
+    client.get(f"/check/{token}?wait=10", status=200)
+    began = time.monotonic()
+    assert client.get(f"/check/{token}?wait=30", status=200).json["status"] == "done"
+    assert time.monotonic() - began < 5
+
+
+def test_wait_on_a_job_of_another_process_polls_the_store(make, gate, gated, tmp_path):
+    runner = make(process=gated, workers=1)
+    watcher = webtest.TestApp(make(workers=0))  # another app on the db: no Event for it
+    token = tokens_of(submit(webtest.TestApp(runner), [{"item": "a", "valor": 1}]))[0]
+    threading.Timer(0.2, gate.set).start()
+    assert watcher.get(f"/check/{token}?wait=10", status=200).json["status"] == "done"
+
+
+def test_job_view_omits_progress_unless_running(make):
+    client = webtest.TestApp(make(workers=0))
+    token = tokens_of(submit(client, [{"item": "a", "valor": 1}]))[0]
+    view = client.get(f"/check/{token}", status=200).json
+    assert "progress" not in view and "result" not in view and "error" not in view
+
+
+def test_responses_are_not_cached(client):
+    token = tokens_of(submit(client, [{"item": "a", "valor": 1}]))[0]
+    assert client.get(f"/check/{token}", status=200).headers["Cache-Control"] == "no-store"
+
+
+# -- Processors ------------------------------------------------------------------
+
+def test_processor_that_raises_fails_the_job_with_its_message(make):
+    def explode(job):
+        raise ValueError(f"cannot handle {job.item}")
+    client = webtest.TestApp(make(process=explode, workers=1))
+    token = tokens_of(submit(client, [{"item": "bad", "valor": 1}]))[0]
+    view = client.get(f"/check/{token}?wait=5", status=200).json
+    assert (view["status"], view["message"]) == ("failed", "Falhou")
+    assert view["error"] == "cannot handle bad"
+    assert "Traceback" not in json.dumps(view)
+
+
+def test_exception_without_message_is_named_by_its_class(make):
+    def explode(job):
+        raise KeyError
+    client = webtest.TestApp(make(process=explode, workers=1))
+    token = tokens_of(submit(client, [{"item": "bad", "valor": 1}]))[0]
+    assert client.get(f"/check/{token}?wait=5", status=200).json["error"] == "KeyError"
+
+
+def test_processor_receives_the_job_spec_describes(client, seen):
+    token = tokens_of(submit(client, [{"item": "Teste2", "valor": 2.5}]))[0]
+    (job,) = started_jobs(seen, 1)
+    assert (job.token, job.item, job.valor, job.attempts) == (token, "Teste2", 2.5, 1)
+    assert isinstance(job.canceled, threading.Event) and not job.canceled.is_set()
+
+
+@pytest.mark.parametrize("value, shown", [
+    ({"n": 1, "list": [1, "a", None]}, {"n": 1, "list": [1, "a", None]}),
+    ("text", "text"), (0, 0), (False, False), ([], []),
+])
+def test_json_return_value_becomes_the_result(make, value, shown):
+    client = webtest.TestApp(make(process=lambda job: value, workers=1))
+    token = tokens_of(submit(client, [{"item": "a", "valor": 0}]))[0]
+    assert client.get(f"/check/{token}?wait=5", status=200).json["result"] == shown
+
+
+@pytest.mark.parametrize("value", [None, {1, 2}, object(), float("nan")])
+def test_none_or_non_json_return_value_leaves_no_result(make, value):
+    client = webtest.TestApp(make(process=lambda job: value, workers=1))
+    token = tokens_of(submit(client, [{"item": "a", "valor": 0}]))[0]
+    view = client.get(f"/check/{token}?wait=5", status=200).json
+    assert view["status"] == "done" and "result" not in view
+
+
+def test_reported_progress_is_shown_while_running(make, gate):
+    reported = threading.Event()
+
+    def halfway(job):
+        job.set_progress(0.5)
+        reported.set()
+        gate.wait(10)
+    client = webtest.TestApp(make(process=halfway, workers=1))
+    token = tokens_of(submit(client, [{"item": "a", "valor": 100}]))[0]
+    assert reported.wait(10)
+    assert client.get(f"/check/{token}", status=200).json["progress"] == 0.5
+    gate.set()
+    assert "progress" not in client.get(f"/check/{token}?wait=5", status=200).json
+
+
+def test_default_processor_waits_valor_seconds(make):
+    client = webtest.TestApp(make(workers=1))
+    token = tokens_of(submit(client, [{"item": "a", "valor": 0.3}]))[0]
+    view = client.get(f"/check/{token}?wait=10", status=200).json
+    assert view["status"] == "done"
+    started = queue_tool.datetime.datetime.fromisoformat(view["started_at"])
+    finished = queue_tool.datetime.datetime.fromisoformat(view["finished_at"])
+    assert (finished - started).total_seconds() >= 0.29
+
+
+def test_default_processor_shows_elapsed_progress(make):
+    client = webtest.TestApp(make(workers=1))
+    token = tokens_of(submit(client, [{"item": "a", "valor": 60}]))[0]
+    wait_until(lambda: client.get(f"/check/{token}").json["status"] == "running")
+    first = client.get(f"/check/{token}", status=200).json["progress"]
+    wait_until(lambda: client.get(f"/check/{token}").json["progress"] > first)
+    assert 0 <= first < 0.5
+
+
+# -- Workers ---------------------------------------------------------------------
+
+def test_embedded_app_starts_workers_on_first_request(make):
+    built = make(workers=3)
+    assert built.runner.alive_workers() == 0
+    webtest.TestApp(built).get("/health", status=200)
+    assert built.runner.alive_workers() == 3
+
+
+def test_start_starts_workers_without_a_request(make):
+    built = make(workers=2)
+    built.start()
+    built.start()  # idempotent
+    assert built.runner.alive_workers() == 2
+
+
+def test_submit_wakes_an_idle_worker_at_once(make):
+    built = make(workers=1)
+    built.runner.poll_interval = 600  # only a wake-up can start the job in time
+    client = webtest.TestApp(built)
+    client.get("/health", status=200)
+    wait_until(lambda: built.runner.alive_workers() == 1)
+    token = tokens_of(submit(client, [{"item": "a", "valor": 0}]))[0]
+    assert client.get(f"/check/{token}?wait=10", status=200).json["status"] == "done"
+
+
+def test_workers_take_the_oldest_job_first(make, gate, seen, gated):
+    client = webtest.TestApp(make(process=gated, workers=0))
+    tokens = tokens_of(submit(client, [{"item": f"j{n}", "valor": 1} for n in range(5)]))
+    worker = make(process=gated, workers=1)
+    worker.start()
+    gate.set()
+    wait_until(lambda: len(seen) == 5)
+    assert [job.token for job in seen] == tokens
+
+
+def test_jobs_run_in_parallel_up_to_workers(make, gated, seen):
+    client = webtest.TestApp(make(process=gated, workers=3))
+    submit(client, [{"item": f"j{n}", "valor": 1} for n in range(5)])
+    started_jobs(seen, 3)
+    assert client.get("/health", status=200).json["running"] == 3
+    assert client.get("/health", status=200).json["queued"] == 2
+
+
+# -- Routing and errors ------------------------------------------------------------
+
+@pytest.mark.parametrize("method, path, status, error, allow", [
+    ("GET", "/nope", 404, "not_found", None),
+    ("GET", "/api/", 404, "not_found", None),
+    ("GET", "/API", 404, "not_found", None),
+    ("GET", "/api", 405, "method_not_allowed", "POST"),
+    ("PUT", "/api", 405, "method_not_allowed", "POST"),
+    ("DELETE", "/api", 405, "method_not_allowed", "POST"),
+    ("POST", f"/check/{UNKNOWN_TOKEN}", 405, "method_not_allowed", "GET, DELETE, HEAD"),
+    ("POST", "/health", 405, "method_not_allowed", "GET, HEAD"),
+    ("PATCH", "/jobs", 405, "method_not_allowed", "GET, HEAD"),
+])
+def test_routing_errors(client, method, path, status, error, allow):
+    response = client.request(path, method=method, status=status)
+    assert response.json["error"] == error and response.json["message"]
+    assert response.headers.get("Allow") == allow
+
+
+def test_head_answers_headers_only(client):
+    response = client.head("/health", status=200)
+    assert response.body == b"" and int(response.headers["Content-Length"]) > 0
+
+
+def test_every_response_says_nosniff(client):
+    for response in (client.get("/health"), client.get("/nope", status=404)):
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_unexpected_error_is_a_500_without_traceback(make, caplog):
+    built = make(workers=0)
+
+    def broken(*args):
+        raise RuntimeError("secret detail")
+    built.store.counts = broken
+    response = webtest.TestApp(built).get("/health", status=500)
+    assert response.json == {"message": "the server failed; see its log",
+                             "error": "internal_error"}
+    assert "RuntimeError: secret detail" in caplog.text
+
+
+def test_debug_puts_the_traceback_in_the_500(make):
+    built = make(workers=0, debug=True)
+
+    def broken(*args):
+        raise RuntimeError("secret detail")
+    built.store.counts = broken
+    response = webtest.TestApp(built).get("/health", status=500)
+    assert "Traceback" in response.json["traceback"]
+
+
+# -- Durability ------------------------------------------------------------------------
+
+def test_accepted_jobs_are_readable_by_another_app_on_the_same_db(make, tmp_path):
+    first = webtest.TestApp(make(workers=0))
+    tokens = tokens_of(submit(first, [{"item": f"j{n}", "valor": 1} for n in range(3)]))
+    second = webtest.TestApp(make(workers=0))
+    for token in tokens:
+        assert second.get(f"/check/{token}", status=200).json["message"] == "Na fila"
+
+
+def test_accepted_jobs_survive_closing_the_app(make, tmp_path):
+    first = make(workers=0)
+    tokens = tokens_of(submit(webtest.TestApp(first), [{"item": "a", "valor": 0}]))
+    first.close()
+    second = make(workers=1)
+    view = webtest.TestApp(second).get(f"/check/{tokens[0]}?wait=10", status=200).json
+    assert view["status"] == "done" and view["item"] == "a"
+
+
+def test_memory_db_keeps_jobs_for_the_life_of_the_app(make):
+    client = webtest.TestApp(make(db=":memory:", workers=1))
+    token = tokens_of(submit(client, [{"item": "a", "valor": 0}]))[0]
+    assert client.get(f"/check/{token}?wait=5", status=200).json["status"] == "done"
+
+
+# -- Settings and the module-level app --------------------------------------------------
+
+@pytest.mark.parametrize("settings", [
+    {"workers": -1}, {"workers": 1.5}, {"workers": True}, {"port": 70000},
+    {"max_valor": float("nan")}, {"max_items": 0}, {"lease": 0}, {"max_attempts": 0},
+    {"api_key": ""}, {"debug": "yes"}, {"db": ""},
+])
+def test_make_app_refuses_bad_settings(tmp_path, settings):
+    with pytest.raises(queue_tool.SettingsError):
+        queue_tool.make_app(**{"db": tmp_path / "q.sqlite3", **settings})
+
+
+def test_make_app_refuses_an_unusable_db_path(tmp_path):
+    with pytest.raises(queue_tool.StoreError, match="cannot use database"):
+        queue_tool.make_app(db=tmp_path / "missing" / "q.sqlite3")
+
+
+def test_settings_come_from_queue_tool_variables(tmp_path):
+    settings = queue_tool.settings_from_env({
+        "QUEUE_TOOL_WORKERS": "3", "QUEUE_TOOL_MAX_QUEUED": "7", "QUEUE_TOOL_LEASE": "2.5",
+        "QUEUE_TOOL_DEBUG": "true", "QUEUE_TOOL_DB": str(tmp_path / "x.sqlite3"),
+        "QUEUE_TOOL_API_KEY": ""})
+    assert (settings.workers, settings.max_queued, settings.lease, settings.debug) == (
+        3, 7, 2.5, True)
+    assert settings.api_key is None and settings.db.endswith("x.sqlite3")
+
+
+def test_bad_variable_is_named_in_the_error():
+    with pytest.raises(queue_tool.SettingsError, match="QUEUE_TOOL_WORKERS: workers must be"):
+        queue_tool.settings_from_env({"QUEUE_TOOL_WORKERS": "many"})
+
+
+def test_module_app_is_built_from_the_environment(tmp_path):
+    env_app = queue_tool.EnvApp({"QUEUE_TOOL_DB": str(tmp_path / "env.sqlite3"),
+                                 "QUEUE_TOOL_WORKERS": "1"})
+    try:
+        client = webtest.TestApp(wsgiref.validate.validator(env_app))
+        token = tokens_of(submit(client, [{"item": "a", "valor": 0}]))[0]
+        assert client.get(f"/check/{token}?wait=5", status=200).json["status"] == "done"
+        assert (tmp_path / "env.sqlite3").exists()
+    finally:
+        env_app.close()
+
+
+def test_module_app_with_a_bad_variable_answers_500_misconfigured(caplog):
+    env_app = queue_tool.EnvApp({"QUEUE_TOOL_WORKERS": "-3"})
+    client = webtest.TestApp(env_app)
+    for path in ("/health", "/api"):
+        response = client.get(path, status=500)
+        assert response.json["error"] == "misconfigured"
+        assert "QUEUE_TOOL_WORKERS" in response.json["message"]
+    assert caplog.text.count("misconfigured") == 1
+
+
+def test_importing_the_module_builds_nothing(tmp_path):
+    code = "import queue_tool; print(queue_tool.app._app)"
+    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(HERE),
+                                         "QUEUE_TOOL_WORKERS": "bad"}, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "None"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, env, says", [
+    (["--workers", "-1"], {}, "workers must be at least 0"),
+    (["--workers", "two"], {}, "workers must be a whole number"),
+    (["--port", "99999"], {}, "port must be at most 65535"),
+    (["--lease", "0"], {}, "lease must be above 0"),
+    (["--no-such-flag"], {}, "unrecognized arguments"),
+    ([], {"QUEUE_TOOL_MAX_ITEMS": "0"}, "QUEUE_TOOL_MAX_ITEMS: max_items must be at least 1"),
+    ([], {"QUEUE_TOOL_DEBUG": "maybe"}, "QUEUE_TOOL_DEBUG: debug must be true or false"),
+    (["--db", "{tmp}/missing/q.sqlite3"], {}, "cannot use database"),
+])
+def test_main_refuses_bad_settings_with_usage_and_exit_2(
+        monkeypatch, capsys, tmp_path, argv, env, says):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    assert queue_tool.main(["--port", "0", *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("usage: queue_tool")
+    assert says in lines[1] and "Traceback" not in lines[1]
+
+
+def test_main_version(capsys):
+    assert queue_tool.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"queue_tool {queue_tool.__version__}"
+
+
+# -- A real server process ---------------------------------------------------------------
+
+class Server:
+    """`python queue_tool.py` on a free loopback port, its log in a file."""
+
+    def __init__(self, tmp_path, *args, name="server", command=None):
+        self.log = tmp_path / f"{name}.log"
+        command = command or [sys.executable, str(HERE / "queue_tool.py")]
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [*command, "--host", "127.0.0.1", "--port", "0", *args],
+                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        self.url = None
+        deadline = time.monotonic() + 20
+        while self.url is None:
+            found = re.search(r"serving on (http://127\.0\.0\.1:\d+)", self.log.read_text())
+            if found:
+                self.url = found[1]
+            elif self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"server did not start:\n{self.log.read_text()}")
+            else:
+                time.sleep(0.02)
+
+    def request(self, method, path, payload=None, headers=None):
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(
+            self.url + path, data=data, method=method,
+            headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+
+@pytest.fixture
+def servers(tmp_path):
+    started = []
+
+    def start(*args, **kwargs):
+        server = Server(tmp_path, *args, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+def test_served_end_to_end_submit_follow_and_stop(servers, tmp_path):
+    server = servers("--db", str(tmp_path / "e2e.sqlite3"), "--workers", "2")
+    status, body = server.request("POST", "/api", ORIGINAL_BATCH + [
+        {"item": "quick", "valor": 0.2}])
+    assert status == 202
+    assert body["processing_items"][0]["error"] == "'valor' is a required property"
+    token = body["processing_items"][2]["hash"]
+    status, view = server.request("GET", f"/check/{token}?wait=10")
+    assert (status, view["message"]) == (200, "Finalizado")
+    status, view = server.request("GET", f"/check/{body['processing_items'][1]['hash']}")
+    assert (status, view["message"]) == (200, "Em processamento")
+    assert server.request("GET", f"/check/{UNKNOWN_TOKEN}") == (
+        404, {"message": "no job has this token", "error": "not_found"})
+    assert server.stop() == 0
+    log = server.log.read_text()
+    assert "POST /api 202" in log and "Traceback" not in log
+
+
+def test_served_process_starts_workers_at_once(servers, make, tmp_path):
+    db = tmp_path / "resume.sqlite3"
+    queued = make(db=db, workers=0)
+    tokens = tokens_of(submit(webtest.TestApp(queued), [{"item": "a", "valor": 0}] * 3))
+    server = servers("--db", str(db), "--workers", "1")  # no request is sent to it
+    wait_until(lambda: all(queued.store.get(t)["status"] == "done" for t in tokens),
+               what="the served process to run the queued jobs")
+    assert server.stop() == 0
+
+
+def test_served_without_content_type_is_json(servers, tmp_path):
+    server = servers("--db", str(tmp_path / "ct.sqlite3"), "--workers", "0")
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("POST", "/api", body=b'[{"item": "a", "valor": 1}]')  # no Content-Type
+    response = connection.getresponse()
+    assert response.status == 202
+    assert json.loads(response.read())["processing_items"][0]["status"] == "queued"
+    connection.close()
+
+
+def test_console_script_runs_main():
+    script = shutil.which("queue-tool", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("queue-tool is not installed beside this Python (pip install -e .)")
+    out = subprocess.run([script, "--version"], check=False, capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout.strip()) == (0, f"queue_tool {queue_tool.__version__}")
