@@ -298,18 +298,18 @@ SCHEMA_SQL = (
 JOB_COLUMNS = ("token, item, valor, status, created_at, started_at, finished_at, attempts,"
                " owner, lease_until, progress, result, error")
 
-# Stores whose connections must be forgotten in a forked child: an SQLite
-# connection must never be used (or even closed) on both sides of a fork.
-_open_stores = weakref.WeakSet()
+# Objects holding locks, threads or SQLite connections that a forked child must
+# not inherit: an SQLite connection must never be used (or even closed) on both
+# sides of a fork, and a lock may have been held by a thread the child lacks.
+_fork_sensitive = weakref.WeakSet()
 
 
-def _forget_connections_after_fork():
-    for store in list(_open_stores):
-        store._after_fork()
+def _reset_after_fork():
+    for thing in list(_fork_sensitive):
+        thing._after_fork()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_connections_after_fork)
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 class Store:
@@ -325,6 +325,7 @@ class Store:
         self._lock = threading.Lock()  # guards self._conn and its use
         self._conn = None
         self._pid = None
+        self._closed = False
         try:
             with self._transaction() as conn:
                 for statement in SCHEMA_SQL:
@@ -337,8 +338,8 @@ class Store:
         if self.path != ":memory:":
             # Reopened on first use in each process, so a pre-forking host
             # never shares this connection with its children.
-            self.close()
-        _open_stores.add(self)
+            self.close(final=False)
+        _fork_sensitive.add(self)
 
     def _connect(self):
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
@@ -351,6 +352,8 @@ class Store:
         return conn
 
     def _connection(self):
+        if self._closed:
+            raise sqlite3.ProgrammingError("the store is closed")
         if self._conn is None or self._pid != os.getpid():
             self._conn, self._pid = self._connect(), os.getpid()
         return self._conn
@@ -359,11 +362,13 @@ class Store:
         self._lock = threading.Lock()
         self._conn = None  # the parent's; dropped unclosed on purpose
 
-    def close(self):
+    def close(self, final=True):
+        """Close the connection; after a final close every method raises sqlite3.Error."""
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
             self._conn = None
+            self._closed = final
 
     class _Tx:
         def __init__(self, store, write):
@@ -611,12 +616,14 @@ class Runner:
         self.store, self.process = store, process
         self.workers, self.lease, self.max_attempts = workers, lease, max_attempts
         self.retention, self.grace = retention, grace
+        self._after_fork()
+        _fork_sensitive.add(self)
+
+    def _after_fork(self):
+        # In a forked child the parent's threads are gone: start afresh.
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._reset()
-
-    def _reset(self):
-        # All guarded by self._lock.
+        # All below guarded by self._lock.
         self._live = {}        # token -> (Job, Event set when it ends)
         self._submits = 0      # bumped on each local submit, so no wake-up is missed
         self._threads = []
@@ -628,11 +635,11 @@ class Runner:
 
     def start(self):
         """Start the threads in this process, once; a forked child starts its own."""
+        if self._pid == os.getpid():  # the common case, without taking the lock
+            return
         with self._lock:
             if self._pid == os.getpid():
                 return
-            if self._pid is not None:  # a forked child: the parent's threads are not here
-                self._reset()
             self._pid = os.getpid()
             self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
             stopping = self._stopping
@@ -727,6 +734,8 @@ class Runner:
             try:
                 row = self.store.claim(self.owner, time.time() + self.lease, time.time())
             except sqlite3.Error:
+                if stopping.is_set():
+                    break
                 log.exception("claiming a job failed; retrying")
                 stopping.wait(self.poll_interval)
                 continue
@@ -735,6 +744,8 @@ class Runner:
                     if self._submits == seen and not stopping.is_set():
                         self._wake.wait(self.poll_interval)
                 continue
+            if stopping.is_set():
+                break  # stop() puts the job just claimed back in the queue
             self._run(row)
 
     def _run(self, row):
@@ -753,7 +764,8 @@ class Runner:
                 log.info("job %s %s in %.3fs", job.token, status, time.monotonic() - started)
         except sqlite3.Error:
             # The lease runs out and another worker takes it again: at-least-once.
-            log.exception("recording job %s as %s failed", job.token, status)
+            if not self._stopping.is_set():
+                log.exception("recording job %s as %s failed", job.token, status)
         finally:
             with self._lock:
                 del self._live[job.token]
@@ -787,7 +799,8 @@ class Runner:
                     last_purge = time.monotonic()
                     self.purge()
             except sqlite3.Error:
-                log.exception("housekeeping failed; retrying")
+                if not stopping.is_set():
+                    log.exception("housekeeping failed; retrying")
 
     def _recover(self):
         lost = [owner for owner in self.store.running_owners() if _owner_is_gone(owner)]
