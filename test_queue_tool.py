@@ -1,5 +1,6 @@
 """Tests for queue_tool: webtest against make_app(), and real server processes on 127.0.0.1."""
 
+import collections
 import http.client
 import io
 import json
@@ -449,6 +450,453 @@ def test_job_view_omits_progress_unless_running(make):
 def test_responses_are_not_cached(client):
     token = tokens_of(submit(client, [{"item": "a", "valor": 1}]))[0]
     assert client.get(f"/check/{token}", status=200).headers["Cache-Control"] == "no-store"
+
+
+# -- DELETE /check/<token> ---------------------------------------------------------
+
+def test_cancel_queued_job_never_runs(make, gated, seen):
+    built = make(process=gated, workers=0)
+    client = webtest.TestApp(built)
+    first, second = tokens_of(submit(client, [{"item": "a", "valor": 1}] * 2))
+    view = client.delete(f"/check/{first}", status=200).json
+    assert (view["status"], view["message"]) == ("canceled", "Cancelado")
+    assert view["finished_at"] is not None and "Retry-After" not in client.get(
+        f"/check/{first}").headers
+    runner = make(process=gated, workers=1)
+    runner.start()
+    started_jobs(seen, 1)
+    assert [job.token for job in seen] == [second]
+    assert client.get(f"/check/{first}", status=200).json["attempts"] == 0
+
+
+def test_cancel_running_job_sets_its_cancel_event(client, seen):
+    token = tokens_of(submit(client, [{"item": "a", "valor": 1}]))[0]
+    (job,) = started_jobs(seen, 1)
+    view = client.delete(f"/check/{token}", status=200).json
+    assert view["status"] == "canceled" and view["attempts"] == 1
+    assert job.canceled.wait(5)
+    assert client.get(f"/check/{token}?wait=1", status=200).json["status"] == "canceled"
+
+
+def test_cancel_stops_the_default_processor_at_once(make):
+    built = make(workers=1)
+    client = webtest.TestApp(built)
+    long, short = tokens_of(submit(client, [{"item": "long", "valor": 3600},
+                                            {"item": "short", "valor": 0}]))
+    wait_until(lambda: client.get(f"/check/{long}").json["status"] == "running")
+    client.delete(f"/check/{long}", status=200)
+    # the only worker is free again: the next job runs
+    assert client.get(f"/check/{short}?wait=10", status=200).json["status"] == "done"
+    assert client.get(f"/check/{long}", status=200).json["status"] == "canceled"
+
+
+@pytest.mark.parametrize("process, final", [
+    (lambda job: None, "done"), (lambda job: 1 / 0, "failed")])
+def test_cancel_finished_job_is_409(make, process, final):
+    client = webtest.TestApp(make(process=process, workers=1))
+    token = tokens_of(submit(client, [{"item": "a", "valor": 0}]))[0]
+    assert client.get(f"/check/{token}?wait=5", status=200).json["status"] == final
+    response = client.delete(f"/check/{token}", status=409)
+    assert response.json["error"] == "already_finished"
+    assert client.get(f"/check/{token}", status=200).json["status"] == final
+
+
+def test_cancel_twice_is_409(client):
+    token = tokens_of(submit(client, [{"item": "a", "valor": 1}]))[0]
+    client.delete(f"/check/{token}", status=200)
+    assert client.delete(f"/check/{token}", status=409).json["error"] == "already_finished"
+
+
+@pytest.mark.parametrize("path", [f"/check/{UNKNOWN_TOKEN}", "/check/nope"])
+def test_cancel_unknown_job_is_404(client, path):
+    assert client.delete(path, status=404).json["error"] == "not_found"
+
+
+def test_cancel_racing_the_finish_ends_in_one_consistent_state(make):
+    go = threading.Barrier(2)
+
+    def racer(job):
+        go.wait(5)  # the processor returns exactly as the DELETE goes out
+        return "finished"
+    built = make(process=racer, workers=1)
+    client = webtest.TestApp(built)
+    outcomes = []
+    for _ in range(30):
+        token = tokens_of(submit(client, [{"item": "a", "valor": 0}]))[0]
+        go.wait(5)
+        response = client.delete(f"/check/{token}", expect_errors=True)
+        final = client.get(f"/check/{token}?wait=5", status=200).json
+        outcomes.append((response.status_int, final["status"]))
+        assert (response.status_int, final["status"]) in {(200, "canceled"), (409, "done")}
+        assert ("result" in final) == (final["status"] == "done")
+    counters = built.store.counters()
+    assert counters["finished_done"] + counters["finished_canceled"] == 30
+    assert counters["finished_canceled"] == sum(code == 200 for code, _ in outcomes)
+
+
+# -- GET /jobs -------------------------------------------------------------------------
+
+def test_jobs_lists_newest_first_with_a_cursor(make):
+    client = webtest.TestApp(make(workers=0))
+    tokens = tokens_of(submit(client, [{"item": f"j{n}", "valor": 1} for n in range(5)]))
+    page = client.get("/jobs?limit=3", status=200).json
+    assert [job["hash"] for job in page["jobs"]] == tokens[::-1][:3]
+    assert page["jobs"][0]["message"] == "Na fila"
+    rest = client.get("/jobs", {"limit": 3, "before": page["next"]}, status=200).json
+    assert [job["hash"] for job in rest["jobs"]] == tokens[::-1][3:]
+    assert rest["next"] is None
+
+
+def test_jobs_default_page_is_50(make):
+    client = webtest.TestApp(make(workers=0))
+    submit(client, [{"item": "a", "valor": 1}] * 60)
+    page = client.get("/jobs", status=200).json
+    assert len(page["jobs"]) == 50 and page["next"]
+
+
+def test_jobs_filters_by_status(make):
+    built = make(workers=0)
+    client = webtest.TestApp(built)
+    tokens = tokens_of(submit(client, [{"item": f"j{n}", "valor": 1} for n in range(4)]))
+    client.delete(f"/check/{tokens[1]}", status=200)
+    canceled = client.get("/jobs?status=canceled", status=200).json
+    assert [job["hash"] for job in canceled["jobs"]] == [tokens[1]]
+    queued = client.get("/jobs?status=queued&limit=2", status=200).json
+    assert [job["hash"] for job in queued["jobs"]] == [tokens[3], tokens[2]]
+    older = client.get("/jobs", {"status": "queued", "before": queued["next"]}).json
+    assert [job["hash"] for job in older["jobs"]] == [tokens[0]]
+    assert client.get("/jobs?status=done", status=200).json == {"jobs": [], "next": None}
+
+
+def test_paging_with_inserts_in_between_sees_every_job_once(make):
+    client = webtest.TestApp(make(workers=0))
+    original = set()
+    for start in range(0, 250, 50):
+        original |= set(tokens_of(submit(client, [{"item": f"j{n}", "valor": 1}
+                                                  for n in range(start, start + 50)])))
+    seen_tokens, cursor, pages = [], None, 0
+    while True:
+        params = {"limit": 37} if cursor is None else {"limit": 37, "before": cursor}
+        page = client.get("/jobs", params, status=200).json
+        seen_tokens += [job["hash"] for job in page["jobs"]]
+        submit(client, [{"item": "late", "valor": 1}] * 3)  # newer than every cursor
+        pages += 1
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert len(seen_tokens) == len(set(seen_tokens)) == 250
+    assert set(seen_tokens) == original and pages == 7
+
+
+@pytest.mark.parametrize("query, error", [
+    ("limit=0", "invalid_limit"), ("limit=501", "invalid_limit"), ("limit=", "invalid_limit"),
+    ("limit=abc", "invalid_limit"), ("limit=-1", "invalid_limit"), ("limit=1.5", "invalid_limit"),
+    ("status=", "invalid_status"), ("status=Queued", "invalid_status"),
+    ("status=lost", "invalid_status"), ("before=", "invalid_cursor"),
+    ("before=abc", "invalid_cursor"), ("before=12", "invalid_cursor"),
+    ("before=YmVmb3JlOjA", "invalid_cursor"),          # "before:0"
+    ("before=YmVmb3JlOi0x", "invalid_cursor"),         # "before:-1"
+    ("before=YmVmb3JlOjE=", "invalid_cursor"),         # padded: not one handed out
+    ("before=%FF", "invalid_cursor"),
+])
+def test_jobs_bad_parameters_are_400(client, query, error):
+    assert client.get(f"/jobs?{query}", status=400).json["error"] == error
+
+
+def test_jobs_limit_500_is_allowed(client):
+    assert client.get("/jobs?limit=500", status=200).json == {"jobs": [], "next": None}
+
+
+def test_listing_and_claiming_use_indexes(app, tmp_path):
+    import sqlite3
+    connection = sqlite3.connect(tmp_path / "q.sqlite3")
+    plans = {
+        "claim": "SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1",
+        "list": "SELECT id FROM jobs WHERE status = 'done' AND id < 5 ORDER BY id DESC LIMIT 9",
+        "purge": "SELECT id FROM jobs WHERE finished_at < 5 LIMIT 500",
+        "check": "SELECT * FROM jobs WHERE token = 'x'",
+        "expired": "SELECT id FROM jobs WHERE status = 'running' AND lease_until < 5",
+    }
+    for name, query in plans.items():
+        plan = " ".join(row[-1] for row in connection.execute("EXPLAIN QUERY PLAN " + query))
+        assert "USING" in plan and "SCAN jobs" not in plan and "TEMP B-TREE" not in plan, (
+            name, plan)
+    connection.close()
+
+
+# -- Leases, recovery, retention -----------------------------------------------------------
+
+def test_running_job_renews_its_lease(make, gated, seen):
+    built = make(process=gated, workers=1, lease=0.3)
+    token = tokens_of(submit(webtest.TestApp(built), [{"item": "a", "valor": 1}]))[0]
+    started_jobs(seen, 1)
+    first = built.store.get(token)["lease_until"]
+    wait_until(lambda: built.store.get(token)["lease_until"] > first + 0.2,
+               what="the lease to be renewed")
+    assert built.store.get(token)["attempts"] == 1  # never taken back while renewed
+
+
+def test_expired_lease_is_requeued_and_run_again(make, gated, seen):
+    """A stalled owner (no renewals) loses the job to a live process."""
+    stalled = make(process=gated, workers=1, lease=0.5)
+    stalled.runner._housekeep = lambda stopping: None  # it never renews: it looks hung
+    token = tokens_of(submit(webtest.TestApp(stalled), [{"item": "a", "valor": 1}]))[0]
+    started_jobs(seen, 1)
+    rescuer = make(process=lambda job: job.attempts, workers=1, lease=0.5)
+    rescuer.start()
+    view = webtest.TestApp(rescuer).get(f"/check/{token}?wait=10", status=200).json
+    assert (view["status"], view["attempts"], view["result"]) == ("done", 2, 2)
+
+
+def test_job_lost_max_attempts_times_fails(make, tmp_path):
+    store = queue_tool.Store(tmp_path / "q.sqlite3")
+    store.submit([("a" * 32, "a", 1)], 0, 10, time.time())
+    for attempt in range(1, 4):
+        row = store.claim("elsewhere:1:x", time.time() - 1, time.time())  # lease already out
+        assert row["attempts"] == attempt
+        recovered = store.recover(time.time(), max_attempts=3)
+        assert recovered == [("a" * 32, "queued" if attempt < 3 else "failed")]
+    view = webtest.TestApp(make(workers=0)).get("/check/" + "a" * 32, status=200).json
+    assert (view["status"], view["message"]) == ("failed", "Falhou")
+    assert view["error"] == "worker lost after 3 attempts" and view["attempts"] == 3
+    assert store.counters()["finished_failed"] == 1
+    store.close()
+
+
+def test_jobs_of_a_dead_process_on_this_host_are_recovered_at_once(make, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    store = queue_tool.Store(tmp_path / "q.sqlite3")
+    store.submit([("b" * 32, "b", 0)], 0, 10, time.time())
+    owner = f"{queue_tool.socket.gethostname()}:{dead}:feed"
+    store.claim(owner, time.time() + 3600, time.time())  # a lease far from running out
+    store.close()
+    client = webtest.TestApp(make(workers=1))
+    view = client.get("/check/" + "b" * 32 + "?wait=10", status=200).json
+    assert (view["status"], view["attempts"]) == ("done", 2)
+
+
+def test_live_owner_keeps_its_job_until_the_lease_runs_out(make, tmp_path):
+    store = queue_tool.Store(tmp_path / "q.sqlite3")
+    store.submit([("c" * 32, "c", 0)], 0, 10, time.time())
+    owner = f"{queue_tool.socket.gethostname()}:{os.getpid()}:other"  # alive: this process
+    store.claim(owner, time.time() + 3600, time.time())
+    store.close()
+    built = make(workers=1)
+    built.start()
+    built.runner._recover()
+    assert built.store.get("c" * 32)["status"] == "running"
+
+
+def test_finished_jobs_are_purged_after_retention(make):
+    built = make(workers=1, retention=0.2)
+    client = webtest.TestApp(built)
+    done, waiting = tokens_of(submit(client, [{"item": "a", "valor": 0},
+                                              {"item": "b", "valor": 3600}]))
+    client.get(f"/check/{done}?wait=5", status=200)
+    wait_until(lambda: client.get(f"/check/{done}", expect_errors=True).status_int == 404,
+               what="the finished job to be purged")
+    assert client.get(f"/check/{waiting}", status=200).json["status"] == "running"
+    assert built.store.counters()["finished_done"] == 1  # totals survive purges
+
+
+def test_purge_works_in_small_batches(tmp_path):
+    store = queue_tool.Store(tmp_path / "q.sqlite3")
+    jobs = [(f"{n:032x}", "a", 0) for n in range(1200)]
+    store.submit(jobs, 0, 10_000, time.time())
+    owner = "here:1:x"
+    for _ in jobs:
+        row = store.claim(owner, time.time() + 60, time.time())
+        store.finish(row["token"], owner, "done", time.time() - 100)
+    assert store.purge(time.time() - 50) == 500
+    runner = queue_tool.Runner(store, workers=0, retention=50)
+    assert runner.purge() == 700
+    assert store.list()[0] == []
+    store.close()
+
+
+# -- Shutdown --------------------------------------------------------------------------------
+
+def test_close_gives_grace_then_requeues_without_failing(make, gated, seen, gate):
+    built = make(process=gated, workers=2, max_attempts=1)
+    tokens = tokens_of(submit(webtest.TestApp(built), [{"item": "a", "valor": 1}] * 3))
+    jobs = started_jobs(seen, 2)
+    requeued = built.close(grace=0.2)
+    assert sorted(requeued) == sorted(job.token for job in jobs)
+    assert all(job.canceled.is_set() for job in jobs)
+    reader = make(workers=0)
+    for token in tokens:
+        row = reader.store.get(token)
+        assert row["status"] == "queued" and row["owner"] is None
+
+
+def test_close_lets_jobs_that_end_within_grace_finish(make):
+    built = make(workers=1)
+    token = tokens_of(submit(webtest.TestApp(built), [{"item": "a", "valor": 0.3}]))[0]
+    wait_until(lambda: built.store.get(token)["status"] == "running")
+    assert built.close(grace=10) == []
+    assert make(workers=0).store.get(token)["status"] == "done"
+
+
+def test_sigterm_exits_0_within_grace_and_restart_finishes_the_rest(servers, tmp_path):
+    db = str(tmp_path / "term.sqlite3")
+    server = servers("--db", db, "--workers", "2", "--grace", "1", "--max-attempts", "1")
+    status, body = server.request("POST", "/api", [{"item": f"j{n}", "valor": 5}
+                                                    for n in range(4)])
+    tokens = [entry["hash"] for entry in body["processing_items"]]
+    wait_until(lambda: sum(server.request("GET", f"/check/{t}")[1]["status"] == "running"
+                           for t in tokens) == 2)
+    began = time.monotonic()
+    assert server.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - began < 1 + 5
+    assert "stopped; 2 unfinished jobs put back in the queue" in server.log.read_text()
+    restarted = servers("--db", db, "--workers", "4", "--max-valor", "5", name="restart")
+    for token in tokens:
+        status, view = restarted.request("GET", f"/check/{token}?wait=20")
+        assert (status, view["status"]) == (200, "done")
+    assert restarted.stop(signal.SIGINT) == 0
+
+
+def test_crash_loses_no_job_and_restart_finishes_all(servers, tmp_path):
+    db = tmp_path / "crash.sqlite3"
+    server = servers("--db", str(db), "--workers", "2")
+    tokens = []
+    for start in range(0, 40, 10):
+        status, body = server.request("POST", "/api", [{"item": f"j{n}", "valor": 0.5}
+                                                        for n in range(start, start + 10)])
+        assert status == 202
+        tokens += [entry["hash"] for entry in body["processing_items"]]
+    reader = queue_tool.Store(db)
+    def states():
+        return collections.Counter(reader.get(t)["status"] for t in tokens)
+    wait_until(lambda: states()["done"] >= 4 and states()["running"] == 2,
+               what="a few jobs done and two running")
+    server.stop(signal.SIGKILL)
+    running_at_crash = {t for t in tokens if reader.get(t)["status"] == "running"}
+    done_at_crash = {t for t in tokens if reader.get(t)["status"] == "done"}
+    assert 1 <= len(running_at_crash) <= 2 and len(done_at_crash) >= 4
+    restarted = servers("--db", str(db), "--workers", "4", name="restart")
+    for token in tokens:
+        status, view = restarted.request("GET", f"/check/{token}?wait=30")
+        assert (status, view["message"]) == (200, "Finalizado"), token
+        # a job runs again only if it was running when the process died
+        assert view["attempts"] == (2 if token in running_at_crash else 1)
+    counters = reader.counters()
+    assert counters["submitted"] == counters["finished_done"] == 40
+    assert restarted.stop() == 0
+    reader.close()
+
+
+# -- Several processes ------------------------------------------------------------------------
+
+def test_idle_process_picks_up_a_job_submitted_elsewhere(servers, make, tmp_path):
+    db = tmp_path / "shared.sqlite3"
+    worker = servers("--db", str(db), "--workers", "1")
+    front = make(db=db, workers=0)
+    front.runner.poll_interval = 0.05
+    client = webtest.TestApp(front)
+    wait_until(lambda: "serving on" in worker.log.read_text())
+    began = time.monotonic()
+    token = tokens_of(submit(client, [{"item": "a", "valor": 0}]))[0]
+    assert client.get(f"/check/{token}?wait=10", status=200).json["status"] == "done"
+    assert time.monotonic() - began < 5  # idle workers poll every second
+    assert worker.stop() == 0
+
+
+def test_cancel_in_one_process_stops_the_job_in_another(servers, make, tmp_path):
+    db = tmp_path / "shared.sqlite3"
+    worker = servers("--db", str(db), "--workers", "1")
+    client = webtest.TestApp(make(db=db, workers=0))
+    long, short = tokens_of(submit(client, [{"item": "long", "valor": 3600},
+                                            {"item": "short", "valor": 0}]))
+    wait_until(lambda: client.get(f"/check/{long}").json["status"] == "running")
+    assert client.delete(f"/check/{long}", status=200).json["status"] == "canceled"
+    # the worker's only thread notices within a renewal and takes the next job
+    assert client.get(f"/check/{short}?wait=15", status=200).json["status"] == "done"
+    status, view = worker.request("GET", f"/check/{long}")
+    assert (status, view["status"]) == (200, "canceled")
+    assert worker.stop() == 0
+
+
+def test_stalled_process_loses_its_job_and_it_runs_elsewhere(servers, make, tmp_path):
+    db = tmp_path / "shared.sqlite3"
+    stalled = servers("--db", str(db), "--workers", "1", "--lease", "1")
+    client = webtest.TestApp(make(db=db, workers=0))
+    token = tokens_of(submit(client, [{"item": "a", "valor": 2}]))[0]
+    wait_until(lambda: client.get(f"/check/{token}").json["status"] == "running")
+    stalled.process.send_signal(signal.SIGSTOP)  # alive, but renews nothing
+    try:
+        rescuer = make(db=db, workers=1, lease=1)
+        rescuer.start()
+        view = client.get(f"/check/{token}?wait=20", status=200).json
+        assert (view["status"], view["attempts"]) == ("done", 2)
+    finally:
+        stalled.process.send_signal(signal.SIGCONT)
+    assert stalled.stop() == 0
+    assert client.get(f"/check/{token}", status=200).json["attempts"] == 2
+
+
+GUNICORN_APP = """
+import os
+import queue_tool
+
+def record(job):
+    with open(os.environ["RECORD_FILE"], "a") as out:
+        out.write(f"{job.token} {os.getpid()}\\n")
+
+app = queue_tool.make_app(db=os.environ["RECORD_DB"], workers=4, process=record)
+"""
+
+
+def test_gunicorn_workers_run_every_job_exactly_once(tmp_path):
+    gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or shutil.which(
+        "gunicorn")
+    assert gunicorn, "gunicorn is in the test extra"
+    (tmp_path / "record_app.py").write_text(GUNICORN_APP)
+    record = tmp_path / "record.txt"
+    log_path = tmp_path / "gunicorn.log"
+    env = {**os.environ, "RECORD_FILE": str(record), "RECORD_DB": str(tmp_path / "g.sqlite3"),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(HERE)])}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [gunicorn, "-w", "3", "-k", "gthread", "--threads", "4", "-b", "127.0.0.1:0",
+             "--graceful-timeout", "5", "record_app:app"],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: re.search(r"Listening at: (http://127\.0\.0\.1:\d+)",
+                                     log_path.read_text()), what="gunicorn to listen")
+        url = re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", log_path.read_text())[1]
+        wait_until(lambda: log_path.read_text().count("Booting worker") >= 3)
+
+        def post(batch):
+            request = urllib.request.Request(url + "/api", data=json.dumps(batch).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return [e["hash"] for e in json.loads(response.read())["processing_items"]]
+
+        batches = [[{"item": f"{b}-{n}", "valor": 0} for n in range(10)] for b in range(30)]
+        tokens, threads = [], []
+        for chunk in range(0, 30, 5):
+            def send(chunk=chunk):
+                for batch in batches[chunk:chunk + 5]:
+                    tokens.extend(post(batch))
+            threads.append(threading.Thread(target=send))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert len(tokens) == len(set(tokens)) == 300
+        for token in tokens:
+            with urllib.request.urlopen(f"{url}/check/{token}?wait=20", timeout=30) as response:
+                assert json.loads(response.read())["status"] == "done"
+        recorded = [line.split() for line in record.read_text().splitlines()]
+        assert sorted(token for token, _ in recorded) == sorted(tokens)  # each exactly once
+        print("jobs run per gunicorn worker:",
+              sorted(collections.Counter(pid for _, pid in recorded).values()))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    assert "Traceback" not in log_path.read_text()
 
 
 # -- Processors ------------------------------------------------------------------
