@@ -504,6 +504,11 @@ class Store:
         """
         marks = ",".join("?" * len(lost_owners))
         lost = f" OR owner IN ({marks})" if lost_owners else ""
+        lost_jobs = f"WHERE status = 'running' AND (lease_until < ?{lost})"
+        with self._reading() as conn:  # most of the time there are none: no write lock
+            if conn.execute(f"SELECT 1 FROM jobs {lost_jobs} LIMIT 1",
+                            (now, *lost_owners)).fetchone() is None:
+                return []
         with self._transaction() as conn:
             rows = conn.execute(
                 f"UPDATE jobs SET"
@@ -511,8 +516,7 @@ class Store:
                 f" finished_at = CASE WHEN attempts >= ? THEN ? ELSE NULL END,"
                 f" error = CASE WHEN attempts >= ? THEN 'worker lost after ' || attempts"
                 f" || ' attempts' ELSE error END,"
-                f" owner = NULL, lease_until = NULL, progress = NULL"
-                f" WHERE status = 'running' AND (lease_until < ?{lost})"
+                f" owner = NULL, lease_until = NULL, progress = NULL {lost_jobs}"
                 f" RETURNING token, status",
                 (max_attempts, max_attempts, now, max_attempts, now, *lost_owners)).fetchall()
             failed = sum(row["status"] == FAILED for row in rows)
@@ -690,12 +694,18 @@ class Runner:
             self._wake.notify(count)
 
     def cancel_local(self, token):
-        """Tell a job running here that it was canceled; False if not here."""
+        """Tell a job running here that it was canceled; False if not here.
+
+        The job is over for its waiters even if the processor ignores the cancel
+        event and runs on: they are woken, and the entry is dropped at once.
+        """
         with self._lock:
-            entry = self._live.get(token)
+            entry = self._live.pop(token, None)
         if entry is None:
             return False
-        entry[0].canceled.set()
+        job, ended = entry
+        job.canceled.set()
+        ended.set()
         return True
 
     def wait_for(self, token, timeout):
@@ -714,7 +724,8 @@ class Runner:
             with self._lock:
                 entry = self._live.get(token)
             if entry is not None:
-                entry[1].wait(remaining)
+                # Bounded: another process may end it (a cancel, a lost lease).
+                entry[1].wait(min(remaining, 1.0))
             else:
                 time.sleep(min(pause, remaining))
                 pause = min(pause * 2, 0.25)
@@ -750,8 +761,9 @@ class Runner:
 
     def _run(self, row):
         job, ended = Job(self, row), threading.Event()
+        entry = (job, ended)
         with self._lock:
-            self._live[job.token] = (job, ended)
+            self._live[job.token] = entry
         log.info("job %s running (attempt %d)", job.token, job.attempts)
         started = time.monotonic()
         try:
@@ -768,7 +780,8 @@ class Runner:
                 log.exception("recording job %s as %s failed", job.token, status)
         finally:
             with self._lock:
-                del self._live[job.token]
+                if self._live.get(job.token) is entry:  # not dropped by a cancel
+                    del self._live[job.token]
             ended.set()
 
     def _call_process(self, job):
@@ -789,11 +802,12 @@ class Runner:
         last_purge = 0.0
         while not stopping.wait(renew_every):
             try:
-                held = self.store.renew(self.owner, time.time() + self.lease)
                 with self._lock:
-                    gone = [job for token, (job, _) in self._live.items() if token not in held]
-                for job in gone:  # canceled (or taken back) by another process
-                    job.canceled.set()
+                    live = set(self._live)
+                if live:
+                    held = self.store.renew(self.owner, time.time() + self.lease)
+                    for token in live - held:  # canceled (or taken back) elsewhere
+                        self.cancel_local(token)
                 self._recover()
                 if time.monotonic() - last_purge >= min(self.purge_interval, self.retention):
                     last_purge = time.monotonic()

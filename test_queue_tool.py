@@ -490,6 +490,25 @@ def test_cancel_stops_the_default_processor_at_once(make):
     assert client.get(f"/check/{long}", status=200).json["status"] == "canceled"
 
 
+def test_cancel_wakes_waiters_even_if_the_processor_runs_on(make, gate, seen):
+    def stubborn(job):
+        seen.append(job)
+        gate.wait(30)  # ignores job.canceled
+    built = make(process=stubborn, workers=1)
+    client = webtest.TestApp(built)
+    token = tokens_of(submit(client, [{"item": "a", "valor": 1}]))[0]
+    started_jobs(seen, 1)
+    answers = []
+    waiter = threading.Thread(
+        target=lambda: answers.append(client.get(f"/check/{token}?wait=25").json))
+    waiter.start()
+    wait_until(lambda: token in built.runner._live)
+    client.delete(f"/check/{token}", status=200)
+    waiter.join(10)
+    assert not gate.is_set() and answers[0]["status"] == "canceled"
+    assert token not in built.runner._live
+
+
 @pytest.mark.parametrize("process, final", [
     (lambda job: None, "done"), (lambda job: 1 / 0, "failed")])
 def test_cancel_finished_job_is_409(make, process, final):
@@ -1013,6 +1032,18 @@ def test_workers_take_the_oldest_job_first(make, gate, seen, gated):
     gate.set()
     wait_until(lambda: len(seen) == 5)
     assert [job.token for job in seen] == tokens
+
+
+def test_event_map_holds_only_live_jobs(make, gated, seen, gate):
+    built = make(process=gated, workers=2)
+    client = webtest.TestApp(built)
+    tokens = tokens_of(submit(client, [{"item": f"j{n}", "valor": 1} for n in range(30)]))
+    started_jobs(seen, 2)
+    assert sorted(built.runner._live) == sorted(job.token for job in seen[:2])
+    gate.set()
+    for token in tokens:
+        client.get(f"/check/{token}?wait=10", status=200)
+    wait_until(lambda: not built.runner._live, what="the map to empty")
 
 
 def test_jobs_run_in_parallel_up_to_workers(make, gated, seen):
