@@ -680,7 +680,12 @@ class Runner:
             live = list(self._live.values())
         for job, _ in live:
             job.canceled.set()  # the default processor returns at once
-        requeued = self.store.release(self.owner)
+        try:
+            requeued = self.store.release(self.owner)
+        except sqlite3.Error as exc:
+            # Not lost: their leases run out and the next start takes them back.
+            log.error("could not put running jobs back in the queue: %s", exc)
+            return []
         for token in requeued:
             log.info("job %s requeued at shutdown", token)
         return requeued
@@ -1009,7 +1014,7 @@ def openapi_document(schema, settings):
              "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
     not_found = {"404": reply("no job has this token", error)}
 
-    def operation(summary, responses, parameters=(), guarded=False, **extra):
+    def operation(summary, parameters=(), *, responses, guarded=False, **extra):
         op = {"summary": summary, "responses": {**responses, **(locked if guarded else {})}}
         if parameters:
             op["parameters"] = list(parameters)

@@ -18,6 +18,8 @@ import wsgiref.util
 import wsgiref.validate
 from pathlib import Path
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import webtest
 
@@ -867,55 +869,489 @@ app = queue_tool.make_app(db=os.environ["RECORD_DB"], workers=4, process=record)
 """
 
 
-def test_gunicorn_workers_run_every_job_exactly_once(tmp_path):
-    gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or shutil.which(
-        "gunicorn")
-    assert gunicorn, "gunicorn is in the test extra"
+def test_gunicorn_workers_run_every_job_exactly_once(gunicorn, tmp_path):
     (tmp_path / "record_app.py").write_text(GUNICORN_APP)
     record = tmp_path / "record.txt"
-    log_path = tmp_path / "gunicorn.log"
-    env = {**os.environ, "RECORD_FILE": str(record), "RECORD_DB": str(tmp_path / "g.sqlite3"),
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(HERE)])}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [gunicorn, "-w", "3", "-k", "gthread", "--threads", "4", "-b", "127.0.0.1:0",
-             "--graceful-timeout", "5", "record_app:app"],
-            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: re.search(r"Listening at: (http://127\.0\.0\.1:\d+)",
-                                     log_path.read_text()), what="gunicorn to listen")
-        url = re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", log_path.read_text())[1]
-        wait_until(lambda: log_path.read_text().count("Booting worker") >= 3)
+    server = gunicorn("record_app:app", workers=3, env={
+        "RECORD_FILE": str(record), "RECORD_DB": str(tmp_path / "g.sqlite3")})
+    batches = [[{"item": f"{b}-{n}", "valor": 0} for n in range(10)] for b in range(30)]
+    tokens = []
 
-        def post(batch):
-            request = urllib.request.Request(url + "/api", data=json.dumps(batch).encode(),
-                                             headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return [e["hash"] for e in json.loads(response.read())["processing_items"]]
+    def send(some):
+        for batch in some:
+            status, body = server.request("POST", "/api", batch)
+            assert status == 202
+            tokens.extend(entry["hash"] for entry in body["processing_items"])
+    senders = [threading.Thread(target=send, args=(batches[n:n + 5],)) for n in range(0, 30, 5)]
+    for thread in senders:
+        thread.start()
+    for thread in senders:
+        thread.join(60)
+    assert len(tokens) == len(set(tokens)) == 300
+    for token in tokens:
+        assert server.request("GET", f"/check/{token}?wait=20")[1]["status"] == "done"
+    recorded = [line.split() for line in record.read_text().splitlines()]
+    assert sorted(token for token, _ in recorded) == sorted(tokens)  # each exactly once
+    print("jobs run per gunicorn worker:",
+          sorted(collections.Counter(pid for _, pid in recorded).values()))
+    assert server.stop() == 0
+    assert "Traceback" not in server.log.read_text()
 
-        batches = [[{"item": f"{b}-{n}", "valor": 0} for n in range(10)] for b in range(30)]
-        tokens, threads = [], []
-        for chunk in range(0, 30, 5):
-            def send(chunk=chunk):
-                for batch in batches[chunk:chunk + 5]:
-                    tokens.extend(post(batch))
-            threads.append(threading.Thread(target=send))
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert len(tokens) == len(set(tokens)) == 300
-        for token in tokens:
-            with urllib.request.urlopen(f"{url}/check/{token}?wait=20", timeout=30) as response:
-                assert json.loads(response.read())["status"] == "done"
-        recorded = [line.split() for line in record.read_text().splitlines()]
-        assert sorted(token for token, _ in recorded) == sorted(tokens)  # each exactly once
-        print("jobs run per gunicorn worker:",
-              sorted(collections.Counter(pid for _, pid in recorded).values()))
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
-    assert "Traceback" not in log_path.read_text()
+
+def test_gunicorn_serves_the_module_app_from_the_environment(gunicorn, tmp_path):
+    db = tmp_path / "env.sqlite3"
+    server = gunicorn("queue_tool:app", "--preload", env={
+        "QUEUE_TOOL_DB": str(db), "QUEUE_TOOL_WORKERS": "2", "QUEUE_TOOL_API_KEY": "k"})
+    key = {"Authorization": "Bearer k"}
+    assert server.request("POST", "/api", [{"item": "a", "valor": 1}])[0] == 401
+    status, body = server.request("POST", "/api", [{"item": "a", "valor": 0.1}] * 4, key)
+    assert status == 202
+    for entry in body["processing_items"]:
+        assert server.request("GET", f"/check/{entry['hash']}?wait=10")[1]["status"] == "done"
+    assert db.exists()
+    assert server.stop() == 0
+
+
+def test_gunicorn_with_a_bad_variable_answers_500_misconfigured(gunicorn, tmp_path):
+    server = gunicorn("queue_tool:app", env={"QUEUE_TOOL_MAX_ITEMS": "none"})
+    for path in ("/health", "/api", "/check/" + UNKNOWN_TOKEN):
+        status, body = server.request("GET", path)
+        assert status == 500 and body["error"] == "misconfigured"
+        assert "QUEUE_TOOL_MAX_ITEMS: max_items must be a whole number" in body["message"]
+    assert server.stop() == 0
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_served_with_a_bad_variable_exits_2_before_binding(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(HERE / "queue_tool.py"), "--port", "0"], check=False,
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "QUEUE_TOOL_WORKERS": "-1"})
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 2
+    assert lines[0].startswith("usage:") and "QUEUE_TOOL_WORKERS: workers must be" in lines[1]
+    assert list(tmp_path.iterdir()) == []  # not even the default database was created
+
+
+# -- Operations: health, metrics, OpenAPI ------------------------------------------------
+
+def test_health_reports_workers_and_queue_depth(make, gated, seen):
+    client = webtest.TestApp(make(process=gated, workers=2))
+    submit(client, [{"item": "a", "valor": 1}] * 5)
+    started_jobs(seen, 2)
+    assert client.get("/health", status=200).json == {
+        "status": "ok", "workers": 2, "queued": 3, "running": 2}
+
+
+def break_the_database(built, tmp_path):
+    """Overwrite the real database file with garbage, as a failed disk would."""
+    built.store.close(final=False)
+    for suffix in ("-wal", "-shm"):
+        Path(str(tmp_path / "q.sqlite3") + suffix).unlink(missing_ok=True)
+    (tmp_path / "q.sqlite3").write_bytes(b"this is not an SQLite database" * 200)
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/health"), ("POST", "/api"), ("GET", f"/check/{UNKNOWN_TOKEN}"), ("GET", "/jobs")])
+def test_unreadable_store_is_503_store_unavailable(make, tmp_path, method, path):
+    built = make(workers=0)
+    client = webtest.TestApp(built)
+    client.get("/health", status=200)
+    break_the_database(built, tmp_path)
+    body = b'[{"item": "a", "valor": 1}]' if method == "POST" else None
+    response = client.request(path, method=method, body=body, status=503,
+                              content_type="application/json")
+    assert response.json == {"message": "the job store cannot be used",
+                             "error": "store_unavailable"}
+
+
+METRIC_LINE = re.compile(r'([a-z_]+)(\{status="[a-z]+"\})? (\d+)\Z')
+
+
+def scrape(client):
+    """Parse /metrics line by line: every line is HELP, TYPE or `name{labels} value`."""
+    response = client.get("/metrics", status=200)
+    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples, typed = {}, {}
+    for line in response.text.splitlines():
+        if line.startswith("# HELP "):
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            typed[name] = kind
+            continue
+        match = METRIC_LINE.match(line)
+        assert match, f"not a sample line: {line!r}"
+        assert match[1] in typed, f"{match[1]} has no TYPE line before it"
+        samples[match[1] + (match[2] or "")] = int(match[3])
+    assert typed == {"queue_tool_jobs_submitted_total": "counter",
+                     "queue_tool_items_invalid_total": "counter",
+                     "queue_tool_jobs_finished_total": "counter",
+                     "queue_tool_jobs": "gauge", "queue_tool_workers": "gauge"}
+    return samples
+
+
+def test_metrics_count_exactly_what_happened(make, gate, seen, gated):
+    def process(job):
+        if job.item == "fail":
+            raise RuntimeError("no")
+        return gated(job)
+    built = make(process=process, workers=1)
+    client = webtest.TestApp(built)
+    before = scrape(client)
+    assert before["queue_tool_workers"] == 1
+    tokens = tokens_of(submit(client, [
+        {"item": "fail", "valor": 0}, {"item": "run", "valor": 0}, {"item": "cancel", "valor": 0},
+        {"item": "done", "valor": 0}, {"item": "bad"}, {"valor": 2}, 7]))
+    _failing, running, canceled, done = tokens
+    wait_until(lambda: client.get(f"/check/{running}").json["status"] == "running")
+    during = scrape(client)
+    assert during['queue_tool_jobs{status="running"}'] == 1
+    assert during['queue_tool_jobs{status="queued"}'] == 2
+    client.delete(f"/check/{canceled}", status=200)
+    gate.set()
+    client.get(f"/check/{done}?wait=10", status=200)
+    after = scrape(client)
+    assert after["queue_tool_jobs_submitted_total"] - before["queue_tool_jobs_submitted_total"] == 4
+    assert after["queue_tool_items_invalid_total"] - before["queue_tool_items_invalid_total"] == 3
+    finished = {state: after[f'queue_tool_jobs_finished_total{{status="{state}"}}']
+                for state in ("done", "failed", "canceled")}
+    assert finished == {"done": 2, "failed": 1, "canceled": 1}
+    assert after['queue_tool_jobs{status="queued"}'] == after[
+        'queue_tool_jobs{status="running"}'] == 0
+
+
+def test_metrics_agree_across_processes_and_survive_restart_and_purge(make):
+    first = make(workers=1, retention=0.2)
+    client = webtest.TestApp(first)
+    token = tokens_of(submit(client, [{"item": "a", "valor": 0}, {"item": "b"}]))[0]
+    client.get(f"/check/{token}?wait=5", status=200)
+    wait_until(lambda: client.get(f"/check/{token}", expect_errors=True).status_int == 404)
+    first.close()
+    other = scrape(webtest.TestApp(make(workers=0)))
+    assert other["queue_tool_jobs_submitted_total"] == 1
+    assert other["queue_tool_items_invalid_total"] == 1
+    assert other['queue_tool_jobs_finished_total{status="done"}'] == 1
+    assert other["queue_tool_workers"] == 0
+
+
+def test_openapi_document_is_valid_openapi_3_1(client):
+    from openapi_spec_validator import validate
+    document = client.get("/openapi.json", status=200).json
+    validate(document)
+    assert document["openapi"] == "3.1.0"
+    assert set(document["paths"]) == {"/api", "/check/{token}", "/jobs", "/health", "/metrics",
+                                      "/openapi.json"}
+
+
+def test_openapi_item_schema_is_the_validators_own_dict(make):
+    built = make(workers=0, max_valor=7)
+    document = webtest.TestApp(built).get("/openapi.json", status=200).json
+    assert built.validator.schema is built.schema
+    assert document["components"]["schemas"]["Item"] == built.schema
+    posted = document["paths"]["/api"]["post"]["requestBody"]["content"]["application/json"]
+    assert posted["schema"]["items"] == built.schema
+    assert built.schema["properties"]["valor"]["maximum"] == 7
+
+
+def documented_statuses(document):
+    return {(path, method.upper(), int(status))
+            for path, methods in document["paths"].items()
+            for method, operation in methods.items()
+            for status in operation["responses"]}
+
+
+def test_every_documented_status_is_one_the_app_returns(make, tmp_path):
+    built = make(workers=0, api_key="k", max_items=2, max_body=200, max_queued=2)
+    client = webtest.TestApp(built)
+    key = {"Authorization": "Bearer k"}
+    json_type = "application/json"
+    token, done = tokens_of(submit(client, [{"item": "a", "valor": 1}] * 2, headers=key))
+    client.delete(f"/check/{done}", headers=key, status=200)
+    examples = {
+        ("/api", "POST", 202): {"body": b'[{"item": "a", "valor": 1}]', "headers": key},
+        ("/api", "POST", 400): {"body": b"[]", "headers": key},
+        ("/api", "POST", 401): {"body": b"[]"},
+        ("/api", "POST", 413): {"body": b"[1, 2, 3]", "headers": key},
+        ("/api", "POST", 415): {"body": b"[]", "headers": key, "content_type": "text/plain"},
+        ("/api", "POST", 503): {"body": b'[{"item": "a", "valor": 1}]', "headers": key},
+        ("/check/{token}", "GET", 200): {"path": f"/check/{token}"},
+        ("/check/{token}", "GET", 400): {"path": f"/check/{token}?wait=0"},
+        ("/check/{token}", "GET", 404): {"path": f"/check/{UNKNOWN_TOKEN}"},
+        ("/check/{token}", "DELETE", 200): {"path": f"/check/{token}", "headers": key},
+        ("/check/{token}", "DELETE", 401): {"path": f"/check/{token}"},
+        ("/check/{token}", "DELETE", 404): {"path": f"/check/{UNKNOWN_TOKEN}", "headers": key},
+        ("/check/{token}", "DELETE", 409): {"path": f"/check/{done}", "headers": key},
+        ("/jobs", "GET", 200): {"headers": key},
+        ("/jobs", "GET", 400): {"path": "/jobs?limit=0", "headers": key},
+        ("/jobs", "GET", 401): {},
+        ("/health", "GET", 200): {},
+        ("/metrics", "GET", 200): {"headers": key},
+        ("/metrics", "GET", 401): {},
+        ("/openapi.json", "GET", 200): {},
+    }
+    document = client.get("/openapi.json", status=200).json
+    assert documented_statuses(document) - {("/health", "GET", 503)} == set(examples)
+    for (path, method, status), request in examples.items():
+        client.request(request.get("path", path), method=method, body=request.get("body"),
+                       headers=request.get("headers", {}), status=status,
+                       content_type=request.get("content_type", json_type))
+    # /health's 503 needs a broken database, so it goes last
+    break_the_database(built, tmp_path)
+    client.get("/health", status=503)
+
+
+# -- Limits ------------------------------------------------------------------------------
+
+class CountingInput:
+    """A wsgi.input that counts what is read from it."""
+
+    def __init__(self, data):
+        self.stream, self.taken = io.BytesIO(data), 0
+
+    def read(self, size=-1):
+        chunk = self.stream.read(size)
+        self.taken += len(chunk)
+        return chunk
+
+
+def test_body_over_max_body_is_refused_before_reading(make):
+    built = make(workers=0, max_body=100)
+    stream = CountingInput(b"[" + b"1," * 60 + b"1]")
+    status, _, body = call(built, "POST", "/api", CONTENT_TYPE="application/json",
+                           CONTENT_LENGTH="101", **{"wsgi.input": stream})
+    assert (status, body["error"]) == (413, "body_too_large")
+    assert stream.taken == 0
+
+
+def test_chunked_body_is_cut_off_just_past_max_body(make):
+    built = make(workers=0, max_body=100)
+    stream = CountingInput(b'[{"item": "a", "valor": 1}' + b", 1" * 100_000 + b"]")
+    status, _, body = call(built, "POST", "/api", CONTENT_TYPE="application/json",
+                           **{"wsgi.input": stream, "wsgi.input_terminated": True})
+    assert (status, body["error"]) == (413, "body_too_large")
+    assert stream.taken == 101
+    assert built.store.list()[0] == []
+
+
+def test_chunked_body_within_max_body_is_read_whole(make):
+    built = make(workers=0)
+    payload = json.dumps([{"item": "a", "valor": 1}] * 50).encode()
+    status, _, body = call(built, "POST", "/api", payload, CONTENT_TYPE="application/json",
+                           **{"wsgi.input_terminated": True})
+    assert status == 202 and len(tokens_of_body(body)) == 50
+
+
+def tokens_of_body(body):
+    return [e["hash"] for e in body["processing_items"] if e["hash"] != "INVALID_JOB_REQUEST"]
+
+
+def test_body_of_exactly_max_body_is_accepted(make):
+    payload = json.dumps([{"item": "a", "valor": 1}]).encode()
+    client = webtest.TestApp(make(workers=0, max_body=len(payload)))
+    client.post("/api", payload, content_type="application/json", status=202)
+    client.post("/api", payload + b" ", content_type="application/json", status=413)
+
+
+def test_too_many_items_is_413_and_queues_nothing(make):
+    built = make(workers=0, max_items=3)
+    client = webtest.TestApp(built)
+    submit(client, [{"item": "a", "valor": 1}] * 3)
+    response = submit(client, [{"item": "a", "valor": 1}] * 4, status=413)
+    assert response.json["error"] == "too_many_items"
+    assert len(built.store.list()[0]) == 3
+
+
+def test_full_queue_refuses_the_whole_batch_with_retry_after(make, gated, seen):
+    built = make(process=gated, workers=1, max_queued=3)
+    client = webtest.TestApp(built)
+    submit(client, [{"item": "runs", "valor": 1}])
+    started_jobs(seen, 1)  # running jobs do not count against max_queued
+    submit(client, [{"item": "a", "valor": 1}] * 2 + [{"item": "invalid"}])
+    response = submit(client, [{"item": "b", "valor": 1}] * 2, status=503)
+    assert response.json["error"] == "queue_full"
+    assert int(response.headers["Retry-After"]) >= 1
+    assert client.get("/health").json["queued"] == 2
+    submit(client, [{"item": "c", "valor": 1}])
+    assert client.get("/health").json["queued"] == 3
+    assert built.store.counters()["submitted"] == 4
+
+
+# -- API key --------------------------------------------------------------------------------
+
+@pytest.fixture
+def keyed(make):
+    return webtest.TestApp(make(workers=0, api_key="s3cret-key"))
+
+
+GUARDED = [("POST", "/api"), ("DELETE", f"/check/{UNKNOWN_TOKEN}"), ("GET", "/jobs"),
+           ("GET", "/metrics")]
+
+
+@pytest.mark.parametrize("method, path", GUARDED)
+@pytest.mark.parametrize("authorization", [
+    None, "", "Bearer", "Bearer ", "Bearer wrong", "Bearer s3cret-ke", "Bearer s3cret-key2",
+    "Basic s3cret-key", "s3cret-key"])
+def test_guarded_routes_need_the_key(keyed, method, path, authorization):
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response = keyed.request(path, method=method, headers=headers, body=b"junk",
+                             content_type="text/plain", status=401)
+    assert response.json["error"] == "unauthorized"
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_the_key_opens_guarded_routes(keyed, scheme):
+    headers = {"Authorization": f"{scheme} s3cret-key"}
+    token = tokens_of(submit(keyed, [{"item": "a", "valor": 1}], headers=headers))[0]
+    keyed.get("/jobs", headers=headers, status=200)
+    keyed.get("/metrics", headers=headers, status=200)
+    keyed.delete(f"/check/{token}", headers=headers, status=200)
+
+
+def test_open_routes_need_no_key(keyed):
+    keyed.get("/health", status=200)
+    keyed.get("/openapi.json", status=200)
+    keyed.get(f"/check/{UNKNOWN_TOKEN}", status=404)
+
+
+def test_key_is_checked_before_the_body(keyed):
+    """A request without the key learns nothing about its body (SPEC's order of checks)."""
+    response = keyed.post("/api", b"x" * 10, content_type="text/plain", status=401)
+    assert response.json["error"] == "unauthorized"
+
+
+def test_openapi_marks_guarded_routes_when_a_key_is_set(keyed, client):
+    guarded = keyed.get("/openapi.json").json["paths"]
+    assert guarded["/api"]["post"]["security"] == [{"bearer": []}]
+    assert "security" not in guarded["/health"]["get"]
+    assert "security" not in client.get("/openapi.json").json["paths"]["/api"]["post"]
+
+
+# -- Logs ----------------------------------------------------------------------------------
+
+def test_one_access_line_per_request_without_the_query(client, caplog):
+    caplog.set_level("INFO", logger="queue_tool")
+    token = tokens_of(submit(client, [{"item": "a", "valor": 1}]))[0]
+    client.get(f"/check/{token}?wait=0.01&secret=hunter2", status=200)
+    client.get("/nope", status=404)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().split()[0] in (
+        "GET", "POST")]
+    assert len(lines) == 3
+    assert re.fullmatch(r"POST /api 202 \d+\.\dms", lines[0])
+    assert re.fullmatch(rf"GET /check/{token} 200 \d+\.\dms", lines[1])
+    assert "hunter2" not in caplog.text and "wait=" not in caplog.text
+    assert re.fullmatch(r"GET /nope 404 \d+\.\dms", lines[2])
+
+
+def test_job_transitions_are_logged(make, caplog, gated, seen, gate):
+    caplog.set_level("INFO", logger="queue_tool")
+    built = make(process=gated, workers=1)
+    client = webtest.TestApp(built)
+    first, second = tokens_of(submit(client, [{"item": "a", "valor": 1}] * 2))
+    started_jobs(seen, 1)
+    client.delete(f"/check/{first}", status=200)
+    gate.set()
+    client.get(f"/check/{second}?wait=5", status=200)
+    text = caplog.text
+    for line in (f"job {first} running (attempt 1)", f"job {first} canceled",
+                 f"job {second} running (attempt 1)", f"job {second} done in"):
+        assert line in text
+
+
+def test_debug_logs_request_tracebacks(make, caplog):
+    built = make(workers=0, debug=True)
+
+    def broken(*args):
+        raise RuntimeError("boom")
+    built.store.counts = broken
+    webtest.TestApp(built).get("/health", status=500)
+    assert "Traceback" in caplog.text and "RuntimeError: boom" in caplog.text
+
+
+# -- Property: no input breaks it --------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12)
+item_like = st.fixed_dictionaries(
+    {"item": st.one_of(st.text(max_size=12), json_values),
+     "valor": st.one_of(st.integers(-2, 4000), st.floats(-1, 4000), st.booleans(), json_values)})
+bodies = st.one_of(
+    st.lists(st.one_of(item_like, json_values), max_size=6).map(
+        lambda batch: json.dumps(batch).encode()),
+    json_values.map(lambda value: json.dumps(value).encode()),
+    st.binary(max_size=120))
+paths = st.one_of(
+    st.sampled_from(["/api", "/jobs", "/health", "/metrics", "/openapi.json", "/",
+                     f"/check/{UNKNOWN_TOKEN}", "/check/", "/api/"]),
+    st.text(max_size=24).map(lambda text: "/" + text),
+    st.text(alphabet="0123456789abcdef", min_size=31, max_size=33).map(
+        lambda text: "/check/" + text))
+queries = st.one_of(st.just(""), st.text(max_size=24), st.sampled_from([
+    "wait=", "wait=0.01", "wait=abc", "limit=2", "limit=0", "status=queued", "status=x",
+    "before=YmVmb3JlOjE", "before=zz"]))
+content_types = st.sampled_from([None, "application/json", "application/json; charset=utf-8",
+                                 "text/plain", "", "application/x+json", "multipart/form-data"])
+lengths = st.one_of(st.none(), st.sampled_from(["", "abc", "-1", "99999999", "0"]))
+
+
+def wsgi_text(text):
+    """A str as a WSGI server puts it in the environ: UTF-8 bytes read as latin-1."""
+    return text.encode("utf-8", "surrogatepass").decode("latin-1")
+
+
+api_posts = st.fixed_dictionaries({
+    "method": st.just("POST"), "path": st.just("/api"), "query": st.just(""), "body": bodies,
+    "content_type": st.sampled_from([None, "application/json"]), "length": st.none()})
+any_requests = st.fixed_dictionaries({
+    "method": st.sampled_from(["GET", "POST", "DELETE", "PUT", "HEAD", "OPTIONS"]),
+    "path": paths, "query": queries, "body": bodies, "content_type": content_types,
+    "length": lengths})
+
+
+def test_no_request_breaks_the_app(make):
+    """Never a 5xx, always a JSON error body, and the store holds exactly what was accepted."""
+    built = make(workers=0, max_body=4096)
+    accepted, statuses = set(), collections.Counter()
+
+    @hypothesis.settings(max_examples=500, deadline=None, derandomize=True, database=None)
+    @hypothesis.given(request=st.one_of(api_posts, any_requests))
+    def check(request):
+        body = request["body"]
+        length = request["length"]
+        env = {"REQUEST_METHOD": request["method"], "PATH_INFO": wsgi_text(request["path"]),
+               "QUERY_STRING": wsgi_text(request["query"]), "wsgi.input": io.BytesIO(body),
+               "CONTENT_LENGTH": str(len(body)) if length is None else length}
+        if request["content_type"] is not None:
+            env["CONTENT_TYPE"] = request["content_type"]
+        wsgiref.util.setup_testing_defaults(env)
+        answer = {}
+
+        def start_response(status, headers, exc_info=None):
+            answer["status"], answer["headers"] = int(status.split()[0]), dict(headers)
+        payload = b"".join(built(env, start_response))
+        status, headers = answer["status"], answer["headers"]
+        statuses[status] += 1
+        assert status < 500, payload
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        if request["method"] != "HEAD":
+            assert int(headers["Content-Length"]) == len(payload)
+        if status >= 400 and request["method"] != "HEAD":
+            error = json.loads(payload)
+            assert set(error) == {"message", "error"}
+            assert isinstance(error["message"], str) and re.fullmatch(r"[a-z_]+", error["error"])
+        if status == 202:
+            accepted.update(tokens_of_body(json.loads(payload)))
+        assert {job["token"] for job in built.store.list(limit=100_000)[0]} == accepted
+
+    check()
+    # the property was exercised on both sides: requests accepted and refused
+    assert statuses[202] >= 50 and statuses[400] >= 50 and statuses[404] >= 20, statuses
+    assert accepted
+    print("statuses seen:", dict(sorted(statuses.items())), "accepted:", len(accepted))
 
 
 # -- Processors ------------------------------------------------------------------
@@ -1221,20 +1657,22 @@ def test_main_version(capsys):
 
 # -- A real server process ---------------------------------------------------------------
 
-class Server:
-    """`python queue_tool.py` on a free loopback port, its log in a file."""
+SERVING = r"serving on (http://127\.0\.0\.1:\d+)"
+GUNICORN_LISTENING = r"Listening at: (http://127\.0\.0\.1:\d+)"
 
-    def __init__(self, tmp_path, *args, name="server", command=None):
+
+class Server:
+    """A real server process on a free loopback port, its log in a file."""
+
+    def __init__(self, tmp_path, command, name="server", env=None, ready=SERVING):
         self.log = tmp_path / f"{name}.log"
-        command = command or [sys.executable, str(HERE / "queue_tool.py")]
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                [*command, "--host", "127.0.0.1", "--port", "0", *args],
-                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, cwd=tmp_path, stdout=log,
+                                            stderr=subprocess.STDOUT, env=env)
         self.url = None
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while self.url is None:
-            found = re.search(r"serving on (http://127\.0\.0\.1:\d+)", self.log.read_text())
+            found = re.search(ready, self.log.read_text())
             if found:
                 self.url = found[1]
             elif self.process.poll() is not None or time.monotonic() > deadline:
@@ -1267,11 +1705,40 @@ class Server:
 
 @pytest.fixture
 def servers(tmp_path):
+    """Start `python queue_tool.py ARGS` processes; killed after the test if still up."""
     started = []
 
-    def start(*args, **kwargs):
-        server = Server(tmp_path, *args, **kwargs)
+    def start(*args, name="server", env=None):
+        command = [sys.executable, str(HERE / "queue_tool.py"), "--host", "127.0.0.1",
+                   "--port", "0", *args]
+        started.append(Server(tmp_path, command, name=name, env=env))
+        return started[-1]
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+@pytest.fixture
+def gunicorn(tmp_path):
+    """Start gunicorn on a free loopback port with APP (module:callable) and ENV."""
+    started = []
+    program = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or shutil.which(
+        "gunicorn")
+    assert program, "gunicorn is in the test extra"
+
+    def start(app, *args, env=(), workers=2, name="gunicorn"):
+        environment = {**os.environ, **dict(env),
+                       "PYTHONPATH": os.pathsep.join([str(tmp_path), str(HERE)])}
+        command = [program, "-w", str(workers), "-k", "gthread", "--threads", "4",
+                   "-b", "127.0.0.1:0", "--graceful-timeout", "5", *args, app]
+        server = Server(tmp_path, command, name=name, env=environment,
+                        ready=GUNICORN_LISTENING)
         started.append(server)
+        wait_until(lambda: server.log.read_text().count("Booting worker") >= workers,
+                   what="gunicorn's workers to boot")
         return server
 
     yield start
