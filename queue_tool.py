@@ -42,8 +42,9 @@ __all__ = [
 
 import argparse
 import base64
+import contextlib
 import dataclasses
-import datetime
+import functools
 import hmac
 import http
 import json
@@ -231,13 +232,64 @@ def compile_schema(schema):
     return ItemValidator(schema)
 
 
-def item_error(validator, item):
-    """The validator's message for an invalid item, or None when it is valid."""
-    if isinstance(item, dict) and isinstance(item.get("item"), str) and not _is_unicode(
-            item["item"]):
-        return "'item' is not valid Unicode (it holds a lone surrogate)"
-    error = jsonschema.exceptions.best_match(validator.iter_errors(item))
-    return None if error is None else error.message
+_FAST_KEYWORDS = {
+    "object": {"$schema", "title", "description", "type", "properties", "required"},
+    "string": {"description", "type", "minLength", "maxLength"},
+    "number": {"description", "type", "minimum", "maximum"},
+}
+
+
+def compile_fast_check(schema):
+    """A quick test that an item surely matches `schema`; None if the schema is beyond it.
+
+    jsonschema walks the schema anew for every item, which was most of the cost
+    of a submit. This closure is derived from the same dict and knows only the
+    keywords the item schema uses; whatever it does not accept goes on to the
+    validator, which has the last word and writes the message.
+    """
+    if schema.get("type") != "object" or set(schema) - _FAST_KEYWORDS["object"]:
+        return None
+    rules = []
+    for name, rule in schema.get("properties", {}).items():
+        kind = rule.get("type")
+        if kind not in ("string", "number") or set(rule) - _FAST_KEYWORDS[kind]:
+            return None
+        text = kind == "string"
+        low, high = ("minLength", "maxLength") if text else ("minimum", "maximum")
+        rules.append((name, text, rule.get(low), rule.get(high)))
+    required = tuple(schema.get("required", ()))
+
+    def check(item):
+        if type(item) is not dict or any(key not in item for key in required):
+            return False
+        for name, text, low, high in rules:
+            if name not in item:
+                continue
+            value = item[name]
+            if text:
+                if type(value) is not str:
+                    return False
+                value = len(value)
+            elif type(value) not in (int, float):  # type(): True is not a number
+                return False
+            if (low is not None and value < low) or (high is not None and value > high):
+                return False
+        return True
+
+    return check
+
+
+def check_item(entry, validator, fast_check=None):
+    """(the item string to echo or None, the error or None) for one batch entry."""
+    text = entry.get("item") if isinstance(entry, dict) else None
+    if not isinstance(text, str):
+        text = None
+    elif not _is_unicode(text):
+        return None, "'item' is not valid Unicode (it holds a lone surrogate)"
+    if fast_check is not None and fast_check(entry):
+        return text, None
+    error = jsonschema.exceptions.best_match(validator.iter_errors(entry))
+    return text, None if error is None else error.message
 
 
 def _is_unicode(text):
@@ -295,8 +347,9 @@ SCHEMA_SQL = (
      " WHERE finished_at IS NOT NULL"),
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
 )
-JOB_COLUMNS = ("token, item, valor, status, created_at, started_at, finished_at, attempts,"
-               " owner, lease_until, progress, result, error")
+JOB_FIELDS = ("token", "item", "valor", "status", "created_at", "started_at", "finished_at",
+              "attempts", "owner", "lease_until", "progress", "result", "error")
+JOB_COLUMNS = ", ".join(JOB_FIELDS)
 
 # Objects holding locks, threads or SQLite connections that a forked child must
 # not inherit: an SQLite connection must never be used (or even closed) on both
@@ -312,11 +365,16 @@ def _reset_after_fork():
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+def _job(row):
+    return None if row is None else dict(zip(JOB_FIELDS, row))
+
+
 class Store:
     """The jobs table in one SQLite file: the only code that touches sqlite3.
 
     One connection per process behind a lock; each public method is one short
     transaction (writes start with BEGIN IMMEDIATE) and returns plain dicts.
+    Errors are sqlite3.Error; after close() every method raises one.
     """
 
     def __init__(self, path, busy_timeout=10.0):
@@ -341,21 +399,17 @@ class Store:
             self.close(final=False)
         _fork_sensitive.add(self)
 
-    def _connect(self):
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                               check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        if self.path != ":memory:":
-            conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a 202 means the batch survives a power cut, not just a crash.
-        conn.execute("PRAGMA synchronous=FULL")
-        return conn
-
     def _connection(self):
         if self._closed:
             raise sqlite3.ProgrammingError("the store is closed")
         if self._conn is None or self._pid != os.getpid():
-            self._conn, self._pid = self._connect(), os.getpid()
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                   check_same_thread=False)
+            if self.path != ":memory:":
+                conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a 202 means the batch survives a power cut, not just a crash.
+            conn.execute("PRAGMA synchronous=FULL")
+            self._conn, self._pid = conn, os.getpid()
         return self._conn
 
     def _after_fork(self):
@@ -363,44 +417,31 @@ class Store:
         self._conn = None  # the parent's; dropped unclosed on purpose
 
     def close(self, final=True):
-        """Close the connection; after a final close every method raises sqlite3.Error."""
+        """Close the connection; a final close makes every later call fail."""
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
             self._conn = None
             self._closed = final
 
-    class _Tx:
-        def __init__(self, store, write):
-            self.store, self.write = store, write
-
-        def __enter__(self):
-            self.store._lock.acquire()
-            try:
-                conn = self.store._connection()
-                if self.write:
-                    conn.execute("BEGIN IMMEDIATE")
-            except BaseException:
-                self.store._lock.release()
-                raise
-            self.conn = conn
-            return conn
-
-        def __exit__(self, kind, value, tb):
-            try:
-                if self.write:
-                    if kind is None:
-                        self.conn.execute("COMMIT")
-                    elif self.conn.in_transaction:
-                        self.conn.execute("ROLLBACK")
-            finally:
-                self.store._lock.release()
-
+    @contextlib.contextmanager
     def _transaction(self):
-        return self._Tx(self, write=True)
+        """One write transaction: BEGIN IMMEDIATE, then COMMIT, or ROLLBACK on error."""
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
-    def _reading(self):
-        return self._Tx(self, write=False)
+    def _read(self, sql, params=()):
+        """Rows of one query; a single statement needs no explicit transaction."""
+        with self._lock:
+            return self._connection().execute(sql, params).fetchall()
 
     # Each method below is one transaction.
 
@@ -419,28 +460,25 @@ class Store:
             self._count(conn, submitted=len(jobs), invalid=invalid)
 
     def get(self, token):
-        with self._reading() as conn:
-            row = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE token = ?",
-                               (token,)).fetchone()
-        return None if row is None else dict(row)
+        rows = self._read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE token = ?", (token,))
+        return _job(rows[0]) if rows else None
 
-    def has_queued(self):
-        with self._reading() as conn:
-            return conn.execute(
-                "SELECT 1 FROM jobs WHERE status = 'queued' LIMIT 1").fetchone() is not None
+    def queued(self, limit):
+        """How many jobs are queued, counting no further than `limit`."""
+        return self._read("SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE status = 'queued'"
+                          " LIMIT ?)", (limit,))[0][0]
 
     def claim(self, owner, lease_until, now):
         """Move the oldest queued job to running for `owner`; its row, or None."""
-        if not self.has_queued():  # a read costs no write lock
-            return None
+        if not self._read("SELECT 1 FROM jobs WHERE status = 'queued' LIMIT 1"):
+            return None  # a read takes no write lock
         with self._transaction() as conn:
-            row = conn.execute(
+            return _job(conn.execute(
                 f"UPDATE jobs SET status = 'running', owner = ?, lease_until = ?,"
                 f" started_at = ?, attempts = attempts + 1, progress = NULL"
                 f" WHERE id = (SELECT id FROM jobs WHERE status = 'queued'"
                 f" ORDER BY id LIMIT 1) RETURNING {JOB_COLUMNS}",
-                (owner, lease_until, now)).fetchone()
-        return None if row is None else dict(row)
+                (owner, lease_until, now)).fetchone())
 
     def finish(self, token, owner, status, now, result=None, error=None):
         """End a job this owner runs; False when it was canceled or taken back."""
@@ -462,16 +500,16 @@ class Store:
     def cancel(self, token, now):
         """Cancel a queued or running job: (job before, job after), None if unknown."""
         with self._transaction() as conn:
-            before = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE token = ?",
-                                  (token,)).fetchone()
+            before = _job(conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE token = ?",
+                                       (token,)).fetchone())
             if before is None or before["status"] in FINAL_STATES:
-                return None if before is None else (dict(before), dict(before))
-            after = conn.execute(
+                return None if before is None else (before, before)
+            after = _job(conn.execute(
                 f"UPDATE jobs SET status = 'canceled', finished_at = ?, owner = NULL,"
                 f" lease_until = NULL WHERE token = ? RETURNING {JOB_COLUMNS}",
-                (now, token)).fetchone()
+                (now, token)).fetchone())
             self._count(conn, finished_canceled=1)
-        return dict(before), dict(after)
+        return before, after
 
     def renew(self, owner, lease_until):
         """Extend this owner's leases; the tokens it still holds as running."""
@@ -479,7 +517,7 @@ class Store:
             rows = conn.execute(
                 "UPDATE jobs SET lease_until = ? WHERE owner = ? AND status = 'running'"
                 " RETURNING token", (lease_until, owner)).fetchall()
-        return {row["token"] for row in rows}
+        return {token for (token,) in rows}
 
     def release(self, owner):
         """Put this owner's running jobs back in the queue; their tokens."""
@@ -488,13 +526,12 @@ class Store:
                 "UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL,"
                 " progress = NULL WHERE owner = ? AND status = 'running' RETURNING token",
                 (owner,)).fetchall()
-        return [row["token"] for row in rows]
+        return [token for (token,) in rows]
 
     def running_owners(self):
-        with self._reading() as conn:
-            rows = conn.execute("SELECT DISTINCT owner FROM jobs WHERE status = 'running'"
-                                " AND owner IS NOT NULL").fetchall()
-        return [row["owner"] for row in rows]
+        rows = self._read("SELECT DISTINCT owner FROM jobs WHERE status = 'running'"
+                          " AND owner IS NOT NULL")
+        return [owner for (owner,) in rows]
 
     def recover(self, now, max_attempts, lost_owners=()):
         """Take back running jobs whose lease ran out or whose owner is gone.
@@ -505,10 +542,8 @@ class Store:
         marks = ",".join("?" * len(lost_owners))
         lost = f" OR owner IN ({marks})" if lost_owners else ""
         lost_jobs = f"WHERE status = 'running' AND (lease_until < ?{lost})"
-        with self._reading() as conn:  # most of the time there are none: no write lock
-            if conn.execute(f"SELECT 1 FROM jobs {lost_jobs} LIMIT 1",
-                            (now, *lost_owners)).fetchone() is None:
-                return []
+        if not self._read(f"SELECT 1 FROM jobs {lost_jobs} LIMIT 1", (now, *lost_owners)):
+            return []  # the usual case, and a read takes no write lock
         with self._transaction() as conn:
             rows = conn.execute(
                 f"UPDATE jobs SET"
@@ -519,10 +554,10 @@ class Store:
                 f" owner = NULL, lease_until = NULL, progress = NULL {lost_jobs}"
                 f" RETURNING token, status",
                 (max_attempts, max_attempts, now, max_attempts, now, *lost_owners)).fetchall()
-            failed = sum(row["status"] == FAILED for row in rows)
+            failed = sum(status == FAILED for _, status in rows)
             if failed:
                 self._count(conn, finished_failed=failed)
-        return [(row["token"], row["status"]) for row in rows]
+        return rows
 
     def purge(self, finished_before, batch=500):
         """Delete up to `batch` jobs finished before the given time; how many."""
@@ -544,28 +579,19 @@ class Store:
             where.append("id < ?")
             params.append(before)
         clause = " WHERE " + " AND ".join(where) if where else ""
-        with self._reading() as conn:
-            rows = conn.execute(f"SELECT id, {JOB_COLUMNS} FROM jobs{clause}"
-                                f" ORDER BY id DESC LIMIT ?", (*params, limit + 1)).fetchall()
-        jobs = [dict(row) for row in rows[:limit]]
-        next_before = jobs[-1]["id"] if len(rows) > limit else None
-        for job in jobs:
-            del job["id"]
-        return jobs, next_before
+        rows = self._read(f"SELECT {JOB_COLUMNS}, id FROM jobs{clause}"
+                          f" ORDER BY id DESC LIMIT ?", (*params, limit + 1))
+        next_before = rows[limit - 1][-1] if len(rows) > limit else None
+        return [_job(row) for row in rows[:limit]], next_before
 
     def counts(self):
         """Jobs by live state: {"queued": n, "running": n}."""
-        with self._reading() as conn:
-            rows = conn.execute("SELECT status, COUNT(*) AS n FROM jobs WHERE status IN"
-                                " ('queued', 'running') GROUP BY status").fetchall()
-        counts = {QUEUED: 0, RUNNING: 0}
-        counts.update((row["status"], row["n"]) for row in rows)
-        return counts
+        rows = self._read("SELECT status, COUNT(*) FROM jobs WHERE status IN"
+                          " ('queued', 'running') GROUP BY status")
+        return {QUEUED: 0, RUNNING: 0, **dict(rows)}
 
     def counters(self):
-        with self._reading() as conn:
-            rows = conn.execute("SELECT name, value FROM counters").fetchall()
-        return {row["name"]: row["value"] for row in rows}
+        return dict(self._read("SELECT name, value FROM counters"))
 
     @staticmethod
     def _count(conn, **deltas):
@@ -612,7 +638,7 @@ class Runner:
     the job ends, and the entry is dropped.
     """
 
-    poll_interval = 1.0  # how often idle workers look for jobs of other processes
+    poll_interval = 1.0  # how often to look for jobs queued by other processes
     purge_interval = 60.0
 
     def __init__(self, store, process=wait_valor, workers=16, lease=30.0, max_attempts=3,
@@ -756,9 +782,11 @@ class Runner:
                 stopping.wait(self.poll_interval)
                 continue
             if row is None:
+                # Sleep until a submit here, or the housekeeper seeing jobs queued
+                # by another process, wakes us; `seen` makes a wake-up unmissable.
                 with self._lock:
                     if self._submits == seen and not stopping.is_set():
-                        self._wake.wait(self.poll_interval)
+                        self._wake.wait()
                 continue
             if stopping.is_set():
                 break  # stop() puts the job just claimed back in the queue
@@ -802,11 +830,15 @@ class Runner:
             return None
 
     def _housekeep(self, stopping):
-        """Renew leases, notice remote cancels, recover lost jobs, purge old ones."""
-        renew_every = min(self.lease / 3, self.poll_interval)
+        """Wake workers for jobs queued elsewhere, renew leases, notice remote
+        cancels, recover lost jobs, purge old ones."""
+        tick = min(self.lease / 3, self.poll_interval)
         last_purge = 0.0
-        while not stopping.wait(renew_every):
+        while not stopping.wait(tick):
             try:
+                waiting = self.store.queued(limit=self.workers)
+                if waiting:
+                    self.notify_submitted(waiting)
                 with self._lock:
                     live = set(self._live)
                 if live:
@@ -868,14 +900,21 @@ MAX_DEPTH = 32  # nesting levels of a body; the top-level array is level 1
 MAX_WAIT = 30.0
 MAX_LIMIT = 50, 500  # default and largest page size of GET /jobs
 QUEUE_FULL_RETRY_AFTER = 5
+STATUS_LINES = {code.value: f"{code.value} {code.phrase}" for code in http.HTTPStatus}
 
 
 def iso_time(timestamp):
     """Epoch seconds as ISO 8601 UTC with milliseconds, or None."""
     if timestamp is None:
         return None
-    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    seconds, millis = divmod(int(timestamp * 1000), 1000)
+    return f"{_iso_second(seconds)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso_second(seconds):
+    # A job's times share their second more often than not; strftime is the cost.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def job_view(row, now):
@@ -974,9 +1013,12 @@ def decode_cursor(cursor):
     raise ApiError(400, "invalid_cursor", "before must be a cursor from a previous page")
 
 
+_encoder = json.JSONEncoder(ensure_ascii=False)  # built once: json.dumps(...) would not
+
+
 def json_body(payload):
     # backslashreplace turns a stray lone surrogate into its JSON escape.
-    return json.dumps(payload, ensure_ascii=False).encode("utf-8", "backslashreplace")
+    return _encoder.encode(payload).encode("utf-8", "backslashreplace")
 
 
 def error_payload(error, message):
@@ -987,8 +1029,7 @@ def respond(start_response, status, headers, body):
     """Send one response with the headers every response carries."""
     headers = [*headers, ("Content-Length", str(len(body))),
                ("X-Content-Type-Options", "nosniff"), ("Cache-Control", "no-store")]
-    code = http.HTTPStatus(status)
-    start_response(f"{code.value} {code.phrase}", headers)
+    start_response(STATUS_LINES[status], headers)
     return [body]
 
 
@@ -1119,6 +1160,7 @@ class App:
         self.schema = (ITEM_SCHEMA if settings.max_valor == Settings.max_valor
                        else item_schema(settings.max_valor))
         self.validator = compile_schema(self.schema)
+        self.fast_check = compile_fast_check(self.schema)
         self._api_key = None if settings.api_key is None else settings.api_key.encode()
         self._routes = {
             "/api": {"POST": self.post_api},
@@ -1202,8 +1244,8 @@ class App:
     @staticmethod
     def _query(environ):
         """Query parameters; a repeated one keeps its last value."""
-        pairs = urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)
-        return dict(pairs)
+        query = environ.get("QUERY_STRING")
+        return dict(urllib.parse.parse_qsl(query, keep_blank_values=True)) if query else {}
 
     def _read_body(self, environ):
         """The request body, refused (413) past max_body before it is all read."""
@@ -1274,9 +1316,7 @@ class App:
                            f" not {len(batch)}")
         results, jobs, prefix = [], [], environ.get("SCRIPT_NAME", "").rstrip("/")
         for index, entry in enumerate(batch):
-            item = entry.get("item") if isinstance(entry, dict) else None
-            item = item if isinstance(item, str) and _is_unicode(item) else None
-            error = item_error(self.validator, entry)
+            item, error = check_item(entry, self.validator, self.fast_check)
             if error is None:
                 token = secrets.token_hex(16)
                 jobs.append((token, item, entry["valor"]))

@@ -1,6 +1,7 @@
 """Tests for queue_tool: webtest against make_app(), and real server processes on 127.0.0.1."""
 
 import collections
+import datetime
 import http.client
 import io
 import json
@@ -1420,8 +1421,8 @@ def test_default_processor_waits_valor_seconds(make):
     token = tokens_of(submit(client, [{"item": "a", "valor": 0.3}]))[0]
     view = client.get(f"/check/{token}?wait=10", status=200).json
     assert view["status"] == "done"
-    started = queue_tool.datetime.datetime.fromisoformat(view["started_at"])
-    finished = queue_tool.datetime.datetime.fromisoformat(view["finished_at"])
+    started = datetime.datetime.fromisoformat(view["started_at"])
+    finished = datetime.datetime.fromisoformat(view["finished_at"])
     assert (finished - started).total_seconds() >= 0.29
 
 

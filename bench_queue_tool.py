@@ -1,0 +1,419 @@
+"""Benchmark queue_tool: figures, each beside its reference measured in the same run.
+
+    python bench_queue_tool.py            # the full run (a few minutes on 2 cores)
+    python bench_queue_tool.py --quick    # a smoke run with smaller counts
+    python bench_queue_tool.py --only submit,check
+
+Standard library only (plus queue_tool itself). Nothing here asserts: it prints a
+table of figures, the reference each is compared with, the ratio, and the target.
+Servers run as separate processes on 127.0.0.1 and are stopped at the end.
+"""
+
+import argparse
+import http.client
+import io
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import wsgiref.util
+from pathlib import Path
+
+import queue_tool
+
+HERE = Path(__file__).resolve().parent
+BATCH = [{"item": f"item-{n}", "valor": 0} for n in range(100)]
+
+
+# -- A trivial app: the reference for the request paths --------------------------
+
+FAKE_TOKEN = "0123456789abcdef" * 2
+
+
+def trivial_app(environ, start_response):
+    """Parses the same body and answers a same-sized JSON, touching no store."""
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    body = environ["wsgi.input"].read(length) if length else b""
+    if body:
+        items = json.loads(body)
+        payload = {"message": "Itens recebidos para processamento", "processing_items": [
+            {"hash": FAKE_TOKEN, "index": n, "item": entry.get("item"), "status": "queued",
+             "check": f"/check/{FAKE_TOKEN}"} for n, entry in enumerate(items)]}
+        status = "202 Accepted"
+    else:
+        payload = {"message": "Finalizado", "status": "done", "hash": FAKE_TOKEN,
+                   "item": "item-1", "valor": 0, "created_at": "2026-11-28T10:00:00.000Z",
+                   "started_at": "2026-11-28T10:00:00.001Z",
+                   "finished_at": "2026-11-28T10:00:00.002Z", "attempts": 1}
+        status = "200 OK"
+    out = json.dumps(payload, ensure_ascii=False).encode()
+    start_response(status, [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(out)))])
+    return [out]
+
+
+# -- Helpers --------------------------------------------------------------------
+
+def call(app, method, path, body=b"", query=""):
+    """One request straight to a WSGI callable: (status code, body)."""
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
+               "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)),
+               "CONTENT_TYPE": "application/json"}
+    wsgiref.util.setup_testing_defaults(environ)
+    answer = []
+    out = b"".join(app(environ, lambda status, headers, exc=None: answer.append(status)))
+    return int(answer[0][:3]), out
+
+
+def rate(count, seconds):
+    return count / seconds if seconds > 0 else float("inf")
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def rss_and_threads(pid):
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) * 1024
+    return rss, int(re.search(r"Threads:\s+(\d+)", status)[1])
+
+
+class Served:
+    """A server process on a free loopback port: queue_tool itself or the trivial app."""
+
+    def __init__(self, workdir, *args, trivial=False):
+        self.log = Path(workdir) / f"served-{time.monotonic_ns()}.log"
+        if trivial:
+            command = [sys.executable, str(Path(__file__).resolve()), "--serve-trivial"]
+        else:
+            command = [sys.executable, str(HERE / "queue_tool.py"), "--port", "0", *args]
+        env = {**os.environ, "PYTHONPATH": str(HERE)}
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(command, cwd=workdir, stdout=log,
+                                            stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 30
+        while True:
+            found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", self.log.read_text())
+            if found:
+                self.port = int(found[1])
+                break
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{self.log.read_text()}")
+            time.sleep(0.02)
+
+    def request(self, method, path, payload=None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        body = None if payload is None else json.dumps(payload).encode()
+        connection.request(method, path, body=body,
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        data = response.read()
+        connection.close()
+        return response.status, data
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def serve_trivial():
+    """--serve-trivial: the trivial app under queue_tool's own threaded server."""
+    server = queue_tool.wsgiref.simple_server.make_server(
+        "127.0.0.1", 0, trivial_app, server_class=queue_tool.ThreadingWSGIServer,
+        handler_class=queue_tool.RequestHandler)
+    print(f"serving on http://127.0.0.1:{server.server_address[1]}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    server.serve_forever(poll_interval=0.2)
+
+
+def finished_tokens(app, count):
+    """Submit `count` valor-0 jobs to `app` and wait until all are done."""
+    tokens = []
+    for start in range(0, count, 100):
+        _status, out = call(app, "POST", "/api", json.dumps(BATCH[:min(100, count - start)]).encode())
+        tokens += [e["hash"] for e in json.loads(out)["processing_items"]]
+    for token in tokens:
+        call(app, "GET", f"/check/{token}", query="wait=30")
+    return tokens
+
+
+# -- The measures -----------------------------------------------------------------
+
+def side_by_side(ours, reference, rounds):
+    """The best rate of each over alternating rounds, so machine noise hits both alike."""
+    best = [0.0, 0.0]
+    for _ in range(rounds):
+        for n, run in enumerate((ours, reference)):
+            best[n] = max(best[n], run())
+    return best
+
+
+def timed_rate(count, work):
+    began = time.perf_counter()
+    work()
+    return rate(count, time.perf_counter() - began)
+
+
+def bench_submit(workdir, quick):
+    """1. Accepted items per second, 100-item batches straight to the WSGI callable."""
+    app = queue_tool.make_app(db=Path(workdir) / "submit.sqlite3", workers=0,
+                              max_queued=10_000_000)
+    body = json.dumps(BATCH).encode()
+    batches = 20 if quick else 100
+
+    def send(target):
+        for _ in range(batches):
+            assert call(target, "POST", "/api", body)[0] == 202
+    try:
+        send(app)  # warm up
+        ours, reference = side_by_side(lambda: timed_rate(batches * 100, lambda: send(app)),
+                                       lambda: timed_rate(batches * 100,
+                                                          lambda: send(trivial_app)),
+                                       rounds=3 if quick else 5)
+    finally:
+        app.close(grace=0)
+    return [("submit, in-process (items/s)", ours, reference, "ratio printed; >= 20,000/s",
+             ours >= 20_000)]
+
+
+def bench_check(workdir, quick):
+    """2. GET /check/<token> calls per second for finished jobs, in-process."""
+    app = queue_tool.make_app(db=Path(workdir) / "check.sqlite3", workers=16)
+    try:
+        tokens = finished_tokens(app, 1000)
+        picks = [f"/check/{random.choice(tokens)}" for _ in range(2000 if quick else 5000)]
+
+        def check(target):
+            for path in picks:
+                call(target, "GET", path)
+        ours, reference = side_by_side(lambda: timed_rate(len(picks), lambda: check(app)),
+                                       lambda: timed_rate(len(picks),
+                                                          lambda: check(trivial_app)),
+                                       rounds=3 if quick else 5)
+    finally:
+        app.close(grace=0)
+    return [("check, in-process (calls/s)", ours, reference, ">= 0.5 of reference",
+             ours >= 0.5 * reference)]
+
+
+def http_load(served, paths, clients, seconds):
+    """Sequential latencies, then throughput from `clients` threads for `seconds`."""
+    for path in paths[:50]:
+        served.request("GET", path)  # warm up the process
+    latencies = []
+    for path in paths[:300]:
+        began = time.perf_counter()
+        served.request("GET", path)
+        latencies.append(time.perf_counter() - began)
+    done = [0] * clients
+    stop_at = time.perf_counter() + seconds
+
+    def hammer(n):
+        while time.perf_counter() < stop_at:
+            served.request("GET", random.choice(paths))
+            done[n] += 1
+    threads = [threading.Thread(target=hammer, args=(n,)) for n in range(clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return rate(sum(done), time.perf_counter() - began), latencies
+
+
+def bench_http(workdir, quick):
+    """3. Check requests over HTTP on the threaded server of `python queue_tool.py`."""
+    db = Path(workdir) / "http.sqlite3"
+    loader = queue_tool.make_app(db=db, workers=16)
+    try:
+        paths = [f"/check/{token}" for token in finished_tokens(loader, 500)]
+    finally:
+        loader.close(grace=0)
+    seconds = 2 if quick else 8
+    served = Served(workdir, "--db", str(db), "--workers", "16")
+    try:
+        ours, ours_latency = http_load(served, paths, 4, seconds)
+    finally:
+        served.stop()
+    trivial = Served(workdir, trivial=True)
+    try:
+        reference, reference_latency = http_load(trivial, paths, 4, seconds)
+    finally:
+        trivial.stop()
+    p50, p99 = (percentile(ours_latency, 0.5), percentile(ours_latency, 0.99))
+    rp50, rp99 = (percentile(reference_latency, 0.5), percentile(reference_latency, 0.99))
+    return [("check over HTTP, 4 clients (req/s)", ours, reference, "ratio printed", None),
+            ("check over HTTP, p50 latency (ms)", p50 * 1e3, rp50 * 1e3, "ratio printed", None),
+            ("check over HTTP, p99 latency (ms)", p99 * 1e3, rp99 * 1e3, "ratio printed", None)]
+
+
+def bench_dispatch(workdir, quick):
+    """4. From the 202 to `done` for valor-0 jobs on an idle service: p50 and p99."""
+    app = queue_tool.make_app(db=Path(workdir) / "dispatch.sqlite3", workers=16)
+    body = json.dumps([{"item": "now", "valor": 0}]).encode()
+    latencies = []
+    try:
+        app.start()
+        time.sleep(0.2)  # let every worker reach its idle wait
+        for _ in range(50 if quick else 300):
+            _status, out = call(app, "POST", "/api", body)
+            accepted = time.time()
+            token = json.loads(out)["processing_items"][0]["hash"]
+            call(app, "GET", f"/check/{token}", query="wait=5")
+            latencies.append(app.store.get(token)["finished_at"] - accepted)
+    finally:
+        app.close(grace=0)
+    p50, p99 = percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3
+    return [("dispatch 202 -> done, p50 (ms)", p50, None, "<= 5 ms", p50 <= 5),
+            ("dispatch 202 -> done, p99 (ms)", p99, None, "<= 50 ms", p99 <= 50)]
+
+
+def bench_makespan(workdir, quick):
+    """5. 2,000 jobs of valor 0.05 with 16 workers, against the ideal 2000 x 0.05 / 16."""
+    jobs, valor, workers = (400 if quick else 2000), 0.05, 16
+    app = queue_tool.make_app(db=Path(workdir) / "makespan.sqlite3", workers=workers)
+    try:
+        app.start()
+        time.sleep(0.2)
+        batch = json.dumps([{"item": "w", "valor": valor}] * 100).encode()
+        tokens = []
+        began = time.time()
+        for _ in range(jobs // 100):
+            tokens += [e["hash"] for e in json.loads(call(app, "POST", "/api", batch)[1])[
+                "processing_items"]]
+        for token in tokens:
+            call(app, "GET", f"/check/{token}", query="wait=30")
+        measured = max(app.store.get(token)["finished_at"] for token in tokens) - began
+    finally:
+        app.close(grace=0)
+    ideal = jobs * valor / workers
+    return [(f"makespan, {jobs} x {valor}s / {workers} (s)", measured, ideal,
+             "efficiency >= 0.85", ideal / measured >= 0.85)]
+
+
+def bench_memory(workdir, quick):
+    """6. RSS growth of the serving process over many finished valor-0 jobs."""
+    count = 10_000 if quick else 100_000
+    served = Served(workdir, "--db", str(Path(workdir) / "memory.sqlite3"), "--workers", "16",
+                    "--max-queued", str(count + 1000))
+    batch = [{"item": "m", "valor": 0}] * 1000
+
+    def run(total):
+        for _ in range(total // 1000):
+            status, _ = served.request("POST", "/api", batch)
+            assert status == 202, status
+        while True:
+            health = json.loads(served.request("GET", "/health")[1])
+            if health["queued"] == health["running"] == 0:
+                return
+            time.sleep(0.05)
+    try:
+        run(5000)  # warm up: caches, the page cache, thread stacks
+        rss_before, threads_before = rss_and_threads(served.process.pid)
+        run(count)
+        rss_after, threads_after = rss_and_threads(served.process.pid)
+    finally:
+        served.stop()
+    growth = (rss_after - rss_before) / 2**20
+    return [(f"RSS growth over {count:,} jobs (MiB)", growth, rss_before / 2**20,
+             "<= 10 MiB", growth <= 10),
+            ("threads after / before (16 workers)", threads_after, threads_before,
+             "workers + a constant", threads_after <= threads_before)]
+
+
+def bench_scale(workdir, quick):
+    """7. Check latency with 1,000 stored jobs against 1,000,000."""
+    big = 100_000 if quick else 1_000_000
+    medians = []
+    for size in (1000, big):
+        store = queue_tool.Store(Path(workdir) / f"scale-{size}.sqlite3")
+        tokens = []
+        for start in range(0, size, 50_000):
+            chunk = [(os.urandom(16).hex(), "s", 0) for _ in range(min(50_000, size - start))]
+            store.submit(chunk, 0, size + 1, time.time())
+            tokens += [token for token, _, _ in chunk]
+        store.close()
+        app = queue_tool.make_app(db=Path(workdir) / f"scale-{size}.sqlite3", workers=0,
+                                  max_queued=size + 1)
+        picks = [random.choice(tokens) for _ in range(3000)]
+        times = []
+        try:
+            for token in picks:
+                began = time.perf_counter()
+                call(app, "GET", f"/check/{token}")
+                times.append(time.perf_counter() - began)
+        finally:
+            app.close(grace=0)
+        medians.append(statistics.median(times) * 1e6)
+    return [(f"check latency at {big:,} jobs (us)", medians[1], medians[0],
+             "<= 1.5 x the 1,000-job figure", medians[1] <= 1.5 * medians[0])]
+
+
+MEASURES = {"submit": bench_submit, "check": bench_check, "http": bench_http,
+            "dispatch": bench_dispatch, "makespan": bench_makespan, "memory": bench_memory,
+            "scale": bench_scale}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts: a smoke run")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(MEASURES)}")
+    parser.add_argument("--serve-trivial", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_trivial:
+        return serve_trivial()
+    chosen = args.only.split(",") if args.only else list(MEASURES)
+    random.seed(1)
+    print(f"queue_tool {queue_tool.__version__} benchmark, {time.strftime('%Y-%m-%d')}, "
+          f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, "
+          f"SQLite {queue_tool.sqlite3.sqlite_version}{', --quick' if args.quick else ''}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="queue_tool_bench_") as workdir:
+        for name in chosen:
+            began = time.monotonic()
+            new = MEASURES[name](workdir, args.quick)
+            rows += new
+            for row in new:
+                print_row(row)
+            print(f"  ({name}: {time.monotonic() - began:.1f}s)", file=sys.stderr)
+    print()
+    print_table(rows)
+    return 0
+
+
+def fmt(value):
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}"
+
+
+def print_row(row):
+    name, ours, reference, target, met = row
+    ratio = "-" if not reference else f"{ours / reference:.2f}"
+    verdict = {True: "met", False: "NOT MET", None: ""}[met]
+    print(f"| {name} | {fmt(ours)} | {fmt(reference)} | {ratio} | {target} | {verdict} |",
+          flush=True)
+
+
+def print_table(rows):
+    print("| measure | queue_tool | reference | ratio | target | |")
+    print("|---|---:|---:|---:|---|---|")
+    for row in rows:
+        print_row(row)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
