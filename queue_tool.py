@@ -324,7 +324,10 @@ class StoreError(Exception):
 QUEUED, RUNNING, DONE, FAILED, CANCELED = "queued", "running", "done", "failed", "canceled"
 STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELED)
 FINAL_STATES = frozenset((DONE, FAILED, CANCELED))
-COUNTERS = ("submitted", "invalid", "finished_done", "finished_failed", "finished_canceled")
+# Totals, plus "queued": a gauge kept beside them so that neither the capacity
+# check nor /health counts a long queue row by row.
+COUNTERS = ("submitted", "invalid", "finished_done", "finished_failed", "finished_canceled",
+            "queued")
 
 SCHEMA_SQL = (
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -390,6 +393,8 @@ class Store:
                     conn.execute(statement)
                 conn.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)",
                                  [(name,) for name in COUNTERS])
+                conn.execute("UPDATE counters SET value = (SELECT COUNT(*) FROM jobs"
+                             " WHERE status = 'queued') WHERE name = 'queued'")
         except sqlite3.Error as exc:
             self.close()
             raise StoreError(f"cannot use database {self.path!r}: {exc}") from None
@@ -450,35 +455,36 @@ class Store:
         with self._transaction() as conn:
             if jobs:
                 (queued,) = conn.execute(
-                    "SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()
+                    "SELECT value FROM counters WHERE name = 'queued'").fetchone()
                 if queued + len(jobs) > max_queued:
                     raise QueueFull(f"{queued} jobs are queued; the limit is {max_queued}")
                 conn.executemany(
                     "INSERT INTO jobs (token, item, valor, status, created_at)"
                     " VALUES (?, ?, ?, 'queued', ?)",
                     [(token, item, valor, now) for token, item, valor in jobs])
-            self._count(conn, submitted=len(jobs), invalid=invalid)
+            self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs))
 
     def get(self, token):
         rows = self._read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE token = ?", (token,))
         return _job(rows[0]) if rows else None
 
-    def queued(self, limit):
-        """How many jobs are queued, counting no further than `limit`."""
-        return self._read("SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE status = 'queued'"
-                          " LIMIT ?)", (limit,))[0][0]
+    def queued(self):
+        return self._read("SELECT value FROM counters WHERE name = 'queued'")[0][0]
 
     def claim(self, owner, lease_until, now):
         """Move the oldest queued job to running for `owner`; its row, or None."""
         if not self._read("SELECT 1 FROM jobs WHERE status = 'queued' LIMIT 1"):
             return None  # a read takes no write lock
         with self._transaction() as conn:
-            return _job(conn.execute(
+            job = _job(conn.execute(
                 f"UPDATE jobs SET status = 'running', owner = ?, lease_until = ?,"
                 f" started_at = ?, attempts = attempts + 1, progress = NULL"
                 f" WHERE id = (SELECT id FROM jobs WHERE status = 'queued'"
                 f" ORDER BY id LIMIT 1) RETURNING {JOB_COLUMNS}",
                 (owner, lease_until, now)).fetchone())
+            if job is not None:
+                self._count(conn, queued=-1)
+        return job
 
     def finish(self, token, owner, status, now, result=None, error=None):
         """End a job this owner runs; False when it was canceled or taken back."""
@@ -508,7 +514,7 @@ class Store:
                 f"UPDATE jobs SET status = 'canceled', finished_at = ?, owner = NULL,"
                 f" lease_until = NULL WHERE token = ? RETURNING {JOB_COLUMNS}",
                 (now, token)).fetchone())
-            self._count(conn, finished_canceled=1)
+            self._count(conn, finished_canceled=1, queued=-1 if before["status"] == QUEUED else 0)
         return before, after
 
     def renew(self, owner, lease_until):
@@ -526,6 +532,7 @@ class Store:
                 "UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL,"
                 " progress = NULL WHERE owner = ? AND status = 'running' RETURNING token",
                 (owner,)).fetchall()
+            self._count(conn, queued=len(rows))
         return [token for (token,) in rows]
 
     def running_owners(self):
@@ -555,8 +562,7 @@ class Store:
                 f" RETURNING token, status",
                 (max_attempts, max_attempts, now, max_attempts, now, *lost_owners)).fetchall()
             failed = sum(status == FAILED for _, status in rows)
-            if failed:
-                self._count(conn, finished_failed=failed)
+            self._count(conn, finished_failed=failed, queued=len(rows) - failed)
         return rows
 
     def purge(self, finished_before, batch=500):
@@ -586,9 +592,10 @@ class Store:
 
     def counts(self):
         """Jobs by live state: {"queued": n, "running": n}."""
-        rows = self._read("SELECT status, COUNT(*) FROM jobs WHERE status IN"
-                          " ('queued', 'running') GROUP BY status")
-        return {QUEUED: 0, RUNNING: 0, **dict(rows)}
+        ((queued, running),) = self._read(
+            "SELECT (SELECT value FROM counters WHERE name = 'queued'),"
+            " (SELECT COUNT(*) FROM jobs WHERE status = 'running')")
+        return {QUEUED: queued, RUNNING: running}
 
     def counters(self):
         return dict(self._read("SELECT name, value FROM counters"))
@@ -836,7 +843,7 @@ class Runner:
         last_purge = 0.0
         while not stopping.wait(tick):
             try:
-                waiting = self.store.queued(limit=self.workers)
+                waiting = min(self.store.queued(), self.workers)
                 if waiting:
                     self.notify_submitted(waiting)
                 with self._lock:

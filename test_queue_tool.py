@@ -1,6 +1,7 @@
 """Tests for queue_tool: webtest against make_app(), and real server processes on 127.0.0.1."""
 
 import collections
+import contextlib
 import datetime
 import http.client
 import io
@@ -9,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -117,6 +119,16 @@ def wait_until(predicate, timeout=10.0, what="the condition"):
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
+
+
+def assert_queued_gauge_is_true(db):
+    """The store's queued gauge must equal a count of the rows."""
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        (rows,) = connection.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
+                                     ).fetchone()
+        (gauge,) = connection.execute("SELECT value FROM counters WHERE name = 'queued'"
+                                      ).fetchone()
+    assert gauge == rows
 
 
 def started_jobs(seen, count):
@@ -470,6 +482,7 @@ def test_cancel_queued_job_never_runs(make, gated, seen):
     started_jobs(seen, 1)
     assert [job.token for job in seen] == [second]
     assert client.get(f"/check/{first}", status=200).json["attempts"] == 0
+    assert_queued_gauge_is_true(built.store.path)
 
 
 def test_cancel_running_job_sets_its_cancel_event(client, seen):
@@ -553,6 +566,7 @@ def test_cancel_racing_the_finish_ends_in_one_consistent_state(make):
         assert ("result" in final) == (final["status"] == "done")
     counters = built.store.counters()
     assert counters["finished_done"] + counters["finished_canceled"] == 30
+    assert_queued_gauge_is_true(built.store.path)
     assert counters["finished_canceled"] == sum(code == 200 for code, _ in outcomes)
 
 
@@ -630,7 +644,6 @@ def test_jobs_limit_500_is_allowed(client):
 
 
 def test_listing_and_claiming_use_indexes(app, tmp_path):
-    import sqlite3
     connection = sqlite3.connect(tmp_path / "q.sqlite3")
     plans = {
         "claim": "SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1",
@@ -668,6 +681,7 @@ def test_expired_lease_is_requeued_and_run_again(make, gated, seen):
     rescuer.start()
     view = webtest.TestApp(rescuer).get(f"/check/{token}?wait=10", status=200).json
     assert (view["status"], view["attempts"], view["result"]) == ("done", 2, 2)
+    assert_queued_gauge_is_true(rescuer.store.path)
 
 
 def test_job_lost_max_attempts_times_fails(make, tmp_path):
@@ -682,6 +696,7 @@ def test_job_lost_max_attempts_times_fails(make, tmp_path):
     assert (view["status"], view["message"]) == ("failed", "Falhou")
     assert view["error"] == "worker lost after 3 attempts" and view["attempts"] == 3
     assert store.counters()["finished_failed"] == 1
+    assert_queued_gauge_is_true(store.path)
     store.close()
 
 
@@ -708,6 +723,17 @@ def test_live_owner_keeps_its_job_until_the_lease_runs_out(make, tmp_path):
     built.start()
     built.runner._recover()
     assert built.store.get("c" * 32)["status"] == "running"
+
+
+def test_queued_gauge_is_recounted_when_the_store_opens(make, tmp_path):
+    client = webtest.TestApp(make(workers=0))
+    submit(client, [{"item": "a", "valor": 1}] * 3)
+    with contextlib.closing(sqlite3.connect(tmp_path / "q.sqlite3")) as connection:
+        connection.execute("UPDATE counters SET value = 999 WHERE name = 'queued'")
+        connection.commit()
+    reopened = webtest.TestApp(make(workers=0))
+    assert reopened.get("/health", status=200).json["queued"] == 3
+    assert_queued_gauge_is_true(tmp_path / "q.sqlite3")
 
 
 def test_finished_jobs_are_purged_after_retention(make):
@@ -750,6 +776,7 @@ def test_close_gives_grace_then_requeues_without_failing(make, gated, seen, gate
     for token in tokens:
         row = reader.store.get(token)
         assert row["status"] == "queued" and row["owner"] is None
+    assert_queued_gauge_is_true(reader.store.path)
 
 
 def test_close_lets_jobs_that_end_within_grace_finish(make):
@@ -805,6 +832,7 @@ def test_crash_loses_no_job_and_restart_finishes_all(servers, tmp_path):
         assert view["attempts"] == (2 if token in running_at_crash else 1)
     counters = reader.counters()
     assert counters["submitted"] == counters["finished_done"] == 40
+    assert_queued_gauge_is_true(db)
     assert restarted.stop() == 0
     reader.close()
 
@@ -1176,6 +1204,7 @@ def test_full_queue_refuses_the_whole_batch_with_retry_after(make, gated, seen):
     submit(client, [{"item": "c", "valor": 1}])
     assert client.get("/health").json["queued"] == 3
     assert built.store.counters()["submitted"] == 4
+    assert_queued_gauge_is_true(built.store.path)
 
 
 # -- API key --------------------------------------------------------------------------------
@@ -1347,12 +1376,30 @@ def test_no_request_breaks_the_app(make):
         if status == 202:
             accepted.update(tokens_of_body(json.loads(payload)))
         assert {job["token"] for job in built.store.list(limit=100_000)[0]} == accepted
+        assert_queued_gauge_is_true(built.store.path)
 
     check()
     # the property was exercised on both sides: requests accepted and refused
     assert statuses[202] >= 50 and statuses[400] >= 50 and statuses[404] >= 20, statuses
     assert accepted
     print("statuses seen:", dict(sorted(statuses.items())), "accepted:", len(accepted))
+
+
+@hypothesis.settings(max_examples=1500, deadline=None, derandomize=True, database=None)
+@hypothesis.given(item=st.one_of(item_like, json_values), max_valor=st.sampled_from([0, 5, 3600]))
+def test_fast_check_agrees_with_the_validator(item, max_valor):
+    schema = queue_tool.item_schema(max_valor)
+    fast = queue_tool.compile_fast_check(schema)
+    assert fast(item) == queue_tool.compile_schema(schema).is_valid(item)
+
+
+def test_fast_check_steps_aside_for_keywords_it_does_not_know():
+    closed = {**queue_tool.ITEM_SCHEMA, "additionalProperties": False}
+    assert queue_tool.compile_fast_check(closed) is None
+    patterned = queue_tool.item_schema()
+    patterned["properties"]["item"]["pattern"] = "^a"
+    assert queue_tool.compile_fast_check(patterned) is None
+    assert queue_tool.compile_fast_check(queue_tool.ITEM_SCHEMA) is not None
 
 
 # -- Processors ------------------------------------------------------------------
