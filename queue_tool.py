@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import functools
 import hmac
+import html
 import http
 import json
 import logging
@@ -893,6 +894,283 @@ def _owner_is_gone(owner):
     return False
 
 
+# -- Dashboard ---------------------------------------------------------------
+
+# The page at GET /: inline CSS and JavaScript, no external asset. Every job field
+# is rendered with textContent, never as HTML, and the Content-Security-Policy
+# admits only the inline blocks carrying this response's nonce.
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>queue_tool</title>
+<link rel="icon" href="data:,">
+<style nonce="__NONCE__">
+:root { --fg: #1d232a; --muted: #5d6873; --line: #d8dee4; --bg: #f6f8fa; --accent: #0a58ca;
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--fg); }
+body { margin: 0 auto; max-width: 1100px; padding: 12px 16px 40px; background: #fff; }
+header { display: flex; align-items: baseline; gap: 12px; flex-wrap: wrap; }
+h1 { font-size: 1.4rem; margin: 8px 0; } h2 { font-size: 1.1rem; margin: 22px 0 8px; }
+.muted { color: var(--muted); } .error { color: #a4161a; }
+section { border-top: 1px solid var(--line); }
+#counts { display: grid; grid-template-columns: repeat(auto-fit, minmax(130px, 1fr)); gap: 8px;
+  border: 0; margin-top: 8px; }
+.count { background: var(--bg); border: 1px solid var(--line); border-radius: 8px; padding: 8px 10px; }
+.count strong { display: block; font-size: 1.5rem; }
+.badge { display: inline-block; padding: 1px 8px; border-radius: 999px; font-size: .85rem;
+  font-weight: 600; border: 1px solid transparent; white-space: nowrap; }
+.badge.queued { background: #eef1f4; color: #38424c; border-color: #c9d1d9; }
+.badge.running { background: #ddeeff; color: #0b4a9c; border-color: #9cc5f5; }
+.badge.done { background: #dcf5e3; color: #11622d; border-color: #8fd3a5; }
+.badge.failed { background: #fde2e1; color: #8a1414; border-color: #f1a3a0; }
+.badge.canceled { background: #fff1d6; color: #7a4b00; border-color: #eac37a; }
+button { font: inherit; padding: 4px 10px; border: 1px solid var(--line); border-radius: 6px;
+  background: #fff; cursor: pointer; } button:hover { border-color: var(--accent); }
+button.primary { background: var(--accent); border-color: var(--accent); color: #fff; }
+input, select, textarea { font: inherit; padding: 4px 6px; border: 1px solid var(--line);
+  border-radius: 6px; box-sizing: border-box; }
+.row { display: flex; gap: 6px; margin-bottom: 6px; }
+.row .item { flex: 1 1 auto; min-width: 0; } .row .valor { width: 7.5em; }
+textarea { width: 100%; font-family: ui-monospace, monospace; }
+.actions { display: flex; gap: 8px; flex-wrap: wrap; margin: 8px 0; }
+#results { padding-left: 1.4em; } #results li { margin: 2px 0; overflow-wrap: anywhere; }
+table { width: 100%; border-collapse: collapse; }
+th, td { text-align: left; padding: 6px; border-bottom: 1px solid var(--line); vertical-align: top; }
+td.item { overflow-wrap: anywhere; max-width: 28em; }
+code { font-family: ui-monospace, monospace; font-size: .9em; }
+progress { width: 7em; vertical-align: middle; }
+.toolbar { display: flex; gap: 8px; align-items: center; flex-wrap: wrap; }
+@media (max-width: 700px) {
+  thead { display: none; }
+  table, tbody, tr, td { display: block; width: 100%; box-sizing: border-box; }
+  tr { border: 1px solid var(--line); border-radius: 8px; margin-bottom: 8px; padding: 4px; }
+  td { border: 0; padding: 3px 6px; } td:empty { display: none; }
+  td[data-label]::before { content: attr(data-label) ": "; color: var(--muted); }
+}
+</style>
+</head>
+<body data-base="__BASE__">
+<header><h1>queue_tool</h1><span id="status" class="muted">connecting</span></header>
+<form id="key-form" hidden>
+  <p>This service needs its API key to list, submit and cancel jobs.</p>
+  <div class="actions"><input id="key" type="password" autocomplete="off" aria-label="API key"
+    placeholder="API key"><button class="primary">Use key</button></div>
+</form>
+<section id="counts" aria-label="Jobs by status">
+  <div class="count"><span class="badge queued">Na fila</span><strong id="n-queued">-</strong>queued now</div>
+  <div class="count"><span class="badge running">Em processamento</span><strong id="n-running">-</strong>running now</div>
+  <div class="count"><span class="badge done">Finalizado</span><strong id="n-done">-</strong>done, all time</div>
+  <div class="count"><span class="badge failed">Falhou</span><strong id="n-failed">-</strong>failed, all time</div>
+  <div class="count"><span class="badge canceled">Cancelado</span><strong id="n-canceled">-</strong>canceled, all time</div>
+  <div class="count"><span class="muted">workers</span><strong id="n-workers">-</strong>in this process</div>
+</section>
+<section>
+  <h2>Submit a batch</h2>
+  <form id="batch-form">
+    <div id="rows"></div>
+    <div class="actions"><button type="button" id="add-row">Add item</button></div>
+    <details><summary>or paste a JSON array</summary>
+      <textarea id="batch-json" rows="4" aria-label="batch as JSON"
+        placeholder='[{"item": "Teste", "valor": 1}]'></textarea></details>
+    <div class="actions"><button class="primary" id="send">Submit</button></div>
+  </form>
+  <ol id="results" aria-live="polite"></ol>
+</section>
+<section>
+  <h2>Latest jobs</h2>
+  <div class="toolbar">
+    <label>Status <select id="filter"><option value="">all</option><option>queued</option>
+      <option>running</option><option>done</option><option>failed</option><option>canceled</option>
+    </select></label>
+    <button type="button" id="newest">Newest</button>
+    <button type="button" id="next">Next page</button>
+    <span id="jobs-note" class="muted"></span>
+  </div>
+  <table><thead><tr><th>Token</th><th>Item</th><th>Valor</th><th>Status</th><th>Created</th>
+    <th>Finished</th><th>Progress</th><th></th></tr></thead><tbody id="jobs"></tbody></table>
+</section>
+<script nonce="__NONCE__">
+"use strict";
+const base = document.body.dataset.base;
+const $ = (id) => document.getElementById(id);
+let key = sessionStorage.getItem("queue_tool.key") || "";
+let before = null, next = null, busy = false;
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+async function api(method, path, body) {
+  const headers = {};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (key) headers["Authorization"] = "Bearer " + key;
+  const response = await fetch(base + path, {method, headers, body, cache: "no-store"});
+  const text = await response.text();
+  let data = text;
+  try { data = JSON.parse(text); } catch (e) { /* /metrics is text */ }
+  if (response.status === 401) $("key-form").hidden = false;
+  return {status: response.status, data};
+}
+function when(iso) { return iso ? new Date(iso).toLocaleString() : ""; }
+
+async function refreshCounts() {
+  const health = await api("GET", "/health");
+  if (health.status === 200) {
+    for (const name of ["queued", "running", "workers"]) $("n-" + name).textContent = health.data[name];
+  }
+  const metrics = await api("GET", "/metrics");
+  if (metrics.status === 200) {
+    for (const state of ["done", "failed", "canceled"]) {
+      const match = metrics.data.match(new RegExp('^queue_tool_jobs_finished_total\\\\{status="' + state + '"\\\\} (\\\\d+)$', "m"));
+      if (match) $("n-" + state).textContent = match[1];
+    }
+  }
+}
+
+function jobRow(job) {
+  const row = el("tr");
+  row.dataset.token = job.hash;
+  const cell = (label, content, className) => {
+    const td = el("td", undefined, className);
+    if (label) td.dataset.label = label;
+    if (content instanceof Node) td.append(content); else td.textContent = content;
+    row.append(td);
+    return td;
+  };
+  const copy = el("button", job.hash.slice(0, 8) + "\\u2026");
+  copy.type = "button"; copy.title = "copy " + job.hash;
+  copy.addEventListener("click", async () => {
+    try { await navigator.clipboard.writeText(job.hash); copy.textContent = "copied"; }
+    catch (e) { copy.textContent = job.hash; }
+  });
+  cell("Token", copy);
+  cell("Item", job.item, "item");
+  cell("Valor", job.valor);
+  cell("Status", el("span", job.message, "badge " + job.status)).title = job.status;
+  cell("Created", when(job.created_at));
+  cell("Finished", when(job.finished_at));
+  const progress = cell("Progress", "");
+  if (job.status === "running") {
+    const bar = el("progress");
+    bar.max = 1; bar.value = job.progress;
+    progress.append(bar, " " + Math.round(job.progress * 100) + "%");
+  }
+  const actions = cell("", "");
+  if (job.status === "queued" || job.status === "running") {
+    const cancel = el("button", "Cancel");
+    cancel.type = "button";
+    cancel.addEventListener("click", async () => {
+      cancel.disabled = true;
+      await api("DELETE", "/check/" + job.hash);
+      refresh();
+    });
+    actions.append(cancel);
+  } else if (job.status === "failed") {
+    actions.append(el("span", job.error, "error"));
+  }
+  return row;
+}
+
+async function refreshJobs() {
+  const query = new URLSearchParams({limit: "20"});
+  if ($("filter").value) query.set("status", $("filter").value);
+  if (before) query.set("before", before);
+  const page = await api("GET", "/jobs?" + query);
+  const body = $("jobs");
+  if (page.status !== 200) {
+    body.replaceChildren();
+    $("jobs-note").textContent = page.status === 401 ? "The API key is needed to list jobs." : page.data.message;
+    return;
+  }
+  next = page.data.next;
+  $("next").disabled = !next;
+  $("newest").disabled = !before;
+  $("jobs-note").textContent = page.data.jobs.length ? "" : "No jobs here yet.";
+  body.replaceChildren(...page.data.jobs.map(jobRow));
+}
+
+async function refresh() {
+  if (busy) return;
+  busy = true;
+  try {
+    await Promise.all([refreshCounts(), refreshJobs()]);
+    $("status").textContent = "live, updated " + new Date().toLocaleTimeString();
+  } catch (e) {
+    $("status").textContent = "cannot reach the service";
+  } finally {
+    busy = false;
+  }
+}
+
+function addRow() {
+  const row = el("div", undefined, "row");
+  const item = el("input", undefined, "item");
+  item.placeholder = "item"; item.setAttribute("aria-label", "item");
+  const valor = el("input", undefined, "valor");
+  valor.type = "number"; valor.step = "any"; valor.min = "0"; valor.placeholder = "valor (s)";
+  valor.setAttribute("aria-label", "valor in seconds");
+  const remove = el("button", "\\u2715");
+  remove.type = "button"; remove.title = "remove this item";
+  remove.addEventListener("click", () => row.remove());
+  row.append(item, valor, remove);
+  $("rows").append(row);
+}
+
+function batchBody() {
+  const pasted = $("batch-json").value.trim();
+  if (pasted) return pasted;
+  const batch = [];
+  for (const row of $("rows").querySelectorAll(".row")) {
+    const item = row.querySelector(".item").value, valor = row.querySelector(".valor").value;
+    if (!item && !valor) continue;
+    const entry = {item};
+    if (valor !== "") entry.valor = Number(valor);
+    batch.push(entry);
+  }
+  return JSON.stringify(batch);
+}
+
+$("batch-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const results = $("results");
+  const answer = await api("POST", "/api", batchBody());
+  results.replaceChildren();
+  if (answer.status !== 202) {
+    results.append(el("li", answer.data.message || answer.status, "error"));
+    return;
+  }
+  for (const entry of answer.data.processing_items) {
+    const line = el("li");
+    line.append(el("code", "#" + entry.index), " ", el("span", entry.item === null ? "(no item)" : entry.item), " ");
+    if (entry.error) line.append(el("span", "invalid: " + entry.error, "error"));
+    else line.append(el("span", entry.status, "badge queued"), " ", el("code", entry.hash));
+    results.append(line);
+  }
+  refresh();
+});
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  key = $("key").value;
+  sessionStorage.setItem("queue_tool.key", key);
+  $("key-form").hidden = true;
+  refresh();
+});
+$("add-row").addEventListener("click", addRow);
+$("filter").addEventListener("change", () => { before = null; refresh(); });
+$("next").addEventListener("click", () => { before = next; refresh(); });
+$("newest").addEventListener("click", () => { before = null; refresh(); });
+addRow(); addRow();
+refresh();
+setInterval(refresh, 1000);
+</script>
+</body>
+</html>
+"""
+
+
 # -- WSGI app ----------------------------------------------------------------
 
 MESSAGES = {QUEUED: "Na fila", RUNNING: "Em processamento", DONE: "Finalizado",
@@ -1121,6 +1399,9 @@ def openapi_document(schema, settings):
                 "Prometheus metrics", guarded=True, responses={"200": {
                     "description": "the Prometheus text format",
                     "content": {"text/plain": {"schema": {"type": "string"}}}}})},
+            "/": {"get": operation("The dashboard: a live page for operators", responses={
+                "200": {"description": "an HTML page",
+                        "content": {"text/html": {"schema": {"type": "string"}}}}})},
             "/openapi.json": {"get": operation("This document", responses={
                 "200": reply("the OpenAPI document", {"type": "object"})})},
         },
@@ -1170,6 +1451,7 @@ class App:
         self.fast_check = compile_fast_check(self.schema)
         self._api_key = None if settings.api_key is None else settings.api_key.encode()
         self._routes = {
+            "/": {"GET": self.get_dashboard},
             "/api": {"POST": self.post_api},
             "/check/": {"GET": self.get_check, "DELETE": self.delete_check},
             "/jobs": {"GET": self.get_jobs},
@@ -1415,6 +1697,18 @@ class App:
             lines += [f"{name}{labels} {value}" for labels, value in samples]
         body = ("\n".join(lines) + "\n").encode()
         return 200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], body
+
+    def get_dashboard(self, environ):
+        """The live page for operators: 200 HTML under a nonce-based CSP."""
+        nonce = secrets.token_urlsafe(16)
+        base = html.escape(environ.get("SCRIPT_NAME", "").rstrip("/"), quote=True)
+        page = DASHBOARD_HTML.replace("__NONCE__", nonce).replace("__BASE__", base)
+        policy = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}';"
+                  " connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none';"
+                  " frame-ancestors 'none'")
+        return 200, [("Content-Type", "text/html; charset=utf-8"),
+                     ("Content-Security-Policy", policy),
+                     ("Referrer-Policy", "no-referrer")], page.encode()
 
     def get_openapi(self, environ):
         """The OpenAPI 3.1 document of every route: 200."""

@@ -4,6 +4,7 @@ import collections
 import contextlib
 import datetime
 import http.client
+import importlib.util
 import io
 import json
 import os
@@ -1069,8 +1070,8 @@ def test_openapi_document_is_valid_openapi_3_1(client):
     document = client.get("/openapi.json", status=200).json
     validate(document)
     assert document["openapi"] == "3.1.0"
-    assert set(document["paths"]) == {"/api", "/check/{token}", "/jobs", "/health", "/metrics",
-                                      "/openapi.json"}
+    assert set(document["paths"]) == {"/", "/api", "/check/{token}", "/jobs", "/health",
+                                      "/metrics", "/openapi.json"}
 
 
 def test_openapi_item_schema_is_the_validators_own_dict(make):
@@ -1118,6 +1119,7 @@ def test_every_documented_status_is_one_the_app_returns(make, tmp_path):
         ("/metrics", "GET", 200): {"headers": key},
         ("/metrics", "GET", 401): {},
         ("/openapi.json", "GET", 200): {},
+        ("/", "GET", 200): {},
     }
     document = client.get("/openapi.json", status=200).json
     assert documented_statuses(document) - {("/health", "GET", 503)} == set(examples)
@@ -1400,6 +1402,155 @@ def test_fast_check_steps_aside_for_keywords_it_does_not_know():
     patterned["properties"]["item"]["pattern"] = "^a"
     assert queue_tool.compile_fast_check(patterned) is None
     assert queue_tool.compile_fast_check(queue_tool.ITEM_SCHEMA) is not None
+
+
+# -- Dashboard -------------------------------------------------------------------------------
+
+def test_dashboard_is_one_page_under_a_nonce_csp(client):
+    first, second = client.get("/", status=200), client.get("/", status=200)
+    assert first.content_type == "text/html"
+    policy = first.headers["Content-Security-Policy"]
+    nonce = re.search(r"script-src 'nonce-([A-Za-z0-9_-]+)'", policy)[1]
+    assert "default-src 'none'" in policy and "unsafe-inline" not in policy
+    assert f'<script nonce="{nonce}">' in first.text and f'<style nonce="{nonce}">' in first.text
+    assert first.text.count("<script") == 1
+    assert nonce not in second.text  # a fresh nonce for every response
+    assert not re.search(r"(src|href)=\"(https?:)?//", first.text)  # no external asset
+    assert "innerHTML" not in first.text and "insertAdjacentHTML" not in first.text
+
+
+def test_dashboard_stays_open_with_a_key(keyed):
+    assert "queue_tool" in keyed.get("/", status=200).text
+    assert keyed.head("/", status=200).body == b""
+
+
+def test_dashboard_knows_its_mount_point(app):
+    response = webtest.TestApp(app).get("/", extra_environ={"SCRIPT_NAME": "/queue"},
+                                        status=200)
+    assert 'data-base="/queue"' in response.text
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+XSS = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Pages in headless Chromium (Debian's), with a fresh profile; problems recorded."""
+    if not Path(CHROMIUM).exists() or importlib.util.find_spec("playwright") is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the browser tests: install {CHROMIUM} and playwright")
+        pytest.skip(f"the browser tests need {CHROMIUM} (Debian's chromium) and playwright")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            tmp_path / "chromium-profile", executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 900})
+        problems = []
+
+        def open_page(url):
+            page = context.new_page()
+            page.on("dialog", lambda dialog: (problems.append(f"dialog: {dialog.message}"),
+                                              dialog.dismiss()))
+            page.on("console", lambda message: message.type == "error" and problems.append(
+                f"console: {message.text}"))
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.goto(url)
+            return page
+        open_page.problems = problems
+        yield open_page
+        context.close()
+
+
+def test_dashboard_in_chromium_submits_follows_and_cancels(servers, browser, tmp_path):
+    from playwright.sync_api import expect
+    server = servers("--db", str(tmp_path / "ui.sqlite3"), "--workers", "2")
+    page = browser(server.url + "/")
+    page.click("#add-row")
+    page.click("#add-row")
+    rows = page.locator("#rows .row")
+    expect(rows).to_have_count(4)
+    for n, (item, valor) in enumerate([("quick", "0.5"), ("long", "3600"), (XSS, "0"),
+                                       ("no valor", "")]):
+        rows.nth(n).locator(".item").fill(item)
+        rows.nth(n).locator(".valor").fill(valor)
+    page.click("#send")
+
+    results = page.locator("#results li")
+    expect(results).to_have_count(4)
+    expect(results.nth(3)).to_contain_text("invalid: 'valor' is a required property")
+    expect(results.nth(0)).to_contain_text("queued")
+    jobs = page.locator("#jobs tr")
+    expect(jobs).to_have_count(3)  # the invalid item was not queued
+
+    quick = page.locator("#jobs tr", has_text="quick")
+    expect(quick.locator(".badge")).to_have_text("Finalizado", timeout=15_000)
+    long = page.locator("#jobs tr", has_text="long")
+    expect(long.locator(".badge")).to_have_text("Em processamento")
+    expect(long.locator("progress")).to_have_count(1)
+    page.screenshot(path=tmp_path / "dashboard.png", full_page=True)
+    long.locator("button", has_text="Cancel").click()
+    expect(long.locator(".badge")).to_have_text("Cancelado")
+    expect(page.locator("#n-canceled")).to_have_text("1")
+    expect(page.locator("#n-done")).to_have_text("2")
+    token = long.get_attribute("data-token")
+    assert server.request("GET", f"/check/{token}")[1]["status"] == "canceled"
+
+    hostile = page.locator("#jobs td.item", has_text="onerror")
+    expect(hostile).to_have_text(XSS)  # shown as text ...
+    assert page.locator("img").count() == 0  # ... never as an element
+
+    page.set_viewport_size({"width": 390, "height": 844})
+    expect(quick.locator(".badge")).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.screenshot(path=tmp_path / "dashboard-phone.png", full_page=True)
+    assert browser.problems == []
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+
+def test_dashboard_in_chromium_takes_pasted_json_and_filters(servers, browser, tmp_path):
+    from playwright.sync_api import expect
+    server = servers("--db", str(tmp_path / "ui.sqlite3"), "--workers", "1")
+    page = browser(server.url + "/")
+    page.click("summary")
+    page.fill("#batch-json", json.dumps([{"item": "pasted", "valor": 3600},
+                                         {"item": "too long", "valor": 99999}]))
+    page.click("#send")
+    expect(page.locator("#results li").nth(1)).to_contain_text(
+        "99999 is greater than the maximum of 3600")
+    expect(page.locator("#jobs tr", has_text="pasted")).to_have_count(1)
+    page.select_option("#filter", "done")
+    expect(page.locator("#jobs-note")).to_have_text("No jobs here yet.")
+    expect(page.locator("#jobs tr")).to_have_count(0)
+    page.select_option("#filter", "running")
+    expect(page.locator("#jobs tr", has_text="pasted")).to_have_count(1)
+    page.fill("#batch-json", "[oops")
+    page.click("#send")
+    expect(page.locator("#results li")).to_contain_text("the body is not valid JSON")
+    # the browser logs the expected 400; nothing else went wrong
+    assert all("status of 400" in problem for problem in browser.problems), browser.problems
+
+
+def test_dashboard_in_chromium_asks_for_the_key_and_leaks_nothing(servers, browser, tmp_path):
+    from playwright.sync_api import expect
+    server = servers("--db", str(tmp_path / "ui.sqlite3"), "--workers", "0",
+                     "--api-key", "open sesame")
+    status, _ = server.request("POST", "/api", [{"item": "secret-item", "valor": 1}],
+                               {"Authorization": "Bearer open sesame"})
+    assert status == 202
+    page = browser(server.url + "/")
+    expect(page.locator("#key-form")).to_be_visible()
+    expect(page.locator("#jobs-note")).to_have_text("The API key is needed to list jobs.")
+    expect(page.locator("#n-queued")).to_have_text("1")  # /health is open
+    assert "secret-item" not in page.content()
+    page.fill("#key", "open sesame")
+    page.click("#key-form button")
+    expect(page.locator("#jobs tr", has_text="secret-item")).to_have_count(1)
+    expect(page.locator("#key-form")).to_be_hidden()
+    # the browser's 401s before the key was given are expected; nothing else went wrong
+    assert all("401" in problem for problem in browser.problems), browser.problems
 
 
 # -- Processors ------------------------------------------------------------------
