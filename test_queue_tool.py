@@ -1528,7 +1528,8 @@ def test_dashboard_in_chromium_takes_pasted_json_and_filters(servers, browser, t
     expect(page.locator("#jobs tr", has_text="pasted")).to_have_count(1)
     page.fill("#batch-json", "[oops")
     page.click("#send")
-    expect(page.locator("#results li")).to_contain_text("the body is not valid JSON")
+    expect(page.locator("#results li.error")).to_contain_text("the body is not valid JSON")
+    expect(page.locator("#results li")).to_have_count(1)
     # the browser logs the expected 400; nothing else went wrong
     assert all("status of 400" in problem for problem in browser.problems), browser.problems
 
