@@ -11,6 +11,7 @@ Routes:
     GET    /health          liveness and queue depth
     GET    /metrics         Prometheus text format
     GET    /openapi.json    the OpenAPI 3.1 description of all of the above
+    GET    /                the dashboard: a live page that shows and steers the queue
 
 Run it:     python queue_tool.py --port 8000 --db queue_tool.sqlite3
 Embed it:   gunicorn queue_tool:app   (configured from QUEUE_TOOL_* variables)
@@ -124,10 +125,11 @@ SETTING_HELP = {
     "debug": "tracebacks in the log and in 500 bodies",
 }
 
-# Lower bounds (inclusive) of the numeric settings; lease must also be above 0.
+# Bounds (inclusive) of the numeric settings; a lease must also be above 0.
 _MINIMUM = {"port": 0, "workers": 0, "max_valor": 0, "max_items": 1, "max_body": 1,
-            "max_queued": 1, "max_attempts": 1, "lease": 0, "retention": 0, "grace": 0}
+            "max_queued": 1, "max_attempts": 1, "retention": 0, "grace": 0}
 _MAXIMUM = {"port": 65535, "workers": 1024}
+_POSITIVE = {"lease"}
 
 
 def _setting_type(name):
@@ -157,9 +159,10 @@ def _check_setting(name, value):
         if not math.isfinite(value):
             raise SettingsError(f"{name} must be a finite number, not {value!r}")
         low, high = _MINIMUM.get(name), _MAXIMUM.get(name)
-        if low is not None and value < low or name == "lease" and value <= 0:
-            bound = "above" if name == "lease" else "at least"
-            raise SettingsError(f"{name} must be {bound} {low}, not {value!r}")
+        if name in _POSITIVE and value <= 0:
+            raise SettingsError(f"{name} must be above 0, not {value!r}")
+        if low is not None and value < low:
+            raise SettingsError(f"{name} must be at least {low}, not {value!r}")
         if high is not None and value > high:
             raise SettingsError(f"{name} must be at most {high}, not {value!r}")
 
@@ -351,6 +354,7 @@ SCHEMA_SQL = (
      " WHERE finished_at IS NOT NULL"),
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
 )
+PURGE_BATCH = 500  # rows per purge transaction: short, so writers never wait long
 JOB_FIELDS = ("token", "item", "valor", "status", "created_at", "started_at", "finished_at",
               "attempts", "owner", "lease_until", "progress", "result", "error")
 JOB_COLUMNS = ", ".join(JOB_FIELDS)
@@ -518,12 +522,14 @@ class Store:
             self._count(conn, finished_canceled=1, queued=-1 if before["status"] == QUEUED else 0)
         return before, after
 
-    def renew(self, owner, lease_until):
-        """Extend this owner's leases; the tokens it still holds as running."""
+    def renew(self, owner, tokens, lease_until):
+        """Extend the leases of these jobs of `owner`; the tokens it still holds."""
+        marks = ",".join("?" * len(tokens))
         with self._transaction() as conn:
             rows = conn.execute(
-                "UPDATE jobs SET lease_until = ? WHERE owner = ? AND status = 'running'"
-                " RETURNING token", (lease_until, owner)).fetchall()
+                f"UPDATE jobs SET lease_until = ? WHERE owner = ? AND status = 'running'"
+                f" AND token IN ({marks}) RETURNING token",
+                (lease_until, owner, *tokens)).fetchall()
         return {token for (token,) in rows}
 
     def release(self, owner):
@@ -566,7 +572,7 @@ class Store:
             self._count(conn, finished_failed=failed, queued=len(rows) - failed)
         return rows
 
-    def purge(self, finished_before, batch=500):
+    def purge(self, finished_before, batch=PURGE_BATCH):
         """Delete up to `batch` jobs finished before the given time; how many."""
         with self._transaction() as conn:
             return conn.execute(
@@ -691,10 +697,6 @@ class Runner:
         for thread in threads:
             thread.start()
 
-    @property
-    def started(self):
-        return self._pid == os.getpid() and not self._stopping.is_set()
-
     def stop(self, grace=None):
         """Stop claiming, give running jobs `grace` seconds, requeue the rest.
 
@@ -801,10 +803,20 @@ class Runner:
             self._run(row)
 
     def _run(self, row):
+        """Run one claimed job, holding it in the live map while it runs."""
         job, ended = Job(self, row), threading.Event()
         entry = (job, ended)
         with self._lock:
             self._live[job.token] = entry
+        try:
+            self._execute(job)
+        finally:  # whatever the processor raised: a job not live here is not renewed
+            with self._lock:
+                if self._live.get(job.token) is entry:  # not dropped by a cancel
+                    del self._live[job.token]
+            ended.set()
+
+    def _execute(self, job):
         log.info("job %s running (attempt %d)", job.token, job.attempts)
         started = time.monotonic()
         try:
@@ -819,11 +831,6 @@ class Runner:
             # The lease runs out and another worker takes it again: at-least-once.
             if not self._stopping.is_set():
                 log.exception("recording job %s as %s failed", job.token, status)
-        finally:
-            with self._lock:
-                if self._live.get(job.token) is entry:  # not dropped by a cancel
-                    del self._live[job.token]
-            ended.set()
 
     def _call_process(self, job):
         """Run the processor; its JSON-serialisable return value, as JSON text."""
@@ -849,8 +856,8 @@ class Runner:
                     self.notify_submitted(waiting)
                 with self._lock:
                     live = set(self._live)
-                if live:
-                    held = self.store.renew(self.owner, time.time() + self.lease)
+                if live:  # only these: a job whose thread died must lose its lease
+                    held = self.store.renew(self.owner, live, time.time() + self.lease)
                     for token in live - held:  # canceled (or taken back) elsewhere
                         self.cancel_local(token)
                 self._recover()
@@ -872,7 +879,7 @@ class Runner:
         while True:
             purged = self.store.purge(time.time() - self.retention)
             total += purged
-            if purged < 500:
+            if purged < PURGE_BATCH:
                 break
         if total:
             log.info("purged %d finished jobs", total)

@@ -685,6 +685,17 @@ def test_expired_lease_is_requeued_and_run_again(make, gated, seen):
     assert_queued_gauge_is_true(rescuer.store.path)
 
 
+def test_job_whose_worker_thread_died_is_not_held_forever(make):
+    def exits(job):
+        raise SystemExit("a processor that ends its thread")  # not an Exception
+    built = make(process=exits, workers=1, lease=0.3, max_attempts=1)
+    client = webtest.TestApp(built)
+    token = tokens_of(submit(client, [{"item": "a", "valor": 1}]))[0]
+    view = client.get(f"/check/{token}?wait=10", status=200).json
+    assert (view["status"], view["error"]) == ("failed", "worker lost after 1 attempts")
+    assert client.get("/health", status=200).json["workers"] == 0
+
+
 def test_job_lost_max_attempts_times_fails(make, tmp_path):
     store = queue_tool.Store(tmp_path / "q.sqlite3")
     store.submit([("a" * 32, "a", 1)], 0, 10, time.time())
