@@ -1724,6 +1724,8 @@ class App:
         return 200, [("Content-Type", "application/json")], self._openapi
 
 
+# -- Wiring ------------------------------------------------------------------
+
 def make_app(settings=None, process=None, **overrides):
     """Build the service: App(settings) with its Store and Runner.
 
