@@ -214,7 +214,7 @@ def http_load(served, paths, clients, seconds):
     for path in paths[:50]:
         served.request("GET", path)  # warm up the process
     latencies = []
-    for path in paths[:300]:
+    for path in (paths * 2)[:1000]:
         began = time.perf_counter()
         served.request("GET", path)
         latencies.append(time.perf_counter() - began)
@@ -300,8 +300,9 @@ def bench_makespan(workdir, quick):
     finally:
         app.close(grace=0)
     ideal = jobs * valor / workers
-    return [(f"makespan, {jobs} x {valor}s / {workers} (s)", measured, ideal,
-             "efficiency >= 0.85", ideal / measured >= 0.85)]
+    return [(f"makespan, {jobs} x {valor}s / {workers} workers (s)", measured, ideal,
+             f"efficiency (ideal/measured) {ideal / measured:.2f} >= 0.85",
+             ideal / measured >= 0.85)]
 
 
 def bench_memory(workdir, quick):
@@ -337,7 +338,7 @@ def bench_memory(workdir, quick):
 def bench_scale(workdir, quick):
     """7. Check latency with 1,000 stored jobs against 1,000,000."""
     big = 100_000 if quick else 1_000_000
-    medians = []
+    apps, picks = [], []
     for size in (1000, big):
         store = queue_tool.Store(Path(workdir) / f"scale-{size}.sqlite3")
         tokens = []
@@ -346,20 +347,27 @@ def bench_scale(workdir, quick):
             store.submit(chunk, 0, size + 1, time.time())
             tokens += [token for token, _, _ in chunk]
         store.close()
-        app = queue_tool.make_app(db=Path(workdir) / f"scale-{size}.sqlite3", workers=0,
-                                  max_queued=size + 1)
-        picks = [random.choice(tokens) for _ in range(3000)]
+        apps.append(queue_tool.make_app(db=Path(workdir) / f"scale-{size}.sqlite3", workers=0,
+                                        max_queued=size + 1))
+        picks.append([f"/check/{random.choice(tokens)}" for _ in range(1000)])
+
+    def median_latency(n):
         times = []
-        try:
-            for token in picks:
-                began = time.perf_counter()
-                call(app, "GET", f"/check/{token}")
-                times.append(time.perf_counter() - began)
-        finally:
+        for path in picks[n]:
+            began = time.perf_counter()
+            call(apps[n], "GET", path)
+            times.append(time.perf_counter() - began)
+        return statistics.median(times) * 1e6
+    best = [float("inf")] * 2
+    try:
+        for _ in range(3 if quick else 7):  # alternate, so noise hits both sizes alike
+            for n in (0, 1):
+                best[n] = min(best[n], median_latency(n))
+    finally:
+        for app in apps:
             app.close(grace=0)
-        medians.append(statistics.median(times) * 1e6)
-    return [(f"check latency at {big:,} jobs (us)", medians[1], medians[0],
-             "<= 1.5 x the 1,000-job figure", medians[1] <= 1.5 * medians[0])]
+    return [(f"check latency at {big:,} jobs (us)", best[1], best[0],
+             "<= 1.5 x the 1,000-job figure", best[1] <= 1.5 * best[0])]
 
 
 MEASURES = {"submit": bench_submit, "check": bench_check, "http": bench_http,

@@ -2004,3 +2004,18 @@ def test_console_script_runs_main():
         pytest.skip("queue-tool is not installed beside this Python (pip install -e .)")
     out = subprocess.run([script, "--version"], check=False, capture_output=True, text=True, timeout=60)
     assert (out.returncode, out.stdout.strip()) == (0, f"queue_tool {queue_tool.__version__}")
+
+
+# -- The benchmark ---------------------------------------------------------------------------
+
+def test_benchmark_smoke_run(tmp_path):
+    """bench_queue_tool.py --quick runs and prints its table; no timing is asserted."""
+    out = subprocess.run(
+        [sys.executable, str(HERE / "bench_queue_tool.py"), "--quick",
+         "--only", "submit,check,dispatch,makespan"], check=False, cwd=tmp_path,
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    table = rows[rows.index("| measure | queue_tool | reference | ratio | target | |"):]
+    assert len(table) == 1 + 5  # the header, then one row per figure
+    assert all(line.count("|") == 7 for line in table)
