@@ -963,6 +963,24 @@ def test_gunicorn_with_a_bad_variable_answers_500_misconfigured(gunicorn, tmp_pa
     assert "Traceback" not in server.log.read_text()
 
 
+def test_waitress_serves_the_module_app(tmp_path):
+    program = shutil.which("waitress-serve", path=str(Path(sys.executable).parent)) or \
+        shutil.which("waitress-serve")
+    assert program, "waitress is in the test extra"
+    env = {**os.environ, "PYTHONPATH": str(HERE), "QUEUE_TOOL_DB": str(tmp_path / "w.sqlite3"),
+           "QUEUE_TOOL_WORKERS": "2"}
+    server = Server(tmp_path, [program, "--listen=127.0.0.1:0", "queue_tool:app"],
+                    name="waitress", env=env, ready=r"Serving on (http://127\.0\.0\.1:\d+)")
+    try:
+        status, body = server.request("POST", "/api", [{"item": "a", "valor": 0.1}] * 3)
+        assert status == 202
+        for entry in body["processing_items"]:
+            status, view = server.request("GET", f"/check/{entry['hash']}?wait=10")
+            assert (status, view["message"]) == (200, "Finalizado")
+    finally:
+        server.stop()
+
+
 def test_served_with_a_bad_variable_exits_2_before_binding(tmp_path):
     out = subprocess.run(
         [sys.executable, str(HERE / "queue_tool.py"), "--port", "0"], check=False,
