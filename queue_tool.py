@@ -780,6 +780,12 @@ class Runner:
     # The threads.
 
     def _work(self, stopping):
+        try:
+            self._claim_and_run(stopping)
+        except SystemExit as exc:  # raised by a processor: not an Exception, so it ends here
+            log.error("%s ended: %r", threading.current_thread().name, exc)
+
+    def _claim_and_run(self, stopping):
         while not stopping.is_set():
             with self._lock:
                 seen = self._submits

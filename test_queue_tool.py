@@ -685,7 +685,7 @@ def test_expired_lease_is_requeued_and_run_again(make, gated, seen):
     assert_queued_gauge_is_true(rescuer.store.path)
 
 
-def test_job_whose_worker_thread_died_is_not_held_forever(make):
+def test_job_whose_worker_thread_died_is_not_held_forever(make, caplog):
     def exits(job):
         raise SystemExit("a processor that ends its thread")  # not an Exception
     built = make(process=exits, workers=1, lease=0.3, max_attempts=1)
@@ -694,6 +694,7 @@ def test_job_whose_worker_thread_died_is_not_held_forever(make):
     view = client.get(f"/check/{token}?wait=10", status=200).json
     assert (view["status"], view["error"]) == ("failed", "worker lost after 1 attempts")
     assert client.get("/health", status=200).json["workers"] == 0
+    assert "queue_tool-worker-0 ended: SystemExit" in caplog.text
 
 
 def test_job_lost_max_attempts_times_fails(make, tmp_path):
