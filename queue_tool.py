@@ -97,7 +97,7 @@ class Settings:
     lease: float = 30
     retention: float = 7 * 86400
     grace: float = 10
-    api_key: str = None
+    api_key: str = dataclasses.field(default=None, repr=False)  # kept out of logs
     debug: bool = False
 
     def __post_init__(self):
@@ -1826,8 +1826,9 @@ def build_parser():
             parser.add_argument(flag, action="store_true", default=None,
                                 help=SETTING_HELP[field.name])
             continue
+        default = "none" if field.default is None else field.default
         parser.add_argument(flag, type=_flag_type(field.name), metavar=field.name.upper(),
-                            help=f"{SETTING_HELP[field.name]} (default: {field.default})")
+                            help=f"{SETTING_HELP[field.name]} (default: {default})")
     return parser
 
 

@@ -1823,6 +1823,10 @@ def test_settings_come_from_queue_tool_variables(tmp_path):
     assert settings.api_key is None and settings.db.endswith("x.sqlite3")
 
 
+def test_settings_repr_hides_the_api_key():
+    assert "hunter2" not in repr(queue_tool.Settings(api_key="hunter2"))
+
+
 def test_bad_variable_is_named_in_the_error():
     with pytest.raises(queue_tool.SettingsError, match="QUEUE_TOOL_WORKERS: workers must be"):
         queue_tool.settings_from_env({"QUEUE_TOOL_WORKERS": "many"})
