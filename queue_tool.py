@@ -132,12 +132,11 @@ _MAXIMUM = {"port": 65535, "workers": 1024}
 _POSITIVE = {"lease"}
 
 
-def _setting_type(name):
-    return {f.name: f.type for f in dataclasses.fields(Settings)}[name]
+_SETTING_TYPES = {field.name: field.type for field in dataclasses.fields(Settings)}
 
 
 def _check_setting(name, value):
-    kind = _setting_type(name)
+    kind = _SETTING_TYPES[name]
     if name == "api_key":
         if value is not None and (not isinstance(value, str) or not value):
             raise SettingsError("api_key must be a non-empty string")
@@ -169,7 +168,7 @@ def _check_setting(name, value):
 
 def parse_setting(name, text):
     """Convert one flag or variable string to the setting's type (SettingsError if not)."""
-    kind = _setting_type(name)
+    kind = _SETTING_TYPES[name]
     text = text.strip()
     if kind is bool:
         lowered = text.lower()
@@ -1568,13 +1567,14 @@ class App:
         if not DIGITS_RE.match(length):
             raise ApiError(400, "invalid_content_length",
                            f"Content-Length must be a non-negative integer, not {length!r}")
-        if int(length) > limit:
+        size = int(length)
+        if size > limit:
             raise self._too_large()
         try:
-            body = stream.read(int(length)) if int(length) else b""
+            body = stream.read(size) if size else b""
         except OSError:
             body = b""
-        if len(body) != int(length):
+        if len(body) != size:
             raise ApiError(400, "invalid_content_length",
                            "the body is shorter than its Content-Length")
         return body
@@ -1641,10 +1641,11 @@ class App:
         """Follow a job: 200, 400 (bad wait) or 404."""
         wait = self._query(environ).get("wait")
         if wait is not None:
-            if not SECONDS_RE.match(wait) or not 0 < float(wait) <= MAX_WAIT:
+            seconds = float(wait) if SECONDS_RE.match(wait) else 0.0
+            if not 0 < seconds <= MAX_WAIT:
                 raise ApiError(400, "invalid_wait",
                                f"wait must be a number of seconds above 0, at most {MAX_WAIT:g}")
-            row = self.runner.wait_for(token, float(wait))
+            row = self.runner.wait_for(token, seconds)
         else:
             row = self.store.get(token)
         if row is None:
