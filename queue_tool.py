@@ -27,15 +27,17 @@ traffic, run the module-level `app` under gunicorn or waitress, or put a proxy i
 front of it.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "ITEM_SCHEMA",
     "ApiError",
     "App",
+    "PostgresStore",
     "Runner",
+    "SQLiteStore",
     "Settings",
     "SettingsError",
-    "Store",
+    "StoreError",
     "app",
     "main",
     "make_app",
@@ -45,10 +47,12 @@ import argparse
 import base64
 import contextlib
 import dataclasses
+import decimal
 import functools
 import hmac
 import html
 import http
+import importlib
 import json
 import logging
 import math
@@ -97,8 +101,9 @@ class Settings:
     lease: float = 30
     retention: float = 7 * 86400
     grace: float = 10
-    api_key: str = dataclasses.field(default=None, repr=False)  # kept out of logs
+    api_key: str = None
     debug: bool = False
+    process: str = None  # module:function; None is the built-in wait_valor
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -107,11 +112,46 @@ class Settings:
             if field.name == "db":
                 object.__setattr__(self, "db", os.fspath(value))
 
+    def __repr__(self):
+        # Neither the API key nor a database password ever reaches a log.
+        shown = ", ".join(f"{field.name}={redact(getattr(self, field.name))!r}"
+                          for field in dataclasses.fields(self) if field.name != "api_key")
+        return f"Settings({shown})"
+
+
+def is_postgres_url(db):
+    return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
+
+
+def redact(db):
+    """`db` with any password replaced by ***: what logs and messages may show."""
+    if not is_postgres_url(db):
+        return db
+    parts = urllib.parse.urlsplit(db)
+    userinfo, at, hostinfo = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.partition(":")[0] + ":***"
+    query = "&".join("password=***" if pair.partition("=")[0].lower() == "password" else pair
+                     for pair in parts.query.split("&")) if parts.query else ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=userinfo + at + hostinfo, query=query))
+
+
+def _passwords(db):
+    """Every spelling of the passwords in a URL, longest first, to scrub from messages."""
+    parts = urllib.parse.urlsplit(db)
+    found = {parts.password} if parts.password else set()
+    found |= {value for name, value in urllib.parse.parse_qsl(parts.query)
+              if name.lower() == "password" and value}
+    found |= {urllib.parse.unquote(secret) for secret in found}
+    found |= {urllib.parse.quote(secret, safe="") for secret in found}
+    return sorted(found, key=len, reverse=True)
+
 
 SETTING_HELP = {
     "host": "address to listen on",
     "port": "port to listen on (0 picks a free one)",
-    "db": "SQLite file holding the jobs (:memory: keeps nothing on disk)",
+    "db": "SQLite file holding the jobs (:memory: keeps nothing on disk),"
+          " or a postgresql:// URL",
     "workers": "worker threads in this process (0: accept jobs, run none)",
     "max_valor": "largest accepted valor, in seconds",
     "max_items": "most items in one batch",
@@ -123,6 +163,7 @@ SETTING_HELP = {
     "grace": "seconds running jobs get to finish on shutdown",
     "api_key": "bearer key for POST /api, DELETE /check, /jobs, /metrics",
     "debug": "tracebacks in the log and in 500 bodies",
+    "process": "module:function that runs each job (default: wait valor seconds)",
 }
 
 # Bounds (inclusive) of the numeric settings; a lease must also be above 0.
@@ -132,6 +173,7 @@ _MAXIMUM = {"port": 65535, "workers": 1024}
 _POSITIVE = {"lease"}
 
 
+PROCESS_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
 _SETTING_TYPES = {field.name: field.type for field in dataclasses.fields(Settings)}
 
 
@@ -142,7 +184,10 @@ def _check_setting(name, value):
             raise SettingsError("api_key must be a non-empty string")
     elif name == "db":
         if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-            raise SettingsError("db must be a file path or :memory:")
+            raise SettingsError("db must be a file path, :memory: or a postgresql:// URL")
+    elif name == "process":
+        if value is not None and (not isinstance(value, str) or not PROCESS_RE.match(value)):
+            raise SettingsError(f"process must be module:function, not {value!r}")
     elif kind is str:
         if not isinstance(value, str) or not value:
             raise SettingsError(f"{name} must be a non-empty string")
@@ -183,7 +228,7 @@ def parse_setting(name, text):
         except ValueError:
             word = "a whole number" if kind is int else "a number"
             raise SettingsError(f"{name} must be {word}, not {text!r}") from None
-    return text if text or name != "api_key" else None
+    return text if text or name not in ("api_key", "process") else None
 
 
 def settings_from_env(environ=None, **overrides):
@@ -205,6 +250,27 @@ def settings_from_env(environ=None, **overrides):
                 values[field.name] = value
     values.update(overrides)
     return Settings(**values)
+
+
+def load_process(spec):
+    """The callable a `module:function` setting names (SettingsError if there is none).
+
+    The module is looked for on sys.path, then in the working directory, so
+    `--process tasks:run` finds ./tasks.py without any wiring code.
+    """
+    module_name, _, name = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        target = importlib.import_module(module_name)
+        for part in name.split("."):
+            target = getattr(target, part)
+    except Exception as exc:  # noqa: BLE001 - a module may raise anything as it loads
+        raise SettingsError(f"process: cannot load {spec!r}: {type(exc).__name__}: {exc}"
+                            ) from None
+    if not callable(target):
+        raise SettingsError(f"process: {spec!r} is not callable")
+    return target
 
 
 # -- Schema ------------------------------------------------------------------
@@ -319,10 +385,14 @@ class QueueFull(Exception):
 
 
 class StoreError(Exception):
-    """The database file cannot be opened or written."""
+    """The job store cannot be used: unreachable, unwritable, closed or too new.
+
+    Every driver error reaches the code above the stores as this, with any
+    password taken out of its message.
+    """
 
 
-# -- Store -------------------------------------------------------------------
+# -- Stores ------------------------------------------------------------------
 
 QUEUED, RUNNING, DONE, FAILED, CANCELED = "queued", "running", "done", "failed", "canceled"
 STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELED)
@@ -331,36 +401,14 @@ FINAL_STATES = frozenset((DONE, FAILED, CANCELED))
 # check nor /health counts a long queue row by row.
 COUNTERS = ("submitted", "invalid", "finished_done", "finished_failed", "finished_canceled",
             "queued")
-
-SCHEMA_SQL = (
-    """CREATE TABLE IF NOT EXISTS jobs (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        token TEXT NOT NULL UNIQUE,
-        item TEXT NOT NULL,
-        valor,
-        status TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        owner TEXT,
-        lease_until REAL,
-        progress REAL,
-        result TEXT,
-        error TEXT)""",
-    "CREATE INDEX IF NOT EXISTS jobs_status_id ON jobs (status, id)",
-    ("CREATE INDEX IF NOT EXISTS jobs_finished_at ON jobs (finished_at)"
-     " WHERE finished_at IS NOT NULL"),
-    "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
-)
 PURGE_BATCH = 500  # rows per purge transaction: short, so writers never wait long
 JOB_FIELDS = ("token", "item", "valor", "status", "created_at", "started_at", "finished_at",
               "attempts", "owner", "lease_until", "progress", "result", "error")
-JOB_COLUMNS = ", ".join(JOB_FIELDS)
 
-# Objects holding locks, threads or SQLite connections that a forked child must
-# not inherit: an SQLite connection must never be used (or even closed) on both
-# sides of a fork, and a lock may have been held by a thread the child lacks.
+# Objects holding locks, threads or connections that a forked child must not
+# inherit: an SQLite connection must never be used (or even closed) on both
+# sides of a fork, a pool's threads do not survive it, and a lock may have been
+# held by a thread the child lacks.
 _fork_sensitive = weakref.WeakSet()
 
 
@@ -372,20 +420,62 @@ def _reset_after_fork():
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+def open_store(db):
+    """The store `db` names: a postgresql:// URL, else an SQLite path or :memory:."""
+    return PostgresStore(db) if is_postgres_url(db) else SQLiteStore(db)
+
+
 def _job(row):
     return None if row is None else dict(zip(JOB_FIELDS, row))
 
 
-class Store:
-    """The jobs table in one SQLite file: the only code that touches sqlite3.
+class Listener:
+    """Wake-ups from other processes on the same store; see `SQLiteStore.listen`."""
+
+    def wait(self, timeout):
+        """Block up to `timeout` seconds: (jobs that may be waiting, a cancel seen)."""
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+class SQLiteStore:
+    """The jobs in one SQLite file: the only code that touches sqlite3.
 
     One connection per process behind a lock; each public method is one short
     transaction (writes start with BEGIN IMMEDIATE) and returns plain dicts.
-    Errors are sqlite3.Error; after close() every method raises one.
+    Times are this host's clock. After close() every method raises StoreError.
     """
 
+    VERSION = 1  # PRAGMA user_version; 0.1.0 recorded none, its layout is version 1
+    SCHEMA = (
+        """CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            token TEXT NOT NULL UNIQUE,
+            item TEXT NOT NULL,
+            valor,
+            status TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            owner TEXT,
+            lease_until REAL,
+            progress REAL,
+            result TEXT,
+            error TEXT)""",
+        "CREATE INDEX jobs_status_id ON jobs (status, id)",
+        "CREATE INDEX jobs_finished_at ON jobs (finished_at) WHERE finished_at IS NOT NULL",
+        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    )
+    # (v, statements): what takes a version v-1 database to version v, in order.
+    UPGRADES = ()
+    COLUMNS = ", ".join(JOB_FIELDS)
+    listen_interval = 0.005  # seconds between looks at PRAGMA data_version
+
     def __init__(self, path, busy_timeout=10.0):
-        self.path = os.fspath(path)
+        self.path = self.display = os.fspath(path)
         self.busy_timeout = busy_timeout
         self._lock = threading.Lock()  # guards self._conn and its use
         self._conn = None
@@ -393,13 +483,8 @@ class Store:
         self._closed = False
         try:
             with self._transaction() as conn:
-                for statement in SCHEMA_SQL:
-                    conn.execute(statement)
-                conn.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)",
-                                 [(name,) for name in COUNTERS])
-                conn.execute("UPDATE counters SET value = (SELECT COUNT(*) FROM jobs"
-                             " WHERE status = 'queued') WHERE name = 'queued'")
-        except sqlite3.Error as exc:
+                self._migrate(conn)
+        except StoreError as exc:
             self.close()
             raise StoreError(f"cannot use database {self.path!r}: {exc}") from None
         if self.path != ":memory:":
@@ -408,18 +493,42 @@ class Store:
             self.close(final=False)
         _fork_sensitive.add(self)
 
+    def _migrate(self, conn):
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version == 0 and conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone():
+            version = 1  # a 0.1.0 database
+        if version > self.VERSION:
+            raise StoreError(f"its schema version {version} is newer than this queue_tool"
+                             f" {__version__} knows ({self.VERSION}); upgrade queue_tool")
+        if version == 0:
+            for statement in self.SCHEMA:
+                conn.execute(statement)
+        for step, statements in self.UPGRADES:
+            for statement in statements if step > max(version, 1) else ():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {self.VERSION}")
+        conn.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)",
+                         [(name,) for name in COUNTERS])
+        conn.execute("UPDATE counters SET value = (SELECT COUNT(*) FROM jobs"
+                     " WHERE status = 'queued') WHERE name = 'queued'")
+
     def _connection(self):
         if self._closed:
-            raise sqlite3.ProgrammingError("the store is closed")
+            raise StoreError("the store is closed")
         if self._conn is None or self._pid != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                                   check_same_thread=False)
-            if self.path != ":memory:":
-                conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a 202 means the batch survives a power cut, not just a crash.
-            conn.execute("PRAGMA synchronous=FULL")
+            conn = self._connect()
             self._conn, self._pid = conn, os.getpid()
         return self._conn
+
+    def _connect(self):
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                               check_same_thread=False)
+        if self.path != ":memory:":
+            conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a 202 means the batch survives a power cut, not just a crash.
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
 
     def _after_fork(self):
         self._lock = threading.Lock()
@@ -437,24 +546,30 @@ class Store:
     def _transaction(self):
         """One write transaction: BEGIN IMMEDIATE, then COMMIT, or ROLLBACK on error."""
         with self._lock:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                conn = self._connection()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(str(exc)) from exc
 
     def _read(self, sql, params=()):
         """Rows of one query; a single statement needs no explicit transaction."""
         with self._lock:
-            return self._connection().execute(sql, params).fetchall()
+            try:
+                return self._connection().execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(str(exc)) from exc
 
     # Each method below is one transaction.
 
-    def submit(self, jobs, invalid, max_queued, now):
+    def submit(self, jobs, invalid, max_queued):
         """Queue `jobs` [(token, item, valor)] at once, or none (QueueFull)."""
         with self._transaction() as conn:
             if jobs:
@@ -462,6 +577,7 @@ class Store:
                     "SELECT value FROM counters WHERE name = 'queued'").fetchone()
                 if queued + len(jobs) > max_queued:
                     raise QueueFull(f"{queued} jobs are queued; the limit is {max_queued}")
+                now = time.time()
                 conn.executemany(
                     "INSERT INTO jobs (token, item, valor, status, created_at)"
                     " VALUES (?, ?, ?, 'queued', ?)",
@@ -469,35 +585,37 @@ class Store:
             self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs))
 
     def get(self, token):
-        rows = self._read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE token = ?", (token,))
+        rows = self._read(f"SELECT {self.COLUMNS} FROM jobs WHERE token = ?", (token,))
         return _job(rows[0]) if rows else None
 
     def queued(self):
         return self._read("SELECT value FROM counters WHERE name = 'queued'")[0][0]
 
-    def claim(self, owner, lease_until, now):
-        """Move the oldest queued job to running for `owner`; its row, or None."""
+    def claim(self, owner, lease):
+        """Move the oldest queued job to running for `owner`, leased for `lease`
+        seconds; its row, or None."""
         if not self._read("SELECT 1 FROM jobs WHERE status = 'queued' LIMIT 1"):
             return None  # a read takes no write lock
         with self._transaction() as conn:
+            now = time.time()
             job = _job(conn.execute(
                 f"UPDATE jobs SET status = 'running', owner = ?, lease_until = ?,"
                 f" started_at = ?, attempts = attempts + 1, progress = NULL"
                 f" WHERE id = (SELECT id FROM jobs WHERE status = 'queued'"
-                f" ORDER BY id LIMIT 1) RETURNING {JOB_COLUMNS}",
-                (owner, lease_until, now)).fetchone())
+                f" ORDER BY id LIMIT 1) RETURNING {self.COLUMNS}",
+                (owner, now + lease, now)).fetchone())
             if job is not None:
                 self._count(conn, queued=-1)
         return job
 
-    def finish(self, token, owner, status, now, result=None, error=None):
+    def finish(self, token, owner, status, result=None, error=None):
         """End a job this owner runs; False when it was canceled or taken back."""
         with self._transaction() as conn:
             changed = conn.execute(
                 "UPDATE jobs SET status = ?, finished_at = ?, result = ?, error = ?,"
                 " owner = NULL, lease_until = NULL"
                 " WHERE token = ? AND owner = ? AND status = 'running'",
-                (status, now, result, error, token, owner)).rowcount
+                (status, time.time(), result, error, token, owner)).rowcount
             if changed:
                 self._count(conn, **{"finished_" + status: 1})
         return bool(changed)
@@ -507,28 +625,28 @@ class Store:
             conn.execute("UPDATE jobs SET progress = ? WHERE token = ? AND owner = ?"
                          " AND status = 'running'", (progress, token, owner))
 
-    def cancel(self, token, now):
+    def cancel(self, token):
         """Cancel a queued or running job: (job before, job after), None if unknown."""
         with self._transaction() as conn:
-            before = _job(conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE token = ?",
+            before = _job(conn.execute(f"SELECT {self.COLUMNS} FROM jobs WHERE token = ?",
                                        (token,)).fetchone())
             if before is None or before["status"] in FINAL_STATES:
                 return None if before is None else (before, before)
             after = _job(conn.execute(
                 f"UPDATE jobs SET status = 'canceled', finished_at = ?, owner = NULL,"
-                f" lease_until = NULL WHERE token = ? RETURNING {JOB_COLUMNS}",
-                (now, token)).fetchone())
+                f" lease_until = NULL WHERE token = ? RETURNING {self.COLUMNS}",
+                (time.time(), token)).fetchone())
             self._count(conn, finished_canceled=1, queued=-1 if before["status"] == QUEUED else 0)
         return before, after
 
-    def renew(self, owner, tokens, lease_until):
+    def renew(self, owner, tokens, lease):
         """Extend the leases of these jobs of `owner`; the tokens it still holds."""
         marks = ",".join("?" * len(tokens))
         with self._transaction() as conn:
             rows = conn.execute(
                 f"UPDATE jobs SET lease_until = ? WHERE owner = ? AND status = 'running'"
                 f" AND token IN ({marks}) RETURNING token",
-                (lease_until, owner, *tokens)).fetchall()
+                (time.time() + lease, owner, *tokens)).fetchall()
         return {token for (token,) in rows}
 
     def release(self, owner):
@@ -546,7 +664,7 @@ class Store:
                           " AND owner IS NOT NULL")
         return [owner for (owner,) in rows]
 
-    def recover(self, now, max_attempts, lost_owners=()):
+    def recover(self, max_attempts, lost_owners=()):
         """Take back running jobs whose lease ran out or whose owner is gone.
 
         Each goes back to queued, or to failed once started max_attempts times.
@@ -555,6 +673,7 @@ class Store:
         marks = ",".join("?" * len(lost_owners))
         lost = f" OR owner IN ({marks})" if lost_owners else ""
         lost_jobs = f"WHERE status = 'running' AND (lease_until < ?{lost})"
+        now = time.time()
         if not self._read(f"SELECT 1 FROM jobs {lost_jobs} LIMIT 1", (now, *lost_owners)):
             return []  # the usual case, and a read takes no write lock
         with self._transaction() as conn:
@@ -571,12 +690,12 @@ class Store:
             self._count(conn, finished_failed=failed, queued=len(rows) - failed)
         return rows
 
-    def purge(self, finished_before, batch=PURGE_BATCH):
-        """Delete up to `batch` jobs finished before the given time; how many."""
+    def purge(self, retention, batch=PURGE_BATCH):
+        """Delete up to `batch` jobs finished over `retention` seconds ago; how many."""
         with self._transaction() as conn:
             return conn.execute(
                 "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < ?"
-                " LIMIT ?)", (finished_before, batch)).rowcount
+                " LIMIT ?)", (time.time() - retention, batch)).rowcount
 
     def list(self, status=None, before=None, limit=50):
         """Up to `limit` jobs, newest first, older than job id `before`.
@@ -591,7 +710,7 @@ class Store:
             where.append("id < ?")
             params.append(before)
         clause = " WHERE " + " AND ".join(where) if where else ""
-        rows = self._read(f"SELECT {JOB_COLUMNS}, id FROM jobs{clause}"
+        rows = self._read(f"SELECT {self.COLUMNS}, id FROM jobs{clause}"
                           f" ORDER BY id DESC LIMIT ?", (*params, limit + 1))
         next_before = rows[limit - 1][-1] if len(rows) > limit else None
         return [_job(row) for row in rows[:limit]], next_before
@@ -606,10 +725,406 @@ class Store:
     def counters(self):
         return dict(self._read("SELECT name, value FROM counters"))
 
+    def listen(self):
+        """A Listener that notices commits by other processes within a few ms.
+
+        PRAGMA data_version changes when another connection commits; only then
+        are the counters read, so an idle process costs a cheap look every 5 ms.
+        """
+        return _SQLiteListener(self)
+
     @staticmethod
     def _count(conn, **deltas):
         conn.executemany("UPDATE counters SET value = value + ? WHERE name = ?",
                          [(n, name) for name, n in deltas.items() if n])
+
+
+class _SQLiteListener(Listener):
+    def __init__(self, store):
+        self._store, self._conn, self._version, self._canceled = store, None, None, None
+
+    def wait(self, timeout):
+        if self._store.path == ":memory:":  # no other process can see this database
+            time.sleep(timeout)
+            return 0, False
+        deadline = time.monotonic() + timeout
+        try:
+            if self._conn is None:
+                self._conn = self._store._connect()
+            while True:
+                (version,) = self._conn.execute("PRAGMA data_version").fetchone()
+                if version != self._version:
+                    self._version = version
+                    counters = dict(self._conn.execute(
+                        "SELECT name, value FROM counters"
+                        " WHERE name IN ('queued', 'finished_canceled')"))
+                    canceled = counters["finished_canceled"]
+                    seen, self._canceled = self._canceled, canceled
+                    return counters["queued"], seen is not None and canceled != seen
+                if time.monotonic() >= deadline:
+                    return 0, False
+                time.sleep(self._store.listen_interval)
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(str(exc)) from exc
+
+    def close(self):
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class PostgresStore:
+    """The jobs in PostgreSQL: the only code that touches psycopg.
+
+    A psycopg_pool pool per process (made on first use, so a pre-forking host
+    never shares it); each public method is one transaction, and every time is
+    the database's clock, so hosts with skewed clocks agree on leases. Tables
+    are named queue_tool_*, so they can live in an application's database.
+    """
+
+    VERSION = 1
+    SCHEMA = (
+        """CREATE TABLE queue_tool_jobs (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            token text NOT NULL UNIQUE,
+            item text NOT NULL,
+            valor numeric NOT NULL,
+            status text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            started_at timestamptz,
+            finished_at timestamptz,
+            attempts integer NOT NULL DEFAULT 0,
+            owner text,
+            lease_until timestamptz,
+            progress double precision,
+            result text,
+            error text)""",
+        # The claim's index: only queued rows, in the order they are taken.
+        "CREATE INDEX queue_tool_jobs_queued ON queue_tool_jobs (id) WHERE status = 'queued'",
+        "CREATE INDEX queue_tool_jobs_status_id ON queue_tool_jobs (status, id)",
+        "CREATE INDEX queue_tool_jobs_running ON queue_tool_jobs (owner) WHERE status = 'running'",
+        ("CREATE INDEX queue_tool_jobs_finished_at ON queue_tool_jobs (finished_at)"
+         " WHERE finished_at IS NOT NULL"),
+        # Counters in shards, one per connection (by backend pid), summed on
+        # read: no single row that every claim, finish and submit must lock.
+        """CREATE TABLE queue_tool_counters (
+            name text NOT NULL,
+            shard integer NOT NULL,
+            value bigint NOT NULL,
+            PRIMARY KEY (name, shard))""",
+    )
+    UPGRADES = ()
+    SHARDS = 64
+    CHANNEL = "queue_tool"
+    LOCK_KEY = 0x7175657565  # an advisory lock that serialises schema set-up
+    COLUMNS = ("token, item, valor, status, extract(epoch FROM created_at)::float8,"
+               " extract(epoch FROM started_at)::float8,"
+               " extract(epoch FROM finished_at)::float8, attempts, owner,"
+               " extract(epoch FROM lease_until)::float8, progress, result, error")
+
+    def __init__(self, url, pool_size=24, connect_timeout=5):
+        try:
+            import psycopg
+            import psycopg_pool
+        except ImportError:
+            raise SettingsError("db: a PostgreSQL URL needs psycopg and psycopg_pool:"
+                                " pip install 'queue_tool[postgres]'") from None
+        self._psycopg, self._psycopg_pool = psycopg, psycopg_pool
+        self.url, self.display = url, redact(url)
+        self._secrets = _passwords(url)
+        self.pool_size, self.connect_timeout = pool_size, connect_timeout
+        self._lock = threading.Lock()  # guards self._pool, self._pid, self._closed
+        self._pool = self._pid = None
+        self._closed = False
+        try:
+            with self._errors(), self._connect() as conn, conn.transaction():
+                self._migrate(conn)
+        except StoreError as exc:
+            raise StoreError(f"cannot use database {self.display}: {exc}") from None
+        _fork_sensitive.add(self)
+
+    def _connect(self):
+        return self._psycopg.connect(self.url, autocommit=True,
+                                     connect_timeout=self.connect_timeout)
+
+    def _migrate(self, conn):
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK_KEY,))
+        conn.execute("CREATE TABLE IF NOT EXISTS queue_tool_schema (version integer NOT NULL)")
+        row = conn.execute("SELECT version FROM queue_tool_schema").fetchone()
+        version = 0 if row is None else row[0]
+        if version > self.VERSION:
+            raise StoreError(f"its schema version {version} is newer than this queue_tool"
+                             f" {__version__} knows ({self.VERSION}); upgrade queue_tool")
+        if version == 0:
+            for statement in self.SCHEMA:
+                conn.execute(statement)
+            conn.execute("INSERT INTO queue_tool_schema (version) VALUES (0)")
+        for step, statements in self.UPGRADES:
+            for statement in statements if step > max(version, 1) else ():
+                conn.execute(statement)
+        conn.execute("UPDATE queue_tool_schema SET version = %s", (self.VERSION,))
+        conn.execute("INSERT INTO queue_tool_counters (name, shard, value)"
+                     " SELECT unnest(%s::text[]), 0, 0 ON CONFLICT DO NOTHING", (list(COUNTERS),))
+
+    @contextlib.contextmanager
+    def _errors(self):
+        """Turn driver errors into StoreError, without a password in the message."""
+        try:
+            yield
+        except self._psycopg.Error as exc:
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            for secret in self._secrets:
+                message = message.replace(secret, "***")
+            raise StoreError(message) from None
+
+    def _pool_here(self):
+        with self._lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            if self._pool is None or self._pid != os.getpid():
+                # Short timeouts: in an outage a request answers 503 within
+                # seconds, and a pool that gave up reconnecting grows again on
+                # the next request instead of backing off for minutes.
+                self._pool = self._psycopg_pool.ConnectionPool(
+                    self.url, min_size=1, max_size=self.pool_size, open=True, timeout=3,
+                    reconnect_timeout=2, name="queue_tool",
+                    kwargs={"autocommit": True, "connect_timeout": self.connect_timeout})
+                self._pid = os.getpid()
+            return self._pool
+
+    def _after_fork(self):
+        self._lock = threading.Lock()
+        self._pool = None  # the parent's; its threads are not here
+
+    def close(self, final=True):
+        with self._lock:
+            pool, self._pool = (self._pool if self._pid == os.getpid() else None), None
+            self._closed = final
+        if pool is not None:
+            pool.close()
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        with self._errors(), self._pool_here().connection() as conn, conn.transaction():
+            yield conn
+
+    def _read(self, sql, params=()):
+        with self._errors(), self._pool_here().connection() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    @staticmethod
+    def _job(row):
+        job = _job(row)
+        if job is not None:  # numeric keeps 10 apart from 10.0, as JSON does
+            valor = job["valor"]
+            job["valor"] = int(valor) if valor.as_tuple().exponent >= 0 else float(valor)
+        return job
+
+    def _count(self, conn, **deltas):
+        names = sorted(name for name, n in deltas.items() if n)  # one lock order for all
+        if names:
+            conn.execute(
+                "INSERT INTO queue_tool_counters (name, shard, value)"
+                " SELECT name, pg_backend_pid() %% %s, delta"
+                " FROM unnest(%s::text[], %s::bigint[]) AS d (name, delta) ORDER BY name"
+                " ON CONFLICT (name, shard)"
+                " DO UPDATE SET value = queue_tool_counters.value + EXCLUDED.value",
+                (self.SHARDS, names, [deltas[name] for name in names]))
+
+    def _notify(self, conn, message):
+        conn.execute("SELECT pg_notify(%s, %s)", (self.CHANNEL, message))
+
+    # Each method below is one transaction.
+
+    def submit(self, jobs, invalid, max_queued):
+        with self._transaction() as conn:
+            if jobs:
+                queued = self._queued(conn)
+                if queued + len(jobs) > max_queued:
+                    raise QueueFull(f"{queued} jobs are queued; the limit is {max_queued}")
+                tokens, items, valors = zip(*jobs)
+                conn.execute(
+                    "INSERT INTO queue_tool_jobs (token, item, valor, status)"
+                    " SELECT token, item, valor, 'queued' FROM unnest(%s::text[], %s::text[],"
+                    " %s::numeric[]) WITH ORDINALITY AS j (token, item, valor, n) ORDER BY n",
+                    (list(tokens), list(items), [decimal.Decimal(repr(v)) for v in valors]))
+                self._notify(conn, f"submitted:{len(jobs)}")
+            self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs))
+
+    def get(self, token):
+        rows = self._read(f"SELECT {self.COLUMNS} FROM queue_tool_jobs WHERE token = %s",
+                          (token,))
+        return self._job(rows[0]) if rows else None
+
+    @staticmethod
+    def _queued(conn):
+        (queued,) = conn.execute("SELECT coalesce(sum(value), 0) FROM queue_tool_counters"
+                                 " WHERE name = 'queued'").fetchone()
+        return int(queued)
+
+    def queued(self):
+        with self._errors(), self._pool_here().connection() as conn:
+            return self._queued(conn)
+
+    def claim(self, owner, lease):
+        # SKIP LOCKED: concurrent claims pass over each other's rows instead of
+        # queueing behind them, and the partial index holds only queued rows.
+        with self._transaction() as conn:
+            job = self._job(conn.execute(
+                f"UPDATE queue_tool_jobs SET status = 'running', owner = %s,"
+                f" lease_until = now() + %s * interval '1 second', started_at = now(),"
+                f" attempts = attempts + 1, progress = NULL"
+                f" WHERE id = (SELECT id FROM queue_tool_jobs WHERE status = 'queued'"
+                f" ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {self.COLUMNS}",
+                (owner, lease)).fetchone())
+            if job is not None:
+                self._count(conn, queued=-1)
+        return job
+
+    def finish(self, token, owner, status, result=None, error=None):
+        with self._transaction() as conn:
+            changed = conn.execute(
+                "UPDATE queue_tool_jobs SET status = %s, finished_at = now(), result = %s,"
+                " error = %s, owner = NULL, lease_until = NULL"
+                " WHERE token = %s AND owner = %s AND status = 'running'",
+                (status, result, error, token, owner)).rowcount
+            if changed:
+                self._count(conn, **{"finished_" + status: 1})
+        return bool(changed)
+
+    def set_progress(self, token, owner, progress):
+        with self._transaction() as conn:
+            conn.execute("UPDATE queue_tool_jobs SET progress = %s WHERE token = %s"
+                         " AND owner = %s AND status = 'running'", (progress, token, owner))
+
+    def cancel(self, token):
+        with self._transaction() as conn:
+            before = self._job(conn.execute(
+                f"SELECT {self.COLUMNS} FROM queue_tool_jobs WHERE token = %s FOR UPDATE",
+                (token,)).fetchone())
+            if before is None or before["status"] in FINAL_STATES:
+                return None if before is None else (before, before)
+            after = self._job(conn.execute(
+                f"UPDATE queue_tool_jobs SET status = 'canceled', finished_at = now(),"
+                f" owner = NULL, lease_until = NULL WHERE token = %s RETURNING {self.COLUMNS}",
+                (token,)).fetchone())
+            self._count(conn, finished_canceled=1, queued=-1 if before["status"] == QUEUED else 0)
+            if before["status"] == RUNNING:
+                self._notify(conn, "canceled")
+        return before, after
+
+    def renew(self, owner, tokens, lease):
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "UPDATE queue_tool_jobs SET lease_until = now() + %s * interval '1 second'"
+                " WHERE owner = %s AND status = 'running' AND token = ANY(%s) RETURNING token",
+                (lease, owner, list(tokens))).fetchall()
+        return {token for (token,) in rows}
+
+    def release(self, owner):
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "UPDATE queue_tool_jobs SET status = 'queued', owner = NULL, lease_until = NULL,"
+                " progress = NULL WHERE owner = %s AND status = 'running' RETURNING token",
+                (owner,)).fetchall()
+            self._count(conn, queued=len(rows))
+            if rows:
+                self._notify(conn, f"submitted:{len(rows)}")
+        return [token for (token,) in rows]
+
+    def running_owners(self):
+        rows = self._read("SELECT DISTINCT owner FROM queue_tool_jobs WHERE status = 'running'"
+                          " AND owner IS NOT NULL")
+        return [owner for (owner,) in rows]
+
+    def recover(self, max_attempts, lost_owners=()):
+        lost_jobs = "WHERE status = 'running' AND (lease_until < now() OR owner = ANY(%s))"
+        lost = list(lost_owners)
+        if not self._read(f"SELECT 1 FROM queue_tool_jobs {lost_jobs} LIMIT 1", (lost,)):
+            return []
+        with self._transaction() as conn:
+            rows = conn.execute(
+                f"UPDATE queue_tool_jobs SET"
+                f" status = CASE WHEN attempts >= %s THEN 'failed' ELSE 'queued' END,"
+                f" finished_at = CASE WHEN attempts >= %s THEN now() END,"
+                f" error = CASE WHEN attempts >= %s THEN 'worker lost after ' || attempts"
+                f" || ' attempts' ELSE error END,"
+                f" owner = NULL, lease_until = NULL, progress = NULL {lost_jobs}"
+                f" RETURNING token, status",
+                (max_attempts, max_attempts, max_attempts, lost)).fetchall()
+            failed = sum(status == FAILED for _, status in rows)
+            self._count(conn, finished_failed=failed, queued=len(rows) - failed)
+            if len(rows) > failed:
+                self._notify(conn, f"submitted:{len(rows) - failed}")
+        return rows
+
+    def purge(self, retention, batch=PURGE_BATCH):
+        with self._transaction() as conn:
+            return conn.execute(
+                "DELETE FROM queue_tool_jobs WHERE id IN (SELECT id FROM queue_tool_jobs"
+                " WHERE finished_at < now() - %s * interval '1 second' LIMIT %s)",
+                (retention, batch)).rowcount
+
+    def list(self, status=None, before=None, limit=50):
+        where, params = [], []
+        if status is not None:
+            where.append("status = %s")
+            params.append(status)
+        if before is not None:
+            where.append("id < %s")
+            params.append(before)
+        clause = " WHERE " + " AND ".join(where) if where else ""
+        rows = self._read(f"SELECT {self.COLUMNS}, id FROM queue_tool_jobs{clause}"
+                          f" ORDER BY id DESC LIMIT %s", (*params, limit + 1))
+        next_before = rows[limit - 1][-1] if len(rows) > limit else None
+        return [self._job(row) for row in rows[:limit]], next_before
+
+    def counts(self):
+        ((queued, running),) = self._read(
+            "SELECT (SELECT coalesce(sum(value), 0) FROM queue_tool_counters"
+            " WHERE name = 'queued'),"
+            " (SELECT count(*) FROM queue_tool_jobs WHERE status = 'running')")
+        return {QUEUED: int(queued), RUNNING: running}
+
+    def counters(self):
+        return {name: int(value) for name, value in self._read(
+            "SELECT name, sum(value) FROM queue_tool_counters GROUP BY name")}
+
+    def listen(self):
+        """A Listener on a dedicated connection: LISTEN, woken by the NOTIFY that
+        submits, cancels and requeues send inside their transactions."""
+        return _PostgresListener(self)
+
+
+class _PostgresListener(Listener):
+    def __init__(self, store):
+        self._store, self._conn = store, None
+
+    def wait(self, timeout):
+        store = self._store
+        try:
+            with store._errors():
+                if self._conn is None:
+                    self._conn = store._connect()
+                    self._conn.execute(f"LISTEN {store.CHANNEL}")
+                    return 1, True  # notifications may have been missed meanwhile
+                waiting, canceled = 0, False
+                # One packet may carry several notifications; all are taken.
+                for notice in list(self._conn.notifies(timeout=timeout, stop_after=1)):
+                    kind, _, count = notice.payload.partition(":")
+                    waiting += int(count) if kind == "submitted" else 0
+                    canceled = canceled or kind == "canceled"
+                return waiting, canceled
+        except StoreError:
+            self.close()
+            raise
+
+    def close(self):
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
 
 
 # -- Workers -----------------------------------------------------------------
@@ -651,8 +1166,9 @@ class Runner:
     the job ends, and the entry is dropped.
     """
 
-    poll_interval = 1.0  # how often to look for jobs queued by other processes
+    poll_interval = 1.0  # the fallback look for jobs queued by other processes
     purge_interval = 60.0
+    listen_timeout = 0.5  # longest a listener blocks, so it sees a stop soon
 
     def __init__(self, store, process=wait_valor, workers=16, lease=30.0, max_attempts=3,
                  retention=7 * 86400.0, grace=10.0):
@@ -691,8 +1207,14 @@ class Runner:
                        for n in range(self.workers)]
             threads.append(threading.Thread(target=self._housekeep, args=(stopping,),
                                             name="queue_tool-housekeeper", daemon=True))
+            if self.workers:
+                threads.append(threading.Thread(target=self._listen, args=(stopping,),
+                                                name="queue_tool-listener", daemon=True))
             self._threads = threads
-        self._recover()
+        try:
+            self._recover()
+        except StoreError as exc:  # an outage: the housekeeper tries again
+            log.error("recovering lost jobs failed: %s", exc)
         for thread in threads:
             thread.start()
 
@@ -717,7 +1239,7 @@ class Runner:
             job.canceled.set()  # the default processor returns at once
         try:
             requeued = self.store.release(self.owner)
-        except sqlite3.Error as exc:
+        except StoreError as exc:
             # Not lost: their leases run out and the next start takes them back.
             log.error("could not put running jobs back in the queue: %s", exc)
             return []
@@ -774,7 +1296,7 @@ class Runner:
         """Worker threads running in this process now."""
         with self._lock:
             threads = self._threads if self._pid == os.getpid() else []
-            return sum(t.is_alive() for t in threads if t.name != "queue_tool-housekeeper")
+            return sum(t.is_alive() for t in threads if t.name.startswith("queue_tool-worker"))
 
     # The threads.
 
@@ -789,8 +1311,8 @@ class Runner:
             with self._lock:
                 seen = self._submits
             try:
-                row = self.store.claim(self.owner, time.time() + self.lease, time.time())
-            except sqlite3.Error:
+                row = self.store.claim(self.owner, self.lease)
+            except StoreError:
                 if stopping.is_set():
                     break
                 log.exception("claiming a job failed; retrying")
@@ -829,13 +1351,17 @@ class Runner:
         except Exception as exc:
             log.warning("job %s failed", job.token, exc_info=True)
             status, result, error = FAILED, None, str(exc) or type(exc).__name__
+        if job.canceled.is_set():
+            # Canceled (already final in the store) or cut short by a shutdown,
+            # which puts it back in the queue: either way it did not end here.
+            return
         try:
-            if self.store.finish(job.token, self.owner, status, time.time(), result, error):
+            if self.store.finish(job.token, self.owner, status, result, error):
                 log.info("job %s %s in %.3fs", job.token, status, time.monotonic() - started)
-        except sqlite3.Error:
+        except StoreError as exc:
             # The lease runs out and another worker takes it again: at-least-once.
             if not self._stopping.is_set():
-                log.exception("recording job %s as %s failed", job.token, status)
+                log.error("recording job %s as %s failed: %s", job.token, status, exc)
 
     def _call_process(self, job):
         """Run the processor; its JSON-serialisable return value, as JSON text."""
@@ -859,30 +1385,53 @@ class Runner:
                 waiting = min(self.store.queued(), self.workers)
                 if waiting:
                     self.notify_submitted(waiting)
-                with self._lock:
-                    live = set(self._live)
-                if live:  # only these: a job whose thread died must lose its lease
-                    held = self.store.renew(self.owner, live, time.time() + self.lease)
-                    for token in live - held:  # canceled (or taken back) elsewhere
-                        self.cancel_local(token)
+                self._renew_leases()
                 self._recover()
                 if time.monotonic() - last_purge >= min(self.purge_interval, self.retention):
                     last_purge = time.monotonic()
                     self.purge()
-            except sqlite3.Error:
+            except StoreError as exc:
                 if not stopping.is_set():
-                    log.exception("housekeeping failed; retrying")
+                    log.error("housekeeping failed, retrying: %s", exc)
+
+    def _renew_leases(self):
+        """Renew the leases of the jobs live here; stop those canceled elsewhere."""
+        with self._lock:
+            live = set(self._live)
+        if live:  # only these: a job whose thread died must lose its lease
+            held = self.store.renew(self.owner, live, self.lease)
+            for token in live - held:  # canceled (or taken back) elsewhere
+                self.cancel_local(token)
+
+    def _listen(self, stopping):
+        """Wake idle workers as soon as another process queues jobs, and stop the
+        jobs canceled there, instead of waiting for the housekeeper's next look."""
+        listener = self.store.listen()
+        try:
+            while not stopping.is_set():
+                try:
+                    waiting, canceled = listener.wait(self.listen_timeout)
+                    if canceled:
+                        self._renew_leases()
+                except StoreError as exc:
+                    if not stopping.wait(self.poll_interval):
+                        log.warning("listening for other processes failed, retrying: %s", exc)
+                    continue
+                if waiting:
+                    self.notify_submitted(min(waiting, self.workers))
+        finally:
+            listener.close()
 
     def _recover(self):
         lost = [owner for owner in self.store.running_owners() if _owner_is_gone(owner)]
-        for token, status in self.store.recover(time.time(), self.max_attempts, lost):
+        for token, status in self.store.recover(self.max_attempts, lost):
             log.warning("job %s lost its worker; now %s", token, status)
 
     def purge(self):
         """Delete finished jobs older than `retention`, in small batches."""
         total = 0
         while True:
-            purged = self.store.purge(time.time() - self.retention)
+            purged = self.store.purge(self.retention)
             total += purged
             if purged < PURGE_BATCH:
                 break
@@ -1496,7 +2045,7 @@ class App:
         except ApiError as exc:
             status, headers = exc.status, [("Content-Type", "application/json"), *exc.headers]
             body = json_body(error_payload(exc.error, exc.message))
-        except (sqlite3.Error, StoreError) as exc:
+        except StoreError as exc:
             log.error("%s %s: the store failed: %s", method, path, exc)
             status, headers = 503, [("Content-Type", "application/json"), ("Retry-After", "1")]
             body = json_body(error_payload("store_unavailable", "the job store cannot be used"))
@@ -1628,8 +2177,7 @@ class App:
                 results.append({"hash": INVALID_MARKER, "index": index, "item": item,
                                 "error": error})
         try:
-            self.store.submit(jobs, len(batch) - len(jobs), self.settings.max_queued,
-                              time.time())
+            self.store.submit(jobs, len(batch) - len(jobs), self.settings.max_queued)
         except QueueFull as exc:
             raise ApiError(503, "queue_full", f"the queue is full: {exc}",
                            [("Retry-After", str(QUEUE_FULL_RETRY_AFTER))]) from None
@@ -1654,7 +2202,7 @@ class App:
 
     def delete_check(self, environ, token):
         """Cancel a queued or running job: 200, 404 or 409."""
-        outcome = self.store.cancel(token, time.time())
+        outcome = self.store.cancel(token)
         if outcome is None:
             raise ApiError(404, "not_found", "no job has this token")
         before, after = outcome
@@ -1734,16 +2282,21 @@ class App:
 # -- Wiring ------------------------------------------------------------------
 
 def make_app(settings=None, process=None, **overrides):
-    """Build the service: App(settings) with its Store and Runner.
+    """Build the service: App(settings) with its store and Runner.
 
     `settings` is a Settings record; keyword overrides are setting names
-    (make_app(db="jobs.sqlite3", workers=2)). `process(job)` runs each job
-    (default: wait `valor` seconds). Raises SettingsError or StoreError.
+    (make_app(db="jobs.sqlite3", workers=2)). `process(job)` runs each job: a
+    callable, or a "module:function" string like the setting (default: wait
+    `valor` seconds). Raises SettingsError or StoreError.
     """
+    if isinstance(process, str):
+        overrides["process"], process = process, None
     settings = Settings(**overrides) if settings is None else dataclasses.replace(
         settings, **overrides)
-    store = Store(settings.db)
-    runner = Runner(store, process or wait_valor, workers=settings.workers,
+    if process is None:
+        process = wait_valor if settings.process is None else load_process(settings.process)
+    store = open_store(settings.db)
+    runner = Runner(store, process, workers=settings.workers,
                     lease=settings.lease, max_attempts=settings.max_attempts,
                     retention=settings.retention, grace=settings.grace)
     return App(settings, store, runner)
@@ -1817,10 +2370,12 @@ class RequestHandler(wsgiref.simple_server.WSGIRequestHandler):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="queue_tool", description="A tiny durable job-queue service.",
-        usage="%(prog)s [-h] [--version] [--SETTING VALUE ...]",
+        usage="%(prog)s [-h] [--version] [worker] [--SETTING VALUE ...]",
         epilog=f"Each flag can also be set as a {ENV_PREFIX}* variable, e.g. "
                f"{ENV_PREFIX}MAX_QUEUED; flags win.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("command", nargs="?", choices=("serve", "worker"), default="serve",
+                        help="serve: HTTP and workers (the default); worker: workers only")
     for field in dataclasses.fields(Settings):
         flag = "--" + field.name.replace("_", "-")
         if field.type is bool:
@@ -1846,15 +2401,20 @@ def _flag_type(name):
 
 
 def main(argv=None):
-    """Serve until SIGINT or SIGTERM; the exit status (2 for a bad setting)."""
+    """Serve (or with `worker`, only work) until SIGINT or SIGTERM; the exit status
+    (2 for a bad setting or a database that cannot be used)."""
     parser = build_parser()
     try:
         flags = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a bad flag already reported
         return exc.code
-    overrides = {name: value for name, value in vars(flags).items() if value is not None}
+    command = flags.command
+    overrides = {name: value for name, value in vars(flags).items()
+                 if value is not None and name != "command"}
     try:
         settings = settings_from_env(**overrides)
+        if command == "worker" and settings.workers == 0:
+            raise SettingsError("worker runs jobs: it needs --workers 1 or more")
         service = make_app(settings)
     except (SettingsError, StoreError) as exc:
         parser.print_usage(sys.stderr)
@@ -1862,6 +2422,8 @@ def main(argv=None):
         return 2
     logging.basicConfig(level=logging.DEBUG if settings.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if command == "worker":
+        return _work(service, settings)
     try:
         server = wsgiref.simple_server.make_server(
             settings.host, settings.port, service, server_class=ThreadingWSGIServer,
@@ -1873,24 +2435,49 @@ def main(argv=None):
               f" {exc.strerror or exc}", file=sys.stderr)
         return 2
     service.start()  # queued jobs resume now, not on the first request
-
-    def shut_down(signum, frame):
-        log.info("%s received; stopping", signal.Signals(signum).name)
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    previous = {sig: signal.signal(sig, shut_down) for sig in (signal.SIGINT, signal.SIGTERM)}
     host, port = server.server_address[:2]
     log.info("queue_tool %s serving on http://%s:%d (db %s, %d workers)",
-             __version__, host, port, settings.db, settings.workers)
+             __version__, host, port, redact(settings.db), settings.workers)
+    with _signals_call(lambda: threading.Thread(target=server.shutdown, daemon=True).start()):
+        try:
+            server.serve_forever(poll_interval=0.2)
+        finally:
+            server.server_close()
+            _stop(service)
+    return 0
+
+
+def _work(service, settings):
+    """`queue-tool worker`: run jobs, serve nothing, until SIGINT or SIGTERM."""
+    stopped = threading.Event()
+    with _signals_call(stopped.set):
+        service.start()
+        log.info("queue_tool %s working (db %s, %d workers, no HTTP)",
+                 __version__, redact(settings.db), settings.workers)
+        while not stopped.wait(0.5):
+            pass
+        _stop(service)
+    return 0
+
+
+@contextlib.contextmanager
+def _signals_call(stop):
+    """Call `stop()` on SIGINT or SIGTERM while inside; the old handlers after."""
+    def handle(signum, frame):
+        log.info("%s received; stopping", signal.Signals(signum).name)
+        stop()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.serve_forever(poll_interval=0.2)
+        yield
     finally:
-        server.server_close()
-        requeued = service.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        log.info("stopped; %d unfinished jobs put back in the queue", len(requeued))
-    return 0
+
+
+def _stop(service):
+    requeued = service.close()
+    log.info("stopped; %d unfinished jobs put back in the queue", len(requeued))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import sqlite3
@@ -30,6 +31,9 @@ import webtest
 import queue_tool
 
 HERE = Path(__file__).resolve().parent
+# The PostgreSQL server for the tests: each test gets a fresh schema in it.
+POSTGRES = os.environ.get("QUEUE_TOOL_TEST_POSTGRES",
+                          "postgresql://postgres@127.0.0.1:5432/postgres")
 ORIGINAL_BATCH = [{"item": "Teste1"}, {"item": "Teste2", "valor": 10}]
 TOKEN = re.compile(r"[0-9a-f]{32}\Z")
 UNKNOWN_TOKEN = "0" * 32
@@ -45,13 +49,71 @@ def gate():
     event.set()
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """The URL of the tests' PostgreSQL server; skip without one, except under CI."""
+    try:
+        import psycopg
+        with psycopg.connect(POSTGRES, connect_timeout=5):
+            return POSTGRES
+    except ImportError:
+        reason = "psycopg is not installed (pip install -e '.[test,postgres]')"
+    except psycopg.Error as exc:
+        reason = f"no PostgreSQL server at {POSTGRES}: {str(exc).strip()}"
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the PostgreSQL tests: {reason}")
+    pytest.skip(reason)
+
+
+def in_schema(url, schema):
+    """`url` with its search_path set to `schema`, where queue_tool's tables go."""
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+
+
 @pytest.fixture
-def make(tmp_path, gate):
-    """Build apps on one tmp db (or another), closed after the test."""
+def db(request, tmp_path):
+    """Where a test's store lives: an SQLite file, or (param "postgres") a fresh schema."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield tmp_path / "q.sqlite3"
+        return
+    import psycopg
+    server, schema = request.getfixturevalue("postgres"), "qt_" + secrets.token_hex(6)
+    with psycopg.connect(server, autocommit=True) as connection:
+        connection.execute(f"CREATE SCHEMA {schema}")
+    yield in_schema(server, schema)
+    with psycopg.connect(server, autocommit=True) as connection:
+        connection.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+# Runs a test once on each store; without it a test's `db` is an SQLite file.
+both_stores = pytest.mark.parametrize("db", ["sqlite", "postgres"], indirect=True)
+
+
+def is_postgres(db):
+    return str(db).startswith("postgresql://")
+
+
+def sql(db, query, params=()):
+    """Run one statement straight on a test database: its rows. `{jobs}` and
+    `{counters}` name either store's tables, and `?` marks a parameter."""
+    if is_postgres(db):
+        import psycopg
+        query = query.format(jobs="queue_tool_jobs", counters="queue_tool_counters")
+        with psycopg.connect(str(db), autocommit=True) as connection:
+            cursor = connection.execute(query.replace("?", "%s"), params)
+            return cursor.fetchall() if cursor.description else []
+    with contextlib.closing(sqlite3.connect(db)) as connection, connection:
+        return connection.execute(query.format(jobs="jobs", counters="counters"),
+                                  params).fetchall()
+
+
+@pytest.fixture
+def make(db, gate):
+    """Build apps on the test's db (or another), closed after the test."""
     apps = []
 
     def build(**settings):
-        settings.setdefault("db", tmp_path / "q.sqlite3")
+        settings.setdefault("db", db)
         built = queue_tool.make_app(**settings)
         apps.append(built)
         return built
@@ -124,11 +186,8 @@ def wait_until(predicate, timeout=10.0, what="the condition"):
 
 def assert_queued_gauge_is_true(db):
     """The store's queued gauge must equal a count of the rows."""
-    with contextlib.closing(sqlite3.connect(db)) as connection:
-        (rows,) = connection.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'"
-                                     ).fetchone()
-        (gauge,) = connection.execute("SELECT value FROM counters WHERE name = 'queued'"
-                                      ).fetchone()
+    ((rows,),) = sql(db, "SELECT COUNT(*) FROM {jobs} WHERE status = 'queued'")
+    ((gauge,),) = sql(db, "SELECT SUM(value) FROM {counters} WHERE name = 'queued'")
     assert gauge == rows
 
 
@@ -470,7 +529,7 @@ def test_responses_are_not_cached(client):
 
 # -- DELETE /check/<token> ---------------------------------------------------------
 
-def test_cancel_queued_job_never_runs(make, gated, seen):
+def test_cancel_queued_job_never_runs(make, gated, seen, db):
     built = make(process=gated, workers=0)
     client = webtest.TestApp(built)
     first, second = tokens_of(submit(client, [{"item": "a", "valor": 1}] * 2))
@@ -483,7 +542,7 @@ def test_cancel_queued_job_never_runs(make, gated, seen):
     started_jobs(seen, 1)
     assert [job.token for job in seen] == [second]
     assert client.get(f"/check/{first}", status=200).json["attempts"] == 0
-    assert_queued_gauge_is_true(built.store.path)
+    assert_queued_gauge_is_true(db)
 
 
 def test_cancel_running_job_sets_its_cancel_event(client, seen):
@@ -548,7 +607,7 @@ def test_cancel_unknown_job_is_404(client, path):
     assert client.delete(path, status=404).json["error"] == "not_found"
 
 
-def test_cancel_racing_the_finish_ends_in_one_consistent_state(make):
+def test_cancel_racing_the_finish_ends_in_one_consistent_state(make, db):
     go = threading.Barrier(2)
 
     def racer(job):
@@ -567,7 +626,7 @@ def test_cancel_racing_the_finish_ends_in_one_consistent_state(make):
         assert ("result" in final) == (final["status"] == "done")
     counters = built.store.counters()
     assert counters["finished_done"] + counters["finished_canceled"] == 30
-    assert_queued_gauge_is_true(built.store.path)
+    assert_queued_gauge_is_true(db)
     assert counters["finished_canceled"] == sum(code == 200 for code, _ in outcomes)
 
 
@@ -672,7 +731,7 @@ def test_running_job_renews_its_lease(make, gated, seen):
     assert built.store.get(token)["attempts"] == 1  # never taken back while renewed
 
 
-def test_expired_lease_is_requeued_and_run_again(make, gated, seen):
+def test_expired_lease_is_requeued_and_run_again(make, gated, seen, db):
     """A stalled owner (no renewals) loses the job to a live process."""
     stalled = make(process=gated, workers=1, lease=0.5)
     stalled.runner._housekeep = lambda stopping: None  # it never renews: it looks hung
@@ -682,7 +741,7 @@ def test_expired_lease_is_requeued_and_run_again(make, gated, seen):
     rescuer.start()
     view = webtest.TestApp(rescuer).get(f"/check/{token}?wait=10", status=200).json
     assert (view["status"], view["attempts"], view["result"]) == ("done", 2, 2)
-    assert_queued_gauge_is_true(rescuer.store.path)
+    assert_queued_gauge_is_true(db)
 
 
 def test_job_whose_worker_thread_died_is_not_held_forever(make, caplog):
@@ -697,40 +756,40 @@ def test_job_whose_worker_thread_died_is_not_held_forever(make, caplog):
     assert "queue_tool-worker-0 ended: SystemExit" in caplog.text
 
 
-def test_job_lost_max_attempts_times_fails(make, tmp_path):
-    store = queue_tool.Store(tmp_path / "q.sqlite3")
-    store.submit([("a" * 32, "a", 1)], 0, 10, time.time())
+def test_job_lost_max_attempts_times_fails(make, db):
+    store = queue_tool.open_store(db)
+    store.submit([("a" * 32, "a", 1)], 0, 10)
     for attempt in range(1, 4):
-        row = store.claim("elsewhere:1:x", time.time() - 1, time.time())  # lease already out
+        row = store.claim("elsewhere:1:x", -1)  # a lease already run out
         assert row["attempts"] == attempt
-        recovered = store.recover(time.time(), max_attempts=3)
+        recovered = store.recover(max_attempts=3)
         assert recovered == [("a" * 32, "queued" if attempt < 3 else "failed")]
     view = webtest.TestApp(make(workers=0)).get("/check/" + "a" * 32, status=200).json
     assert (view["status"], view["message"]) == ("failed", "Falhou")
     assert view["error"] == "worker lost after 3 attempts" and view["attempts"] == 3
     assert store.counters()["finished_failed"] == 1
-    assert_queued_gauge_is_true(store.path)
+    assert_queued_gauge_is_true(db)
     store.close()
 
 
-def test_jobs_of_a_dead_process_on_this_host_are_recovered_at_once(make, tmp_path):
+def test_jobs_of_a_dead_process_on_this_host_are_recovered_at_once(make, db):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    store = queue_tool.Store(tmp_path / "q.sqlite3")
-    store.submit([("b" * 32, "b", 0)], 0, 10, time.time())
+    store = queue_tool.open_store(db)
+    store.submit([("b" * 32, "b", 0)], 0, 10)
     owner = f"{queue_tool.socket.gethostname()}:{dead}:feed"
-    store.claim(owner, time.time() + 3600, time.time())  # a lease far from running out
+    store.claim(owner, 3600)  # a lease far from running out
     store.close()
     client = webtest.TestApp(make(workers=1))
     view = client.get("/check/" + "b" * 32 + "?wait=10", status=200).json
     assert (view["status"], view["attempts"]) == ("done", 2)
 
 
-def test_live_owner_keeps_its_job_until_the_lease_runs_out(make, tmp_path):
-    store = queue_tool.Store(tmp_path / "q.sqlite3")
-    store.submit([("c" * 32, "c", 0)], 0, 10, time.time())
+def test_live_owner_keeps_its_job_until_the_lease_runs_out(make, db):
+    store = queue_tool.open_store(db)
+    store.submit([("c" * 32, "c", 0)], 0, 10)
     owner = f"{queue_tool.socket.gethostname()}:{os.getpid()}:other"  # alive: this process
-    store.claim(owner, time.time() + 3600, time.time())
+    store.claim(owner, 3600)
     store.close()
     built = make(workers=1)
     built.start()
@@ -741,9 +800,7 @@ def test_live_owner_keeps_its_job_until_the_lease_runs_out(make, tmp_path):
 def test_queued_gauge_is_recounted_when_the_store_opens(make, tmp_path):
     client = webtest.TestApp(make(workers=0))
     submit(client, [{"item": "a", "valor": 1}] * 3)
-    with contextlib.closing(sqlite3.connect(tmp_path / "q.sqlite3")) as connection:
-        connection.execute("UPDATE counters SET value = 999 WHERE name = 'queued'")
-        connection.commit()
+    sql(tmp_path / "q.sqlite3", "UPDATE counters SET value = 999 WHERE name = 'queued'")
     reopened = webtest.TestApp(make(workers=0))
     assert reopened.get("/health", status=200).json["queued"] == 3
     assert_queued_gauge_is_true(tmp_path / "q.sqlite3")
@@ -761,16 +818,16 @@ def test_finished_jobs_are_purged_after_retention(make):
     assert built.store.counters()["finished_done"] == 1  # totals survive purges
 
 
-def test_purge_works_in_small_batches(tmp_path):
-    store = queue_tool.Store(tmp_path / "q.sqlite3")
+def test_purge_works_in_small_batches(db):
+    store = queue_tool.open_store(db)
     jobs = [(f"{n:032x}", "a", 0) for n in range(1200)]
-    store.submit(jobs, 0, 10_000, time.time())
+    store.submit(jobs, 0, 10_000)
     owner = "here:1:x"
     for _ in jobs:
-        row = store.claim(owner, time.time() + 60, time.time())
-        store.finish(row["token"], owner, "done", time.time() - 100)
-    assert store.purge(time.time() - 50) == 500
-    runner = queue_tool.Runner(store, workers=0, retention=50)
+        row = store.claim(owner, 60)
+        store.finish(row["token"], owner, "done")
+    assert store.purge(-50) == 500  # finished before "50 s from now": all of them
+    runner = queue_tool.Runner(store, workers=0, retention=-50)
     assert runner.purge() == 700
     assert store.list()[0] == []
     store.close()
@@ -778,7 +835,7 @@ def test_purge_works_in_small_batches(tmp_path):
 
 # -- Shutdown --------------------------------------------------------------------------------
 
-def test_close_gives_grace_then_requeues_without_failing(make, gated, seen, gate):
+def test_close_gives_grace_then_requeues_without_failing(make, gated, seen, gate, db):
     built = make(process=gated, workers=2, max_attempts=1)
     tokens = tokens_of(submit(webtest.TestApp(built), [{"item": "a", "valor": 1}] * 3))
     jobs = started_jobs(seen, 2)
@@ -789,7 +846,7 @@ def test_close_gives_grace_then_requeues_without_failing(make, gated, seen, gate
     for token in tokens:
         row = reader.store.get(token)
         assert row["status"] == "queued" and row["owner"] is None
-    assert_queued_gauge_is_true(reader.store.path)
+    assert_queued_gauge_is_true(db)
 
 
 def test_close_lets_jobs_that_end_within_grace_finish(make):
@@ -800,8 +857,9 @@ def test_close_lets_jobs_that_end_within_grace_finish(make):
     assert make(workers=0).store.get(token)["status"] == "done"
 
 
-def test_sigterm_exits_0_within_grace_and_restart_finishes_the_rest(servers, tmp_path):
-    db = str(tmp_path / "term.sqlite3")
+@both_stores
+def test_sigterm_exits_0_within_grace_and_restart_finishes_the_rest(servers, db):
+    db = str(db)
     server = servers("--db", db, "--workers", "2", "--grace", "1", "--max-attempts", "1")
     status, body = server.request("POST", "/api", [{"item": f"j{n}", "valor": 5}
                                                     for n in range(4)])
@@ -819,8 +877,8 @@ def test_sigterm_exits_0_within_grace_and_restart_finishes_the_rest(servers, tmp
     assert restarted.stop(signal.SIGINT) == 0
 
 
-def test_crash_loses_no_job_and_restart_finishes_all(servers, tmp_path):
-    db = tmp_path / "crash.sqlite3"
+@both_stores
+def test_crash_loses_no_job_and_restart_finishes_all(servers, db):
     server = servers("--db", str(db), "--workers", "2")
     tokens = []
     for start in range(0, 40, 10):
@@ -828,7 +886,7 @@ def test_crash_loses_no_job_and_restart_finishes_all(servers, tmp_path):
                                                         for n in range(start, start + 10)])
         assert status == 202
         tokens += [entry["hash"] for entry in body["processing_items"]]
-    reader = queue_tool.Store(db)
+    reader = queue_tool.open_store(db)
     def states():
         return collections.Counter(reader.get(t)["status"] for t in tokens)
     wait_until(lambda: states()["done"] >= 4 and states()["running"] == 2,
@@ -852,37 +910,46 @@ def test_crash_loses_no_job_and_restart_finishes_all(servers, tmp_path):
 
 # -- Several processes ------------------------------------------------------------------------
 
-def test_idle_process_picks_up_a_job_submitted_elsewhere(servers, make, tmp_path):
-    db = tmp_path / "shared.sqlite3"
-    worker = servers("--db", str(db), "--workers", "1")
-    front = make(db=db, workers=0)
-    front.runner.poll_interval = 0.05
-    client = webtest.TestApp(front)
-    wait_until(lambda: "serving on" in worker.log.read_text())
-    began = time.monotonic()
-    token = tokens_of(submit(client, [{"item": "a", "valor": 0}]))[0]
-    assert client.get(f"/check/{token}?wait=10", status=200).json["status"] == "done"
-    assert time.monotonic() - began < 5  # idle workers poll every second
-    assert worker.stop() == 0
+@both_stores
+def test_job_submitted_elsewhere_starts_within_50ms(servers, db):
+    """A front process (--workers 0) and a worker process: the wake-up crosses processes
+    through the store (LISTEN/NOTIFY, or SQLite's data_version), not the 1 s poll."""
+    front = servers("--db", str(db), "--workers", "0", name="front")
+    worker = servers("worker", "--db", str(db), "--workers", "1", name="worker",
+                     ready=WORKING)
+    for attempt in range(5):
+        status, body = front.request("POST", "/api", [{"item": f"a{attempt}", "valor": 0}])
+        assert status == 202
+        token = body["processing_items"][0]["hash"]
+        status, view = front.request("GET", f"/check/{token}?wait=10")
+        assert view["status"] == "done"
+        waited = iso_seconds(view["started_at"]) - iso_seconds(view["created_at"])
+        assert waited < 0.05, f"job {attempt} started {waited * 1000:.1f} ms after its submit"
+    assert worker.stop() == 0 and front.stop() == 0
+    assert "working (db" in worker.log.read_text()
 
 
-def test_cancel_in_one_process_stops_the_job_in_another(servers, make, tmp_path):
-    db = tmp_path / "shared.sqlite3"
-    worker = servers("--db", str(db), "--workers", "1")
-    client = webtest.TestApp(make(db=db, workers=0))
+def iso_seconds(text):
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+@both_stores
+def test_cancel_in_one_process_stops_the_job_in_another(servers, make, db):
+    worker = servers("--db", str(db), "--workers", "1", "--lease", "3600")
+    client = webtest.TestApp(make(workers=0))
     long, short = tokens_of(submit(client, [{"item": "long", "valor": 3600},
                                             {"item": "short", "valor": 0}]))
     wait_until(lambda: client.get(f"/check/{long}").json["status"] == "running")
     assert client.delete(f"/check/{long}", status=200).json["status"] == "canceled"
-    # the worker's only thread notices within a renewal and takes the next job
-    assert client.get(f"/check/{short}?wait=15", status=200).json["status"] == "done"
+    # told through the store at once, not at a lease renewal (an hour away here)
+    assert client.get(f"/check/{short}?wait=5", status=200).json["status"] == "done"
     status, view = worker.request("GET", f"/check/{long}")
     assert (status, view["status"]) == (200, "canceled")
     assert worker.stop() == 0
 
 
-def test_stalled_process_loses_its_job_and_it_runs_elsewhere(servers, make, tmp_path):
-    db = tmp_path / "shared.sqlite3"
+@both_stores
+def test_stalled_process_loses_its_job_and_it_runs_elsewhere(servers, make, db):
     stalled = servers("--db", str(db), "--workers", "1", "--lease", "1")
     client = webtest.TestApp(make(db=db, workers=0))
     token = tokens_of(submit(client, [{"item": "a", "valor": 2}]))[0]
@@ -1223,7 +1290,7 @@ def test_too_many_items_is_413_and_queues_nothing(make):
     assert len(built.store.list()[0]) == 3
 
 
-def test_full_queue_refuses_the_whole_batch_with_retry_after(make, gated, seen):
+def test_full_queue_refuses_the_whole_batch_with_retry_after(make, gated, seen, db):
     built = make(process=gated, workers=1, max_queued=3)
     client = webtest.TestApp(built)
     submit(client, [{"item": "runs", "valor": 1}])
@@ -1236,7 +1303,7 @@ def test_full_queue_refuses_the_whole_batch_with_retry_after(make, gated, seen):
     submit(client, [{"item": "c", "valor": 1}])
     assert client.get("/health").json["queued"] == 3
     assert built.store.counters()["submitted"] == 4
-    assert_queued_gauge_is_true(built.store.path)
+    assert_queued_gauge_is_true(db)
 
 
 # -- API key --------------------------------------------------------------------------------
@@ -1374,7 +1441,7 @@ any_requests = st.fixed_dictionaries({
     "length": lengths})
 
 
-def test_no_request_breaks_the_app(make):
+def test_no_request_breaks_the_app(make, db):
     """Never a 5xx, always a JSON error body, and the store holds exactly what was accepted."""
     built = make(workers=0, max_body=4096)
     accepted, statuses = set(), collections.Counter()
@@ -1408,7 +1475,7 @@ def test_no_request_breaks_the_app(make):
         if status == 202:
             accepted.update(tokens_of_body(json.loads(payload)))
         assert {job["token"] for job in built.store.list(limit=100_000)[0]} == accepted
-        assert_queued_gauge_is_true(built.store.path)
+        assert_queued_gauge_is_true(db)
 
     check()
     # the property was exercised on both sides: requests accepted and refused
@@ -1892,6 +1959,7 @@ def test_main_version(capsys):
 # -- A real server process ---------------------------------------------------------------
 
 SERVING = r"serving on (http://127\.0\.0\.1:\d+)"
+WORKING = r"working \(db "  # `queue-tool worker` is up: it has no URL
 GUNICORN_LISTENING = r"Listening at: (http://127\.0\.0\.1:\d+)"
 
 
@@ -1903,12 +1971,12 @@ class Server:
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(command, cwd=tmp_path, stdout=log,
                                             stderr=subprocess.STDOUT, env=env)
-        self.url = None
+        self.url = found = None
         deadline = time.monotonic() + 30
-        while self.url is None:
+        while found is None:
             found = re.search(ready, self.log.read_text())
             if found:
-                self.url = found[1]
+                self.url = found[1] if found.groups() else None
             elif self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 pytest.fail(f"server did not start:\n{self.log.read_text()}")
@@ -1942,10 +2010,10 @@ def servers(tmp_path):
     """Start `python queue_tool.py ARGS` processes; killed after the test if still up."""
     started = []
 
-    def start(*args, name="server", env=None):
+    def start(*args, name="server", env=None, ready=SERVING):
         command = [sys.executable, str(HERE / "queue_tool.py"), "--host", "127.0.0.1",
                    "--port", "0", *args]
-        started.append(Server(tmp_path, command, name=name, env=env))
+        started.append(Server(tmp_path, command, name=name, env=env, ready=ready))
         return started[-1]
 
     yield start
