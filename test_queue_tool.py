@@ -70,19 +70,35 @@ def in_schema(url, schema):
     return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
 
 
+@contextlib.contextmanager
+def fresh_schema(server):
+    """A new, empty schema on the server, dropped afterwards: a URL that uses it."""
+    import psycopg
+    schema = "qt_" + secrets.token_hex(6)
+    with psycopg.connect(server, autocommit=True) as connection:
+        connection.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield in_schema(server, schema)
+    finally:
+        with psycopg.connect(server, autocommit=True) as connection:
+            connection.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 @pytest.fixture
 def db(request, tmp_path):
     """Where a test's store lives: an SQLite file, or (param "postgres") a fresh schema."""
     if getattr(request, "param", "sqlite") == "sqlite":
         yield tmp_path / "q.sqlite3"
-        return
-    import psycopg
-    server, schema = request.getfixturevalue("postgres"), "qt_" + secrets.token_hex(6)
-    with psycopg.connect(server, autocommit=True) as connection:
-        connection.execute(f"CREATE SCHEMA {schema}")
-    yield in_schema(server, schema)
-    with psycopg.connect(server, autocommit=True) as connection:
-        connection.execute(f"DROP SCHEMA {schema} CASCADE")
+    else:
+        with fresh_schema(request.getfixturevalue("postgres")) as url:
+            yield url
+
+
+@pytest.fixture
+def db_postgres(postgres):
+    """A fresh PostgreSQL schema, for the tests about PostgreSQL alone."""
+    with fresh_schema(postgres) as url:
+        yield url
 
 
 # Runs a test once on each store; without it a test's `db` is an SQLite file.
@@ -1861,6 +1877,312 @@ def test_memory_db_keeps_jobs_for_the_life_of_the_app(make):
     client = webtest.TestApp(make(db=":memory:", workers=1))
     token = tokens_of(submit(client, [{"item": "a", "valor": 0}]))[0]
     assert client.get(f"/check/{token}?wait=5", status=200).json["status"] == "done"
+
+
+# -- Stores: one suite, run on both ----------------------------------------------------
+
+@pytest.fixture
+def store(db):
+    opened = queue_tool.open_store(db)
+    yield opened
+    opened.close()
+
+
+def hexes(*names):
+    return [(name * 32)[:32] for name in names]
+
+
+@both_stores
+def test_store_submit_keeps_each_job_as_given(store):
+    a, b, c = hexes("a", "b", "c")
+    before = time.time()
+    store.submit([(a, "one", 10), (b, "two", 1.5), (c, "three", 10.0)], 2, 100)
+    assert store.get(a)["valor"] == 10 and type(store.get(a)["valor"]) is int
+    assert (store.get(b)["valor"], store.get(c)["valor"]) == (1.5, 10.0)
+    assert type(store.get(c)["valor"]) is float  # 10.0 stays 10.0, as JSON has it
+    row = store.get(b)
+    assert (row["item"], row["status"], row["attempts"], row["owner"]) == (
+        "two", "queued", 0, None)
+    assert before - 5 < row["created_at"] < time.time() + 5
+    assert store.get(UNKNOWN_TOKEN) is None
+    assert store.queued() == 3 and store.counts() == {"queued": 3, "running": 0}
+    assert store.counters() == {"submitted": 3, "invalid": 2, "finished_done": 0,
+                                "finished_failed": 0, "finished_canceled": 0, "queued": 3}
+
+
+@both_stores
+def test_store_submit_past_max_queued_stores_nothing(store):
+    store.submit([(hexes("a")[0], "a", 0)], 0, 2)
+    with pytest.raises(queue_tool.QueueFull):
+        store.submit([(token, "x", 0) for token in hexes("b", "c")], 5, 2)
+    assert [job["item"] for job in store.list()[0]] == ["a"]
+    assert store.counters()["invalid"] == 0 and store.queued() == 1
+
+
+@both_stores
+def test_store_claims_oldest_first_with_a_lease(store):
+    tokens = hexes(*"edcba")
+    store.submit([(token, token[0], 0) for token in tokens], 0, 100)
+    claimed = [store.claim("me:1:x", 60) for _ in tokens]
+    assert [row["token"] for row in claimed] == tokens
+    assert store.claim("me:1:x", 60) is None
+    row = claimed[0]
+    assert (row["status"], row["owner"], row["attempts"]) == ("running", "me:1:x", 1)
+    assert 50 < row["lease_until"] - row["started_at"] < 70
+    assert store.counts() == {"queued": 0, "running": 5}
+    assert store.running_owners() == ["me:1:x"]
+
+
+@both_stores
+def test_store_claims_each_job_once_under_concurrent_claimers(db):
+    stores = [queue_tool.open_store(db) for _ in range(3)]  # as if three processes
+    tokens = [f"{n:032x}" for n in range(300)]
+    stores[0].submit([(token, "x", 0) for token in tokens], 0, 1000)
+    taken = collections.Counter()
+
+    def claim_all(claimer, owner):
+        while (row := claimer.claim(owner, 60)) is not None:
+            taken[row["token"]] += 1
+    threads = [threading.Thread(target=claim_all, args=(stores[n % 3], f"o:{n}:x"))
+               for n in range(9)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(taken) == tokens and set(taken.values()) == {1}
+    assert stores[0].counts() == {"queued": 0, "running": 300}
+    for opened in stores:
+        opened.close()
+
+
+@both_stores
+def test_store_finish_is_for_the_owner_of_a_running_job(store):
+    done, failed = hexes("d", "f")
+    store.submit([(done, "d", 0), (failed, "f", 0)], 0, 10)
+    store.claim("me:1:x", 60)
+    store.claim("me:1:x", 60)
+    assert not store.finish(done, "someone:2:y", "done")
+    assert store.finish(done, "me:1:x", "done", result='{"n":1}')
+    assert not store.finish(done, "me:1:x", "failed")  # already final
+    assert store.finish(failed, "me:1:x", "failed", error="boom")
+    row = store.get(done)
+    assert (row["status"], row["result"], row["owner"], row["lease_until"]) == (
+        "done", '{"n":1}', None, None)
+    assert row["finished_at"] >= row["started_at"]
+    assert (store.get(failed)["status"], store.get(failed)["error"]) == ("failed", "boom")
+    counters = store.counters()
+    assert (counters["finished_done"], counters["finished_failed"]) == (1, 1)
+
+
+@both_stores
+def test_store_progress_is_set_only_by_the_owner(store):
+    token = hexes("p")[0]
+    store.submit([(token, "p", 1)], 0, 10)
+    store.claim("me:1:x", 60)
+    store.set_progress(token, "other:1:x", 0.9)
+    assert store.get(token)["progress"] is None
+    store.set_progress(token, "me:1:x", 0.25)
+    assert store.get(token)["progress"] == 0.25
+
+
+@both_stores
+def test_store_cancel_ends_queued_and_running_jobs_once(store):
+    queued, running = hexes("q", "r")
+    store.submit([(running, "r", 1), (queued, "q", 1)], 0, 10)
+    store.claim("me:1:x", 60)
+    before, after = store.cancel(running)
+    assert (before["status"], after["status"], after["owner"]) == ("running", "canceled", None)
+    before, after = store.cancel(queued)
+    assert (before["status"], after["status"]) == ("queued", "canceled")
+    assert after["finished_at"] is not None
+    again = store.cancel(queued)
+    assert again[0] == again[1] and again[0]["status"] == "canceled"
+    assert store.cancel(UNKNOWN_TOKEN) is None
+    assert store.counters()["finished_canceled"] == 2
+    assert store.counts() == {"queued": 0, "running": 0}
+    assert not store.finish(running, "me:1:x", "done")  # the cancel decided it
+
+
+@both_stores
+def test_store_renew_extends_the_leases_still_held(store):
+    kept, canceled = hexes("k", "c")
+    store.submit([(kept, "k", 1), (canceled, "c", 1)], 0, 10)
+    first = store.claim("me:1:x", 1)
+    store.claim("me:1:x", 1)
+    store.cancel(canceled)
+    assert store.renew("me:1:x", {kept, canceled}, 600) == {kept}
+    assert store.get(kept)["lease_until"] > first["lease_until"] + 500
+    assert store.renew("other:1:x", {kept}, 600) == set()
+
+
+@both_stores
+def test_store_release_puts_an_owners_jobs_back(store):
+    mine, theirs = hexes("m", "t")
+    store.submit([(mine, "m", 1), (theirs, "t", 1)], 0, 10)
+    store.claim("me:1:x", 60)
+    store.claim("them:1:x", 60)
+    assert store.release("me:1:x") == [mine]
+    row = store.get(mine)
+    assert (row["status"], row["owner"], row["attempts"]) == ("queued", None, 1)
+    assert store.get(theirs)["status"] == "running"
+    assert store.counts() == {"queued": 1, "running": 1}
+
+
+@both_stores
+def test_store_recover_takes_back_expired_and_lost_jobs(store):
+    expired, lost, alive = hexes("e", "l", "a")
+    store.submit([(expired, "e", 1), (lost, "l", 1), (alive, "a", 1)], 0, 10)
+    store.claim("slow:1:x", -1)
+    store.claim("gone:1:x", 600)
+    store.claim("alive:1:x", 600)
+    recovered = store.recover(max_attempts=3, lost_owners=["gone:1:x"])
+    assert sorted(recovered) == sorted([(expired, "queued"), (lost, "queued")])
+    assert store.get(alive)["status"] == "running"
+    assert store.recover(max_attempts=3) == []
+    assert store.queued() == 2
+
+
+@both_stores
+def test_store_lists_newest_first_in_pages(store):
+    tokens = [f"{n:032x}" for n in range(7)]
+    store.submit([(token, f"j{n}", 0) for n, token in enumerate(tokens)], 0, 100)
+    store.claim("me:1:x", 60)
+    page, before = store.list(limit=3)
+    assert [job["token"] for job in page] == tokens[6:3:-1]
+    page, before = store.list(before=before, limit=3)
+    assert [job["token"] for job in page] == tokens[3:0:-1]
+    page, before = store.list(before=before, limit=3)
+    assert [job["token"] for job in page] == tokens[:1] and before is None
+    assert [job["token"] for job in store.list(status="running")[0]] == tokens[:1]
+
+
+@both_stores
+def test_store_listener_hears_other_processes_submit_and_cancel(db):
+    here, there = queue_tool.open_store(db), queue_tool.open_store(db)
+    listener = here.listen()
+    deadline = time.monotonic() + 10
+
+    def hear(want):
+        while time.monotonic() < deadline:
+            waiting, canceled = listener.wait(0.5)
+            if want(waiting, canceled):
+                return True
+        return False
+    listener.wait(0.05)  # the first look only sets its starting point
+    token = hexes("w")[0]
+    there.submit([(token, "w", 1)], 0, 10)
+    assert hear(lambda waiting, canceled: waiting >= 1)
+    there.claim("me:1:x", 60)
+    there.cancel(token)
+    assert hear(lambda waiting, canceled: canceled)
+    listener.close()
+    here.close()
+    there.close()
+
+
+@both_stores
+def test_store_refuses_every_call_once_closed(store):
+    store.close()
+    for call_it in (lambda: store.get(UNKNOWN_TOKEN), lambda: store.submit([], 1, 10),
+                    lambda: store.claim("me:1:x", 60), store.counters):
+        with pytest.raises(queue_tool.StoreError, match="closed"):
+            call_it()
+
+
+def make_newer(db):
+    if is_postgres(db):
+        sql(db, "UPDATE queue_tool_schema SET version = 99")
+    else:
+        sql(db, "PRAGMA user_version = 99")
+
+
+@both_stores
+def test_store_refuses_a_database_of_a_newer_version(db, capsys):
+    queue_tool.open_store(db).close()
+    make_newer(db)
+    with pytest.raises(queue_tool.StoreError, match="schema version 99 is newer"):
+        queue_tool.open_store(db)
+    assert queue_tool.main(["--port", "0", "--db", str(db)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "newer than this queue_tool" in lines[1]
+
+
+# The schema of queue_tool 0.1.0, as its Store created it (it recorded no version).
+SCHEMA_0_1_0 = (
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, token TEXT NOT NULL UNIQUE,
+        item TEXT NOT NULL, valor, status TEXT NOT NULL, created_at REAL NOT NULL,
+        started_at REAL, finished_at REAL, attempts INTEGER NOT NULL DEFAULT 0,
+        owner TEXT, lease_until REAL, progress REAL, result TEXT, error TEXT)""",
+    "CREATE INDEX IF NOT EXISTS jobs_status_id ON jobs (status, id)",
+    ("CREATE INDEX IF NOT EXISTS jobs_finished_at ON jobs (finished_at)"
+     " WHERE finished_at IS NOT NULL"),
+    "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+)
+
+
+def test_sqlite_file_of_0_1_0_is_upgraded_with_its_jobs_and_counters(make, tmp_path):
+    db = tmp_path / "old.sqlite3"
+    with contextlib.closing(sqlite3.connect(db)) as connection, connection:
+        for statement in SCHEMA_0_1_0:
+            connection.execute(statement)
+        connection.executemany(
+            "INSERT INTO jobs (token, item, valor, status, created_at, finished_at, attempts,"
+            " result) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [("a" * 32, "waiting", 0, "queued", 1.7e9, None, 0, None),
+             ("b" * 32, "finished", 2.5, "done", 1.7e9, 1.7e9 + 3, 1, '{"ok":true}')])
+        connection.executemany("INSERT INTO counters (name, value) VALUES (?, ?)", [
+            ("submitted", 2), ("invalid", 4), ("finished_done", 1), ("finished_failed", 0),
+            ("finished_canceled", 0), ("queued", 1)])
+    client = webtest.TestApp(make(db=db, workers=1))
+    view = client.get("/check/" + "b" * 32, status=200).json
+    assert (view["status"], view["valor"], view["result"]) == ("done", 2.5, {"ok": True})
+    assert client.get("/check/" + "a" * 32 + "?wait=10", status=200).json["status"] == "done"
+    counters = scrape(client)
+    assert counters["queue_tool_jobs_submitted_total"] == 2
+    assert counters["queue_tool_items_invalid_total"] == 4
+    assert counters['queue_tool_jobs_finished_total{status="done"}'] == 2
+    assert sql(db, "PRAGMA user_version") == [(queue_tool.SQLiteStore.VERSION,)]
+
+
+def test_postgres_stores_starting_at_once_set_the_schema_up_once(db_postgres):
+    opened, errors = [], []
+
+    def open_one():
+        try:
+            opened.append(queue_tool.open_store(db_postgres))
+        except queue_tool.StoreError as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and len(opened) == 6
+    assert sql(db_postgres, "SELECT version FROM queue_tool_schema") == [
+        (queue_tool.PostgresStore.VERSION,)]
+    for store in opened:
+        store.close()
+
+
+def test_postgres_claim_list_and_lease_scan_use_indexes(db_postgres):
+    queue_tool.open_store(db_postgres).close()
+    plans = {
+        "claim": "SELECT id FROM queue_tool_jobs WHERE status = 'queued' ORDER BY id LIMIT 1"
+                 " FOR UPDATE SKIP LOCKED",
+        "list": "SELECT id FROM queue_tool_jobs WHERE status = 'done' AND id < 5"
+                " ORDER BY id DESC LIMIT 9",
+        "check": "SELECT * FROM queue_tool_jobs WHERE token = 'x'",
+        "purge": "SELECT id FROM queue_tool_jobs WHERE finished_at < now() LIMIT 500",
+        "owners": "SELECT DISTINCT owner FROM queue_tool_jobs WHERE status = 'running'",
+    }
+    import psycopg
+    with psycopg.connect(db_postgres, autocommit=True) as connection:
+        connection.execute("SET enable_seqscan = off")  # an empty table would not tell
+        for name, query in plans.items():
+            plan = "\n".join(row[0] for row in connection.execute("EXPLAIN " + query))
+            assert "Index" in plan and "Seq Scan" not in plan and "Sort" not in plan, (
+                name, plan)
 
 
 # -- Settings and the module-level app --------------------------------------------------
