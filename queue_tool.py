@@ -1188,6 +1188,7 @@ class Runner:
         self._threads = []
         self._pid = None       # the process whose threads these are
         self._stopping = threading.Event()
+        self._store_down = False  # claims are failing: an outage is being logged
         self.owner = None
 
     # Starting and stopping.
@@ -1312,12 +1313,14 @@ class Runner:
                 seen = self._submits
             try:
                 row = self.store.claim(self.owner, self.lease)
-            except StoreError:
+            except StoreError as exc:
                 if stopping.is_set():
                     break
-                log.exception("claiming a job failed; retrying")
+                self._store_failed(exc)
                 stopping.wait(self.poll_interval)
                 continue
+            if self._store_down:
+                self._store_back()
             if row is None:
                 # Sleep until a submit here, or the housekeeper seeing jobs queued
                 # by another process, wakes us; `seen` makes a wake-up unmissable.
@@ -1328,6 +1331,20 @@ class Runner:
             if stopping.is_set():
                 break  # stop() puts the job just claimed back in the queue
             self._run(row)
+
+    def _store_failed(self, exc):
+        """Log an outage once, not once a second for every worker."""
+        with self._lock:
+            first, self._store_down = not self._store_down, True
+        if first:
+            log.error("claiming jobs failed; workers retry every %gs: %s",
+                      self.poll_interval, exc)
+
+    def _store_back(self):
+        with self._lock:
+            was, self._store_down = self._store_down, False
+        if was:
+            log.info("claiming jobs works again")
 
     def _run(self, row):
         """Run one claimed job, holding it in the live map while it runs."""
@@ -2422,6 +2439,8 @@ def main(argv=None):
         return 2
     logging.basicConfig(level=logging.DEBUG if settings.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    # The pool's own reconnection notes repeat what the service logs in one line.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     if command == "worker":
         return _work(service, settings)
     try:
