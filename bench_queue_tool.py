@@ -3,10 +3,14 @@
     python bench_queue_tool.py            # the full run (a few minutes on 2 cores)
     python bench_queue_tool.py --quick    # a smoke run with smaller counts
     python bench_queue_tool.py --only submit,check
+    python bench_queue_tool.py --postgres postgresql://postgres@127.0.0.1:5432/postgres
 
-Standard library only (plus queue_tool itself). Nothing here asserts: it prints a
-table of figures, the reference each is compared with, the ratio, and the target.
-Servers run as separate processes on 127.0.0.1 and are stopped at the end.
+Standard library only (plus queue_tool itself, and psycopg for the PostgreSQL rows).
+Nothing here asserts: it prints a table of figures, the reference each is compared
+with, the ratio, and the target. Servers run as separate processes on 127.0.0.1 and
+are stopped at the end. The rows marked [postgres] use a fresh schema in the server
+given by --postgres (or QUEUE_TOOL_BENCH_POSTGRES), dropped at the end; without a
+server they are left out.
 """
 
 import argparse
@@ -30,6 +34,48 @@ import queue_tool
 
 HERE = Path(__file__).resolve().parent
 BATCH = [{"item": f"item-{n}", "valor": 0} for n in range(100)]
+POSTGRES = os.environ.get("QUEUE_TOOL_BENCH_POSTGRES",
+                          "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+class Databases:
+    """Where each measure keeps its jobs: an SQLite file, or a fresh PostgreSQL schema."""
+
+    def __init__(self, workdir, postgres):
+        self.workdir, self.postgres, self.schemas = Path(workdir), postgres, []
+
+    def kinds(self):
+        return ["sqlite", "postgres"] if self.postgres else ["sqlite"]
+
+    def new(self, name, kind="sqlite"):
+        if kind == "sqlite":
+            return str(self.workdir / f"{name}.sqlite3")
+        import psycopg
+        schema = f"bench_{name.replace('-', '_')}_{os.getpid()}_{len(self.schemas)}"
+        with psycopg.connect(self.postgres, autocommit=True) as connection:
+            connection.execute(f"CREATE SCHEMA {schema}")
+        self.schemas.append(schema)
+        separator = "&" if "?" in self.postgres else "?"
+        return f"{self.postgres}{separator}options=-csearch_path%3D{schema}"
+
+    def drop(self):
+        if self.schemas:
+            import psycopg
+            with psycopg.connect(self.postgres, autocommit=True) as connection:
+                for schema in self.schemas:
+                    connection.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def postgres_reachable(url):
+    try:
+        import psycopg
+        with psycopg.connect(url, connect_timeout=5):
+            return True
+    except (ImportError, OSError) as exc:
+        print(f"no PostgreSQL rows: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - psycopg.Error, without importing it first
+        print(f"no PostgreSQL rows: {str(exc).strip()}", file=sys.stderr)
+    return False
 
 
 # -- A trivial app: the reference for the request paths --------------------------
@@ -90,10 +136,12 @@ def rss_and_threads(pid):
 class Served:
     """A server process on a free loopback port: queue_tool itself or the trivial app."""
 
-    def __init__(self, workdir, *args, trivial=False):
+    def __init__(self, workdir, *args, trivial=False, worker=False):
         self.log = Path(workdir) / f"served-{time.monotonic_ns()}.log"
         if trivial:
             command = [sys.executable, str(Path(__file__).resolve()), "--serve-trivial"]
+        elif worker:
+            command = [sys.executable, str(HERE / "queue_tool.py"), "worker", *args]
         else:
             command = [sys.executable, str(HERE / "queue_tool.py"), "--port", "0", *args]
         env = {**os.environ, "PYTHONPATH": str(HERE)}
@@ -102,9 +150,10 @@ class Served:
                                             stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
         while True:
-            found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", self.log.read_text())
+            found = re.search(r"serving on http://127\.0\.0\.1:(\d+)|working \(db",
+                              self.log.read_text())
             if found:
-                self.port = int(found[1])
+                self.port = found[1] and int(found[1])
                 break
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"server did not start:\n{self.log.read_text()}")
@@ -167,10 +216,16 @@ def timed_rate(count, work):
     return rate(count, time.perf_counter() - began)
 
 
-def bench_submit(workdir, quick):
+def bench_submit(dbs, quick):
     """1. Accepted items per second, 100-item batches straight to the WSGI callable."""
-    app = queue_tool.make_app(db=Path(workdir) / "submit.sqlite3", workers=0,
-                              max_queued=10_000_000)
+    return [(f"submit, in-process, {kind} (items/s)", *submit_rates(dbs.new("submit", kind),
+                                                                    quick),
+             "ratio printed; >= 20,000/s", None) for kind in dbs.kinds()]
+
+
+def submit_rates(db, quick):
+    """(ours, the trivial app's) items per second, best of alternating rounds."""
+    app = queue_tool.make_app(db=db, workers=0, max_queued=10_000_000)
     body = json.dumps(BATCH).encode()
     batches = 20 if quick else 100
 
@@ -179,19 +234,16 @@ def bench_submit(workdir, quick):
             assert call(target, "POST", "/api", body)[0] == 202
     try:
         send(app)  # warm up
-        ours, reference = side_by_side(lambda: timed_rate(batches * 100, lambda: send(app)),
-                                       lambda: timed_rate(batches * 100,
-                                                          lambda: send(trivial_app)),
-                                       rounds=3 if quick else 5)
+        return side_by_side(lambda: timed_rate(batches * 100, lambda: send(app)),
+                            lambda: timed_rate(batches * 100, lambda: send(trivial_app)),
+                            rounds=3 if quick else 5)
     finally:
         app.close(grace=0)
-    return [("submit, in-process (items/s)", ours, reference, "ratio printed; >= 20,000/s",
-             ours >= 20_000)]
 
 
-def bench_check(workdir, quick):
+def bench_check(dbs, quick):
     """2. GET /check/<token> calls per second for finished jobs, in-process."""
-    app = queue_tool.make_app(db=Path(workdir) / "check.sqlite3", workers=16)
+    app = queue_tool.make_app(db=dbs.new("check"), workers=16)
     try:
         tokens = finished_tokens(app, 1000)
         picks = [f"/check/{random.choice(tokens)}" for _ in range(2000 if quick else 5000)]
@@ -234,9 +286,9 @@ def http_load(served, paths, clients, seconds):
     return rate(sum(done), time.perf_counter() - began), latencies
 
 
-def bench_http(workdir, quick):
+def bench_http(dbs, quick):
     """3. Check requests over HTTP on the threaded server of `python queue_tool.py`."""
-    db = Path(workdir) / "http.sqlite3"
+    workdir, db = dbs.workdir, dbs.new("http")
     loader = queue_tool.make_app(db=db, workers=16)
     try:
         paths = [f"/check/{token}" for token in finished_tokens(loader, 500)]
@@ -260,31 +312,96 @@ def bench_http(workdir, quick):
             ("check over HTTP, p99 latency (ms)", p99 * 1e3, rp99 * 1e3, "ratio printed", None)]
 
 
-def bench_dispatch(workdir, quick):
+def bench_dispatch(dbs, quick):
     """4. From the 202 to `done` for valor-0 jobs on an idle service: p50 and p99."""
-    app = queue_tool.make_app(db=Path(workdir) / "dispatch.sqlite3", workers=16)
-    body = json.dumps([{"item": "now", "valor": 0}]).encode()
-    latencies = []
-    try:
-        app.start()
-        time.sleep(0.2)  # let every worker reach its idle wait
-        for _ in range(50 if quick else 300):
-            _status, out = call(app, "POST", "/api", body)
-            accepted = time.time()
-            token = json.loads(out)["processing_items"][0]["hash"]
-            call(app, "GET", f"/check/{token}", query="wait=5")
-            latencies.append(app.store.get(token)["finished_at"] - accepted)
-    finally:
-        app.close(grace=0)
-    p50, p99 = percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3
-    return [("dispatch 202 -> done, p50 (ms)", p50, None, "<= 5 ms", p50 <= 5),
-            ("dispatch 202 -> done, p99 (ms)", p99, None, "<= 50 ms", p99 <= 50)]
+    rows = []
+    for kind in dbs.kinds():
+        app = queue_tool.make_app(db=dbs.new("dispatch", kind), workers=16)
+        body = json.dumps([{"item": "now", "valor": 0}]).encode()
+        latencies = []
+        try:
+            app.start()
+            time.sleep(0.2)  # let every worker reach its idle wait
+            for _ in range(50 if quick else 300):
+                _status, out = call(app, "POST", "/api", body)
+                accepted = time.time()
+                token = json.loads(out)["processing_items"][0]["hash"]
+                call(app, "GET", f"/check/{token}", query="wait=5")
+                latencies.append(app.store.get(token)["finished_at"] - accepted)
+        finally:
+            app.close(grace=0)
+        p50, p99 = percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3
+        rows += [(f"dispatch 202 -> done, {kind}, p50 (ms)", p50, None, "<= 5 ms", p50 <= 5),
+                 (f"dispatch 202 -> done, {kind}, p99 (ms)", p99, None, "<= 50 ms",
+                  p99 <= 50)]
+    return rows
 
 
-def bench_makespan(workdir, quick):
+def bench_dispatch_across(dbs, quick):
+    """4b. The same from a --workers 0 front to a `queue-tool worker` process:
+    created_at -> started_at and -> finished_at, both on the store's clock."""
+    rows = []
+    for kind in dbs.kinds():
+        db = dbs.new("across", kind)
+        front = queue_tool.make_app(db=db, workers=0)
+        worker = Served(dbs.workdir, "--db", db, "--workers", "4", worker=True)
+        body = json.dumps([{"item": "there", "valor": 0}]).encode()
+        starts, dones = [], []
+        try:
+            time.sleep(0.5)  # let its workers reach their idle wait
+            for _ in range(30 if quick else 200):
+                _status, out = call(front, "POST", "/api", body)
+                token = json.loads(out)["processing_items"][0]["hash"]
+                call(front, "GET", f"/check/{token}", query="wait=5")
+                row = front.store.get(token)
+                starts.append(row["started_at"] - row["created_at"])
+                dones.append(row["finished_at"] - row["created_at"])
+        finally:
+            worker.stop()
+            front.close(grace=0)
+        for name, values in (("start", starts), ("done", dones)):
+            p50, p99 = percentile(values, 0.5) * 1e3, percentile(values, 0.99) * 1e3
+            rows += [(f"dispatch across processes, {kind}, submit -> {name} p50 (ms)", p50,
+                      None, "ratio printed", None),
+                     (f"dispatch across processes, {kind}, submit -> {name} p99 (ms)", p99,
+                      None, "<= 50 ms", p99 <= 50)]
+    return rows
+
+
+PEERS = {"sqlite": "Huey 3,464", "postgres": "pgqueuer 2,977, procrastinate 1,049"}
+
+
+def bench_process(dbs, quick):
+    """8. Processing throughput: 10,000 queued valor-0 jobs, then 16 workers start."""
+    count = 2000 if quick else 10_000
+    rows = []
+    for kind in dbs.kinds():
+        db = dbs.new("process", kind)
+        filler = queue_tool.make_app(db=db, workers=0, max_queued=count + 1)
+        body = json.dumps(BATCH).encode()
+        for _ in range(count // 100):
+            assert call(filler, "POST", "/api", body)[0] == 202
+        filler.close(grace=0)
+        app = queue_tool.make_app(db=db, workers=16, max_queued=count + 1)
+        try:
+            began = time.perf_counter()
+            app.start()
+            while app.store.counters()["finished_done"] < count:
+                time.sleep(0.01)
+            seconds = time.perf_counter() - began
+        finally:
+            app.close(grace=0)
+        goal = 10_000 if kind == "sqlite" else 9_000
+        rows.append((f"process {count:,} queued jobs, 16 workers, {kind} (jobs/s)",
+                     rate(count, seconds), None,
+                     f">= {goal:,} (peers here: {PEERS[kind]})", rate(count, seconds) >= goal))
+    return rows
+
+
+def bench_makespan(dbs, quick):
     """5. 2,000 jobs of valor 0.05 with 16 workers, against the ideal 2000 x 0.05 / 16."""
     jobs, valor, workers = (400 if quick else 2000), 0.05, 16
-    app = queue_tool.make_app(db=Path(workdir) / "makespan.sqlite3", workers=workers)
+    app = queue_tool.make_app(db=dbs.new("makespan"), workers=workers)
     try:
         app.start()
         time.sleep(0.2)
@@ -305,10 +422,10 @@ def bench_makespan(workdir, quick):
              ideal / measured >= 0.85)]
 
 
-def bench_memory(workdir, quick):
+def bench_memory(dbs, quick):
     """6. RSS growth of the serving process over many finished valor-0 jobs."""
     count = 10_000 if quick else 100_000
-    served = Served(workdir, "--db", str(Path(workdir) / "memory.sqlite3"), "--workers", "16",
+    served = Served(dbs.workdir, "--db", dbs.new("memory"), "--workers", "16",
                     "--max-queued", str(count + 1000))
     batch = [{"item": "m", "valor": 0}] * 1000
 
@@ -335,20 +452,20 @@ def bench_memory(workdir, quick):
              "workers + a constant", threads_after <= threads_before)]
 
 
-def bench_scale(workdir, quick):
+def bench_scale(dbs, quick):
     """7. Check latency with 1,000 stored jobs against 1,000,000."""
     big = 100_000 if quick else 1_000_000
     apps, picks = [], []
     for size in (1000, big):
-        store = queue_tool.Store(Path(workdir) / f"scale-{size}.sqlite3")
+        db = dbs.new(f"scale-{size}")
+        store = queue_tool.open_store(db)
         tokens = []
         for start in range(0, size, 50_000):
             chunk = [(os.urandom(16).hex(), "s", 0) for _ in range(min(50_000, size - start))]
-            store.submit(chunk, 0, size + 1, time.time())
+            store.submit(chunk, 0, size + 1)
             tokens += [token for token, _, _ in chunk]
         store.close()
-        apps.append(queue_tool.make_app(db=Path(workdir) / f"scale-{size}.sqlite3", workers=0,
-                                        max_queued=size + 1))
+        apps.append(queue_tool.make_app(db=db, workers=0, max_queued=size + 1))
         picks.append([f"/check/{random.choice(tokens)}" for _ in range(1000)])
 
     def median_latency(n):
@@ -371,14 +488,17 @@ def bench_scale(workdir, quick):
 
 
 MEASURES = {"submit": bench_submit, "check": bench_check, "http": bench_http,
-            "dispatch": bench_dispatch, "makespan": bench_makespan, "memory": bench_memory,
-            "scale": bench_scale}
+            "dispatch": bench_dispatch, "across": bench_dispatch_across,
+            "makespan": bench_makespan, "memory": bench_memory, "scale": bench_scale,
+            "process": bench_process}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts: a smoke run")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(MEASURES)}")
+    parser.add_argument("--postgres", default=POSTGRES,
+                        help="PostgreSQL server for the [postgres] rows ('' for none)")
     parser.add_argument("--serve-trivial", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_trivial:
@@ -389,14 +509,19 @@ def main(argv=None):
           f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, "
           f"SQLite {queue_tool.sqlite3.sqlite_version}{', --quick' if args.quick else ''}")
     rows = []
+    postgres = args.postgres if args.postgres and postgres_reachable(args.postgres) else None
     with tempfile.TemporaryDirectory(prefix="queue_tool_bench_") as workdir:
-        for name in chosen:
-            began = time.monotonic()
-            new = MEASURES[name](workdir, args.quick)
-            rows += new
-            for row in new:
-                print_row(row)
-            print(f"  ({name}: {time.monotonic() - began:.1f}s)", file=sys.stderr)
+        dbs = Databases(workdir, postgres)
+        try:
+            for name in chosen:
+                began = time.monotonic()
+                new = MEASURES[name](dbs, args.quick)
+                rows += new
+                for row in new:
+                    print_row(row)
+                print(f"  ({name}: {time.monotonic() - began:.1f}s)", file=sys.stderr)
+        finally:
+            dbs.drop()
     print()
     print_table(rows)
     return 0

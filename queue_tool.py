@@ -815,13 +815,21 @@ class PostgresStore:
             PRIMARY KEY (name, shard))""",
     )
     UPGRADES = ()
-    SHARDS = 64
     CHANNEL = "queue_tool"
     LOCK_KEY = 0x7175657565  # an advisory lock that serialises schema set-up
-    COLUMNS = ("token, item, valor, status, extract(epoch FROM created_at)::float8,"
-               " extract(epoch FROM started_at)::float8,"
-               " extract(epoch FROM finished_at)::float8, attempts, owner,"
-               " extract(epoch FROM lease_until)::float8, progress, result, error")
+    COLUMNS = ("token, item, valor, status,"
+               " extract(epoch FROM created_at)::float8 AS created_at,"
+               " extract(epoch FROM started_at)::float8 AS started_at,"
+               " extract(epoch FROM finished_at)::float8 AS finished_at, attempts, owner,"
+               " extract(epoch FROM lease_until)::float8 AS lease_until, progress, result, error")
+    SHARDS = 64
+    # Adds the (name, delta) rows of a query to this connection's counter shard,
+    # as a CTE, so that a change and its count can be one statement: one round
+    # trip. Sorted by name, so that concurrent counts lock rows in one order.
+    COUNT = ("counted AS (INSERT INTO queue_tool_counters (name, shard, value)"
+             f" SELECT name, pg_backend_pid() %% {SHARDS}, delta FROM ({{}}) AS d (name, delta)"
+             " WHERE delta <> 0 ORDER BY name ON CONFLICT (name, shard)"
+             " DO UPDATE SET value = queue_tool_counters.value + EXCLUDED.value)")
 
     def __init__(self, url, pool_size=24, connect_timeout=5):
         try:
@@ -910,8 +918,10 @@ class PostgresStore:
             yield conn
 
     def _read(self, sql, params=()):
+        """Rows of one statement, which is its own transaction (autocommit)."""
         with self._errors(), self._pool_here().connection() as conn:
-            return conn.execute(sql, params).fetchall()
+            cursor = conn.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
 
     @staticmethod
     def _job(row):
@@ -922,15 +932,9 @@ class PostgresStore:
         return job
 
     def _count(self, conn, **deltas):
-        names = sorted(name for name, n in deltas.items() if n)  # one lock order for all
-        if names:
-            conn.execute(
-                "INSERT INTO queue_tool_counters (name, shard, value)"
-                " SELECT name, pg_backend_pid() %% %s, delta"
-                " FROM unnest(%s::text[], %s::bigint[]) AS d (name, delta) ORDER BY name"
-                " ON CONFLICT (name, shard)"
-                " DO UPDATE SET value = queue_tool_counters.value + EXCLUDED.value",
-                (self.SHARDS, names, [deltas[name] for name in names]))
+        if any(deltas.values()):
+            conn.execute(f"WITH {self.COUNT.format('SELECT * FROM unnest(%s::text[], %s::bigint[])')}"
+                         " SELECT 1", (list(deltas), list(deltas.values())))
 
     def _notify(self, conn, message):
         conn.execute("SELECT pg_notify(%s, %s)", (self.CHANNEL, message))
@@ -970,33 +974,28 @@ class PostgresStore:
     def claim(self, owner, lease):
         # SKIP LOCKED: concurrent claims pass over each other's rows instead of
         # queueing behind them, and the partial index holds only queued rows.
-        with self._transaction() as conn:
-            job = self._job(conn.execute(
-                f"UPDATE queue_tool_jobs SET status = 'running', owner = %s,"
-                f" lease_until = now() + %s * interval '1 second', started_at = now(),"
-                f" attempts = attempts + 1, progress = NULL"
-                f" WHERE id = (SELECT id FROM queue_tool_jobs WHERE status = 'queued'"
-                f" ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {self.COLUMNS}",
-                (owner, lease)).fetchone())
-            if job is not None:
-                self._count(conn, queued=-1)
-        return job
+        rows = self._read(
+            f"WITH job AS (UPDATE queue_tool_jobs SET status = 'running', owner = %s,"
+            f" lease_until = now() + %s * interval '1 second', started_at = now(),"
+            f" attempts = attempts + 1, progress = NULL"
+            f" WHERE id = (SELECT id FROM queue_tool_jobs WHERE status = 'queued'"
+            f" ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {self.COLUMNS}),"
+            f" {self.COUNT.format('SELECT %s::text, -count(*) FROM job')} SELECT * FROM job",
+            (owner, lease, "queued"))
+        return self._job(rows[0]) if rows else None
 
     def finish(self, token, owner, status, result=None, error=None):
-        with self._transaction() as conn:
-            changed = conn.execute(
-                "UPDATE queue_tool_jobs SET status = %s, finished_at = now(), result = %s,"
-                " error = %s, owner = NULL, lease_until = NULL"
-                " WHERE token = %s AND owner = %s AND status = 'running'",
-                (status, result, error, token, owner)).rowcount
-            if changed:
-                self._count(conn, **{"finished_" + status: 1})
-        return bool(changed)
+        rows = self._read(
+            f"WITH job AS (UPDATE queue_tool_jobs SET status = %s, finished_at = now(),"
+            f" result = %s, error = %s, owner = NULL, lease_until = NULL"
+            f" WHERE token = %s AND owner = %s AND status = 'running' RETURNING token),"
+            f" {self.COUNT.format('SELECT %s::text, count(*) FROM job')} SELECT token FROM job",
+            (status, result, error, token, owner, "finished_" + status))
+        return bool(rows)
 
     def set_progress(self, token, owner, progress):
-        with self._transaction() as conn:
-            conn.execute("UPDATE queue_tool_jobs SET progress = %s WHERE token = %s"
-                         " AND owner = %s AND status = 'running'", (progress, token, owner))
+        self._read("UPDATE queue_tool_jobs SET progress = %s WHERE token = %s"
+                   " AND owner = %s AND status = 'running'", (progress, token, owner))
 
     def cancel(self, token):
         with self._transaction() as conn:
@@ -1015,11 +1014,10 @@ class PostgresStore:
         return before, after
 
     def renew(self, owner, tokens, lease):
-        with self._transaction() as conn:
-            rows = conn.execute(
-                "UPDATE queue_tool_jobs SET lease_until = now() + %s * interval '1 second'"
-                " WHERE owner = %s AND status = 'running' AND token = ANY(%s) RETURNING token",
-                (lease, owner, list(tokens))).fetchall()
+        rows = self._read(
+            "UPDATE queue_tool_jobs SET lease_until = now() + %s * interval '1 second'"
+            " WHERE owner = %s AND status = 'running' AND token = ANY(%s) RETURNING token",
+            (lease, owner, list(tokens)))
         return {token for (token,) in rows}
 
     def release(self, owner):

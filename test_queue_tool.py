@@ -2776,7 +2776,7 @@ def test_three_hosts_share_one_queue_and_take_over_a_killed_ones_jobs(
 def test_benchmark_smoke_run(tmp_path):
     """bench_queue_tool.py --quick runs and prints its table; no timing is asserted."""
     out = subprocess.run(
-        [sys.executable, str(HERE / "bench_queue_tool.py"), "--quick",
+        [sys.executable, str(HERE / "bench_queue_tool.py"), "--quick", "--postgres", "",
          "--only", "submit,check,dispatch,makespan"], check=False, cwd=tmp_path,
         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
