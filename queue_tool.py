@@ -1,4 +1,4 @@
-"""queue_tool: a tiny durable job-queue service (one WSGI module, SQLite, no framework).
+"""queue_tool: a tiny durable job-queue service (one WSGI module, no framework).
 
 A client POSTs a batch of work items and gets one token per valid item; it then
 follows each job with that token until it is done.
@@ -14,12 +14,14 @@ Routes:
     GET    /                the dashboard: a live page that shows and steers the queue
 
 Run it:     python queue_tool.py --port 8000 --db queue_tool.sqlite3
+Work only:  python queue_tool.py worker --process tasks:run   (no port)
 Embed it:   gunicorn queue_tool:app   (configured from QUEUE_TOOL_* variables)
 Build one:  queue_tool.make_app(db="jobs.sqlite3", workers=4, process=my_function)
 
-Jobs live in an SQLite file; worker threads claim them atomically, so several
-processes may share one database. Delivery is at-least-once: a job whose process
-dies mid-run is run again.
+Jobs live in an SQLite file (one machine), or in PostgreSQL when `db` is a
+postgresql:// URL (any number of machines; pip install 'queue_tool[postgres]').
+Worker threads claim them atomically, so any number of processes may share one
+database. Delivery is at-least-once: a job whose process dies mid-run is run again.
 
 Caveat: `python queue_tool.py` serves with the standard library's threaded
 `wsgiref` server, which is fine for small deployments and development. For more
@@ -420,9 +422,13 @@ def _reset_after_fork():
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def open_store(db):
-    """The store `db` names: a postgresql:// URL, else an SQLite path or :memory:."""
-    return PostgresStore(db) if is_postgres_url(db) else SQLiteStore(db)
+def open_store(db, workers=16):
+    """The store `db` names: a postgresql:// URL, else an SQLite path or :memory:.
+
+    A PostgreSQL pool holds a connection for each worker thread, and a few for
+    requests and housekeeping.
+    """
+    return PostgresStore(db, pool_size=workers + 8) if is_postgres_url(db) else SQLiteStore(db)
 
 
 def _job(row):
@@ -895,7 +901,7 @@ class PostgresStore:
                 # seconds, and a pool that gave up reconnecting grows again on
                 # the next request instead of backing off for minutes.
                 self._pool = self._psycopg_pool.ConnectionPool(
-                    self.url, min_size=1, max_size=self.pool_size, open=True, timeout=3,
+                    self.url, min_size=1, max_size=self.pool_size, open=True, timeout=5,
                     reconnect_timeout=2, name="queue_tool",
                     kwargs={"autocommit": True, "connect_timeout": self.connect_timeout})
                 self._pid = os.getpid()
@@ -2310,7 +2316,7 @@ def make_app(settings=None, process=None, **overrides):
         settings, **overrides)
     if process is None:
         process = wait_valor if settings.process is None else load_process(settings.process)
-    store = open_store(settings.db)
+    store = open_store(settings.db, settings.workers)
     runner = Runner(store, process, workers=settings.workers,
                     lease=settings.lease, max_attempts=settings.max_attempts,
                     retention=settings.retention, grace=settings.grace)
@@ -2322,7 +2328,8 @@ class EnvApp:
 
     Building it lazily keeps `import queue_tool` free of side effects, and a
     bad variable cannot raise at import: it is logged once, and every request
-    then answers 500 misconfigured.
+    then answers 500 misconfigured. A database that cannot be reached is not a
+    verdict: that request answers 503 and the next one tries again.
     """
 
     def __init__(self, environ=None):
@@ -2335,18 +2342,24 @@ class EnvApp:
             if self._app is None and self._error is None:
                 try:
                     self._app = make_app(settings_from_env(self._environ))
-                except (SettingsError, StoreError) as exc:
+                except SettingsError as exc:
                     self._error = str(exc)
                     log.error("queue_tool is misconfigured: %s", exc)
+                except StoreError as exc:
+                    log.error("queue_tool cannot open its store yet: %s", exc)
         return self._app
 
     def __call__(self, environ, start_response):
         app = self._app or self._build()
-        if app is None:
-            body = json_body(error_payload("misconfigured",
-                                           f"the service is misconfigured: {self._error}"))
-            return respond(start_response, 500, [("Content-Type", "application/json")], body)
-        return app(environ, start_response)
+        if app is not None:
+            return app(environ, start_response)
+        if self._error is None:
+            body = json_body(error_payload("store_unavailable", "the job store cannot be used"))
+            return respond(start_response, 503, [("Content-Type", "application/json"),
+                                                 ("Retry-After", "1")], body)
+        body = json_body(error_payload("misconfigured",
+                                       f"the service is misconfigured: {self._error}"))
+        return respond(start_response, 500, [("Content-Type", "application/json")], body)
 
     def start(self):
         """Start the worker threads now (e.g. from a gunicorn post_fork hook)."""

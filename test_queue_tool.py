@@ -2293,6 +2293,20 @@ def test_module_app_with_a_bad_variable_answers_500_misconfigured(caplog):
     assert caplog.text.count("misconfigured") == 1
 
 
+def test_module_app_answers_503_until_its_database_is_there(tmp_path):
+    db = tmp_path / "later" / "q.sqlite3"  # its folder does not exist yet
+    env_app = queue_tool.EnvApp({"QUEUE_TOOL_DB": str(db), "QUEUE_TOOL_WORKERS": "1"})
+    client = webtest.TestApp(env_app)
+    try:
+        response = client.get("/health", status=503)
+        assert response.json["error"] == "store_unavailable"
+        assert response.headers["Retry-After"] == "1"
+        db.parent.mkdir()  # the database becomes reachable: no restart needed
+        assert client.get("/health", status=200).json["status"] == "ok"
+    finally:
+        env_app.close()
+
+
 def test_importing_the_module_builds_nothing(tmp_path):
     code = "import queue_tool; print(queue_tool.app._app)"
     out = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path, capture_output=True,
