@@ -218,9 +218,12 @@ def timed_rate(count, work):
 
 def bench_submit(dbs, quick):
     """1. Accepted items per second, 100-item batches straight to the WSGI callable."""
-    return [(f"submit, in-process, {kind} (items/s)", *submit_rates(dbs.new("submit", kind),
-                                                                    quick),
-             "ratio printed; >= 20,000/s", None) for kind in dbs.kinds()]
+    rows = []
+    for kind in dbs.kinds():
+        ours, reference = submit_rates(dbs.new("submit", kind), quick)
+        rows.append((f"submit, in-process, {kind} (items/s)", ours, reference,
+                     "ratio printed; >= 20,000/s", ours >= 20_000))
+    return rows
 
 
 def submit_rates(db, quick):
