@@ -34,7 +34,9 @@ __all__ = [
     "ITEM_SCHEMA",
     "ApiError",
     "App",
+    "NewJob",
     "PostgresStore",
+    "Retry",
     "Runner",
     "SQLiteStore",
     "Settings",
@@ -47,6 +49,7 @@ __all__ = [
 
 import argparse
 import base64
+import collections
 import contextlib
 import dataclasses
 import decimal
@@ -59,6 +62,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import signal
@@ -106,6 +110,10 @@ class Settings:
     api_key: str = None
     debug: bool = False
     process: str = None  # module:function; None is the built-in wait_valor
+    queues: str = None  # comma-separated queue names; None takes every queue
+    retries: int = 0
+    retry_delay: float = 1
+    max_delay: float = 30 * 86400
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -166,16 +174,26 @@ SETTING_HELP = {
     "api_key": "bearer key for POST /api, DELETE /check, /jobs, /metrics",
     "debug": "tracebacks in the log and in 500 bodies",
     "process": "module:function that runs each job (default: wait valor seconds)",
+    "queues": "comma-separated queues this process's workers take (default: every queue)",
+    "retries": "retries of a job whose processor raised, when the item sets none",
+    "retry_delay": "seconds before the first retry; each next one waits twice as long",
+    "max_delay": "largest accepted delay of an item, in seconds",
 }
 
 # Bounds (inclusive) of the numeric settings; a lease must also be above 0.
 _MINIMUM = {"port": 0, "workers": 0, "max_valor": 0, "max_items": 1, "max_body": 1,
-            "max_queued": 1, "max_attempts": 1, "retention": 0, "grace": 0}
-_MAXIMUM = {"port": 65535, "workers": 1024}
+            "max_queued": 1, "max_attempts": 1, "retention": 0, "grace": 0, "retries": 0,
+            "retry_delay": 0, "max_delay": 0}
+MAX_RETRIES = 25
+_MAXIMUM = {"port": 65535, "workers": 1024, "retries": MAX_RETRIES}
 _POSITIVE = {"lease"}
 
 
 PROCESS_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
+# A queue name. The item schema says the same as an ECMA-262 pattern (see below).
+QUEUE_PATTERN = "^[a-z0-9][a-z0-9_.-]{0,63}$"
+QUEUE_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")
+DEFAULT_QUEUE = "default"
 _SETTING_TYPES = {field.name: field.type for field in dataclasses.fields(Settings)}
 
 
@@ -190,6 +208,10 @@ def _check_setting(name, value):
     elif name == "process":
         if value is not None and (not isinstance(value, str) or not PROCESS_RE.match(value)):
             raise SettingsError(f"process must be module:function, not {value!r}")
+    elif name == "queues":
+        if value is not None and (not isinstance(value, str) or not all(
+                QUEUE_RE.match(queue) for queue in value.split(","))):
+            raise SettingsError(f"queues must be queue names separated by commas, not {value!r}")
     elif kind is str:
         if not isinstance(value, str) or not value:
             raise SettingsError(f"{name} must be a non-empty string")
@@ -230,7 +252,7 @@ def parse_setting(name, text):
         except ValueError:
             word = "a whole number" if kind is int else "a number"
             raise SettingsError(f"{name} must be {word}, not {text!r}") from None
-    return text if text or name not in ("api_key", "process") else None
+    return text if text or name not in ("api_key", "process", "queues") else None
 
 
 def settings_from_env(environ=None, **overrides):
@@ -277,7 +299,7 @@ def load_process(spec):
 
 # -- Schema ------------------------------------------------------------------
 
-def item_schema(max_valor=Settings.max_valor):
+def item_schema(max_valor=Settings.max_valor, max_delay=Settings.max_delay):
     """The JSON Schema one batch item must match."""
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -288,13 +310,51 @@ def item_schema(max_valor=Settings.max_valor):
                      "description": "what to work on"},
             "valor": {"type": "number", "minimum": 0, "maximum": max_valor,
                       "description": "the job's cost in seconds"},
+            "delay": {"type": "number", "minimum": 0, "maximum": max_delay,
+                      "description": "seconds to wait before the first start"},
+            "priority": {"type": "integer", "minimum": -10, "maximum": 10, "default": 0,
+                         "description": "higher runs first"},
+            "queue": {"type": "string", "pattern": QUEUE_PATTERN, "default": DEFAULT_QUEUE,
+                      "description": "only workers taking this queue run the job"},
+            "retries": {"type": "integer", "minimum": 0, "maximum": MAX_RETRIES,
+                        "description": "more runs after the processor raised"
+                                       " (default: the retries setting)"},
         },
         "required": ["item", "valor"],
     }
 
 
+def ecma_regex(pattern):
+    r"""A JSON Schema (ECMA-262) pattern as a Python regex.
+
+    The one difference that matters here: ECMA's `$` is the end of the input,
+    while Python's also matches before a final newline, so "a\n" would pass
+    ^[a-z]$. Every `$` outside a character class becomes \Z.
+    """
+    out, escaped, in_class = [], False, False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "[":
+            in_class = True
+        elif char == "]":
+            in_class = False
+        elif char == "$" and not in_class:
+            char = "\\Z"
+        out.append(char)
+    return re.compile("".join(out))
+
+
+def _ecma_pattern(validator, pattern, instance, schema):
+    if validator.is_type(instance, "string") and not ecma_regex(pattern).search(instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
 ITEM_SCHEMA = item_schema()
-ItemValidator = jsonschema.Draft202012Validator
+ItemValidator = jsonschema.validators.extend(jsonschema.Draft202012Validator,
+                                             {"pattern": _ecma_pattern})
 ItemValidator.check_schema(ITEM_SCHEMA)
 
 
@@ -305,8 +365,9 @@ def compile_schema(schema):
 
 _FAST_KEYWORDS = {
     "object": {"$schema", "title", "description", "type", "properties", "required"},
-    "string": {"description", "type", "minLength", "maxLength"},
-    "number": {"description", "type", "minimum", "maximum"},
+    "string": {"description", "type", "minLength", "maxLength", "pattern", "default"},
+    "number": {"description", "type", "minimum", "maximum", "default"},
+    "integer": {"description", "type", "minimum", "maximum", "default"},
 }
 
 
@@ -323,27 +384,29 @@ def compile_fast_check(schema):
     rules = []
     for name, rule in schema.get("properties", {}).items():
         kind = rule.get("type")
-        if kind not in ("string", "number") or set(rule) - _FAST_KEYWORDS[kind]:
+        if kind not in _FAST_KEYWORDS or kind == "object" or set(rule) - _FAST_KEYWORDS[kind]:
             return None
-        text = kind == "string"
-        low, high = ("minLength", "maxLength") if text else ("minimum", "maximum")
-        rules.append((name, text, rule.get(low), rule.get(high)))
+        # Exact types, since True is not a number; 1.0 is an integer to JSON Schema.
+        types = {"string": (str,), "number": (int, float), "integer": (int, float)}[kind]
+        integral = kind == "integer"
+        low, high = ("minLength", "maxLength") if kind == "string" else ("minimum", "maximum")
+        pattern = rule.get("pattern")
+        rules.append((name, types, integral, rule.get(low), rule.get(high),
+                      pattern and ecma_regex(pattern)))
     required = tuple(schema.get("required", ()))
 
     def check(item):
         if type(item) is not dict or any(key not in item for key in required):
             return False
-        for name, text, low, high in rules:
+        for name, types, integral, low, high, pattern in rules:
             if name not in item:
                 continue
             value = item[name]
-            if text:
-                if type(value) is not str:
-                    return False
-                value = len(value)
-            elif type(value) not in (int, float):  # type(): True is not a number
+            if type(value) not in types or (pattern and not pattern.search(value)) or (
+                    integral and type(value) is float and not value.is_integer()):
                 return False
-            if (low is not None and value < low) or (high is not None and value > high):
+            size = len(value) if types == (str,) else value
+            if (low is not None and size < low) or (high is not None and size > high):
                 return False
         return True
 
@@ -402,10 +465,27 @@ FINAL_STATES = frozenset((DONE, FAILED, CANCELED))
 # Totals, plus "queued": a gauge kept beside them so that neither the capacity
 # check nor /health counts a long queue row by row.
 COUNTERS = ("submitted", "invalid", "finished_done", "finished_failed", "finished_canceled",
-            "queued")
+            "retried", "queued")
 PURGE_BATCH = 500  # rows per purge transaction: short, so writers never wait long
 JOB_FIELDS = ("token", "item", "valor", "status", "created_at", "started_at", "finished_at",
-              "attempts", "owner", "lease_until", "progress", "result", "error")
+              "attempts", "owner", "lease_until", "progress", "result", "error", "queue",
+              "priority", "run_at", "retries", "retried")
+
+
+class NewJob(collections.namedtuple(
+        "NewJob", "token item valor delay priority queue retries",
+        defaults=(0, 0, DEFAULT_QUEUE, 0))):
+    """A job to submit; `retries` is its limit, `delay` seconds before its first start."""
+
+
+def _list_filter(mark, status=None, queue=None, before=None):
+    """The WHERE clause and parameters of a job listing; `mark` is the driver's `?`."""
+    where, params = [], []
+    for condition, value in (("status = ", status), ("queue = ", queue), ("id < ", before)):
+        if value is not None:
+            where.append(condition + mark)
+            params.append(value)
+    return (" WHERE " + " AND ".join(where) if where else ""), params
 
 # Objects holding locks, threads or connections that a forked child must not
 # inherit: an SQLite connection must never be used (or even closed) on both
@@ -454,7 +534,7 @@ class SQLiteStore:
     Times are this host's clock. After close() every method raises StoreError.
     """
 
-    VERSION = 1  # PRAGMA user_version; 0.1.0 recorded none, its layout is version 1
+    VERSION = 2  # PRAGMA user_version; 0.1.0 recorded none, its layout is version 1
     SCHEMA = (
         """CREATE TABLE jobs (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -476,7 +556,19 @@ class SQLiteStore:
         "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     )
     # (v, statements): what takes a version v-1 database to version v, in order.
-    UPGRADES = ()
+    # A new database is made as version 1, then upgraded like any other.
+    UPGRADES = (
+        (2, ("ALTER TABLE jobs ADD COLUMN queue TEXT NOT NULL DEFAULT 'default'",
+             "ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+             "ALTER TABLE jobs ADD COLUMN run_at REAL",
+             "UPDATE jobs SET run_at = created_at",
+             "ALTER TABLE jobs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0",
+             "ALTER TABLE jobs ADD COLUMN retried INTEGER NOT NULL DEFAULT 0",
+             # The claim's order, and the next time a queued job may start.
+             ("CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, id)"
+              " WHERE status = 'queued'"),
+             "CREATE INDEX jobs_due ON jobs (run_at) WHERE status = 'queued'")),
+    )
     COLUMNS = ", ".join(JOB_FIELDS)
     listen_interval = 0.005  # seconds between looks at PRAGMA data_version
 
@@ -576,7 +668,9 @@ class SQLiteStore:
     # Each method below is one transaction.
 
     def submit(self, jobs, invalid, max_queued):
-        """Queue `jobs` [(token, item, valor)] at once, or none (QueueFull)."""
+        """Queue `jobs` (NewJob records, or tuples in its order) at once, or none
+        (QueueFull)."""
+        jobs = [NewJob(*job) for job in jobs]
         with self._transaction() as conn:
             if jobs:
                 (queued,) = conn.execute(
@@ -585,9 +679,10 @@ class SQLiteStore:
                     raise QueueFull(f"{queued} jobs are queued; the limit is {max_queued}")
                 now = time.time()
                 conn.executemany(
-                    "INSERT INTO jobs (token, item, valor, status, created_at)"
-                    " VALUES (?, ?, ?, 'queued', ?)",
-                    [(token, item, valor, now) for token, item, valor in jobs])
+                    "INSERT INTO jobs (token, item, valor, status, created_at, run_at, queue,"
+                    " priority, retries) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                    [(job.token, job.item, job.valor, now, now + job.delay, job.queue,
+                      job.priority, job.retries) for job in jobs])
             self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs))
 
     def get(self, token):
@@ -597,22 +692,51 @@ class SQLiteStore:
     def queued(self):
         return self._read("SELECT value FROM counters WHERE name = 'queued'")[0][0]
 
-    def claim(self, owner, lease):
-        """Move the oldest queued job to running for `owner`, leased for `lease`
-        seconds; its row, or None."""
-        if not self._read("SELECT 1 FROM jobs WHERE status = 'queued' LIMIT 1"):
+    @staticmethod
+    def _ready(queues):
+        """The jobs a worker may take now, in the order it takes them."""
+        among = f" AND queue IN ({','.join('?' * len(queues))})" if queues else ""
+        return (f"FROM jobs WHERE status = 'queued' AND run_at <= ?{among}"
+                f" ORDER BY priority DESC, run_at, id LIMIT 1")
+
+    def claim(self, owner, lease, queues=None):
+        """Move the next ready job (of `queues`, or any) to running for `owner`, leased
+        for `lease` seconds: highest priority, then earliest run_at, then oldest.
+        Its row, or None."""
+        ready, queues = self._ready(queues), tuple(queues or ())
+        if not self._read(f"SELECT 1 {ready}", (time.time(), *queues)):
             return None  # a read takes no write lock
         with self._transaction() as conn:
             now = time.time()
             job = _job(conn.execute(
                 f"UPDATE jobs SET status = 'running', owner = ?, lease_until = ?,"
                 f" started_at = ?, attempts = attempts + 1, progress = NULL"
-                f" WHERE id = (SELECT id FROM jobs WHERE status = 'queued'"
-                f" ORDER BY id LIMIT 1) RETURNING {self.COLUMNS}",
-                (owner, now + lease, now)).fetchone())
+                f" WHERE id = (SELECT id {ready}) RETURNING {self.COLUMNS}",
+                (owner, now + lease, now, now, *queues)).fetchone())
             if job is not None:
                 self._count(conn, queued=-1)
         return job
+
+    def next_due(self, queues=None):
+        """Seconds until a queued job (of `queues`) may start: 0 if one may now,
+        None if there is none."""
+        among = f" AND queue IN ({','.join('?' * len(queues))})" if queues else ""
+        ((run_at,),) = self._read(
+            f"SELECT MIN(run_at) FROM jobs WHERE status = 'queued'{among}", tuple(queues or ()))
+        return None if run_at is None else max(0.0, run_at - time.time())
+
+    def retry(self, token, owner, error, delay):
+        """Put a job this owner runs back in the queue to start again in `delay`
+        seconds, keeping `error`; False when it was canceled or taken back."""
+        with self._transaction() as conn:
+            changed = conn.execute(
+                "UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL,"
+                " progress = NULL, error = ?, run_at = ?, retried = retried + 1"
+                " WHERE token = ? AND owner = ? AND status = 'running'",
+                (error, time.time() + delay, token, owner)).rowcount
+            if changed:
+                self._count(conn, queued=1, retried=1)
+        return bool(changed)
 
     def finish(self, token, owner, status, result=None, error=None):
         """End a job this owner runs; False when it was canceled or taken back."""
@@ -703,19 +827,12 @@ class SQLiteStore:
                 "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < ?"
                 " LIMIT ?)", (time.time() - retention, batch)).rowcount
 
-    def list(self, status=None, before=None, limit=50):
+    def list(self, status=None, before=None, limit=50, queue=None):
         """Up to `limit` jobs, newest first, older than job id `before`.
 
         Returns (jobs, id to pass as `before` for the next page or None).
         """
-        where, params = [], []
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        if before is not None:
-            where.append("id < ?")
-            params.append(before)
-        clause = " WHERE " + " AND ".join(where) if where else ""
+        clause, params = _list_filter("?", status, queue, before)
         rows = self._read(f"SELECT {self.COLUMNS}, id FROM jobs{clause}"
                           f" ORDER BY id DESC LIMIT ?", (*params, limit + 1))
         next_before = rows[limit - 1][-1] if len(rows) > limit else None
@@ -761,12 +878,13 @@ class _SQLiteListener(Listener):
                 (version,) = self._conn.execute("PRAGMA data_version").fetchone()
                 if version != self._version:
                     self._version = version
-                    counters = dict(self._conn.execute(
-                        "SELECT name, value FROM counters"
-                        " WHERE name IN ('queued', 'finished_canceled')"))
-                    canceled = counters["finished_canceled"]
+                    ((ready,),) = self._conn.execute(
+                        "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE status = 'queued'"
+                        " AND run_at <= ? LIMIT 1024)", (time.time(),)).fetchall()
+                    ((canceled,),) = self._conn.execute(
+                        "SELECT value FROM counters WHERE name = 'finished_canceled'").fetchall()
                     seen, self._canceled = self._canceled, canceled
-                    return counters["queued"], seen is not None and canceled != seen
+                    return ready, seen is not None and canceled != seen
                 if time.monotonic() >= deadline:
                     return 0, False
                 time.sleep(self._store.listen_interval)
@@ -789,7 +907,7 @@ class PostgresStore:
     are named queue_tool_*, so they can live in an application's database.
     """
 
-    VERSION = 1
+    VERSION = 2
     SCHEMA = (
         """CREATE TABLE queue_tool_jobs (
             id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -820,14 +938,31 @@ class PostgresStore:
             value bigint NOT NULL,
             PRIMARY KEY (name, shard))""",
     )
-    UPGRADES = ()
+    # (v, statements): what takes a version v-1 database to version v, in order.
+    # A new database is made as version 1, then upgraded like any other.
+    UPGRADES = (
+        (2, (("ALTER TABLE queue_tool_jobs ADD COLUMN queue text NOT NULL DEFAULT 'default',"
+              " ADD COLUMN priority smallint NOT NULL DEFAULT 0, ADD COLUMN run_at timestamptz,"
+              " ADD COLUMN retries smallint NOT NULL DEFAULT 0,"
+              " ADD COLUMN retried smallint NOT NULL DEFAULT 0"),
+             "UPDATE queue_tool_jobs SET run_at = created_at",
+             ("ALTER TABLE queue_tool_jobs ALTER COLUMN run_at SET DEFAULT now(),"
+              " ALTER COLUMN run_at SET NOT NULL"),
+             # The claim's order over only the queued rows, and their next start.
+             "DROP INDEX queue_tool_jobs_queued",
+             ("CREATE INDEX queue_tool_jobs_ready ON queue_tool_jobs (priority DESC, run_at, id)"
+              " WHERE status = 'queued'"),
+             ("CREATE INDEX queue_tool_jobs_due ON queue_tool_jobs (run_at)"
+              " WHERE status = 'queued'"))),
+    )
     CHANNEL = "queue_tool"
     LOCK_KEY = 0x7175657565  # an advisory lock that serialises schema set-up
     COLUMNS = ("token, item, valor, status,"
                " extract(epoch FROM created_at)::float8 AS created_at,"
                " extract(epoch FROM started_at)::float8 AS started_at,"
                " extract(epoch FROM finished_at)::float8 AS finished_at, attempts, owner,"
-               " extract(epoch FROM lease_until)::float8 AS lease_until, progress, result, error")
+               " extract(epoch FROM lease_until)::float8 AS lease_until, progress, result, error,"
+               " queue, priority, extract(epoch FROM run_at)::float8 AS run_at, retries, retried")
     SHARDS = 64
     # Adds the (name, delta) rows of a query to this connection's counter shard,
     # as a CTE, so that a change and its count can be one statement: one round
@@ -948,17 +1083,23 @@ class PostgresStore:
     # Each method below is one transaction.
 
     def submit(self, jobs, invalid, max_queued):
+        jobs = [NewJob(*job) for job in jobs]
         with self._transaction() as conn:
             if jobs:
                 queued = self._queued(conn)
                 if queued + len(jobs) > max_queued:
                     raise QueueFull(f"{queued} jobs are queued; the limit is {max_queued}")
-                tokens, items, valors = zip(*jobs)
+                columns = list(zip(*jobs))
+                columns[NewJob._fields.index("valor")] = [
+                    decimal.Decimal(repr(valor)) for valor in columns[2]]
                 conn.execute(
-                    "INSERT INTO queue_tool_jobs (token, item, valor, status)"
-                    " SELECT token, item, valor, 'queued' FROM unnest(%s::text[], %s::text[],"
-                    " %s::numeric[]) WITH ORDINALITY AS j (token, item, valor, n) ORDER BY n",
-                    (list(tokens), list(items), [decimal.Decimal(repr(v)) for v in valors]))
+                    "INSERT INTO queue_tool_jobs (token, item, valor, run_at, priority, queue,"
+                    " retries, status) SELECT token, item, valor,"
+                    " now() + delay * interval '1 second', priority, queue, retries, 'queued'"
+                    " FROM unnest(%s::text[], %s::text[], %s::numeric[], %s::float8[],"
+                    " %s::smallint[], %s::text[], %s::smallint[]) WITH ORDINALITY"
+                    " AS j (token, item, valor, delay, priority, queue, retries, n) ORDER BY n",
+                    [list(column) for column in columns])
                 self._notify(conn, f"submitted:{len(jobs)}")
             self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs))
 
@@ -977,18 +1118,38 @@ class PostgresStore:
         with self._errors(), self._pool_here().connection() as conn:
             return self._queued(conn)
 
-    def claim(self, owner, lease):
+    def claim(self, owner, lease, queues=None):
         # SKIP LOCKED: concurrent claims pass over each other's rows instead of
         # queueing behind them, and the partial index holds only queued rows.
+        among = " AND queue = ANY(%s)" if queues else ""
         rows = self._read(
             f"WITH job AS (UPDATE queue_tool_jobs SET status = 'running', owner = %s,"
             f" lease_until = now() + %s * interval '1 second', started_at = now(),"
             f" attempts = attempts + 1, progress = NULL"
             f" WHERE id = (SELECT id FROM queue_tool_jobs WHERE status = 'queued'"
-            f" ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {self.COLUMNS}),"
+            f" AND run_at <= now(){among} ORDER BY priority DESC, run_at, id LIMIT 1"
+            f" FOR UPDATE SKIP LOCKED) RETURNING {self.COLUMNS}),"
             f" {self.COUNT.format('SELECT %s::text, -count(*) FROM job')} SELECT * FROM job",
-            (owner, lease, "queued"))
+            (owner, lease, *([list(queues)] if queues else []), "queued"))
         return self._job(rows[0]) if rows else None
+
+    def next_due(self, queues=None):
+        among = " AND queue = ANY(%s)" if queues else ""
+        ((seconds,),) = self._read(
+            f"SELECT extract(epoch FROM min(run_at) - now())::float8 FROM queue_tool_jobs"
+            f" WHERE status = 'queued'{among}", [list(queues)] if queues else None)
+        return None if seconds is None else max(0.0, seconds)
+
+    def retry(self, token, owner, error, delay):
+        rows = self._read(
+            f"WITH job AS (UPDATE queue_tool_jobs SET status = 'queued', owner = NULL,"
+            f" lease_until = NULL, progress = NULL, error = %s,"
+            f" run_at = now() + %s * interval '1 second', retried = retried + 1"
+            f" WHERE token = %s AND owner = %s AND status = 'running' RETURNING token),"
+            f" {self.COUNT.format('SELECT unnest(%s::text[]), count(*) FROM job')}"
+            f" SELECT token, pg_notify(%s, %s) FROM job",
+            (error, delay, token, owner, ["queued", "retried"], self.CHANNEL, "submitted:1"))
+        return bool(rows)
 
     def finish(self, token, owner, status, result=None, error=None):
         rows = self._read(
@@ -1070,15 +1231,8 @@ class PostgresStore:
                 " WHERE finished_at < now() - %s * interval '1 second' LIMIT %s)",
                 (retention, batch)).rowcount
 
-    def list(self, status=None, before=None, limit=50):
-        where, params = [], []
-        if status is not None:
-            where.append("status = %s")
-            params.append(status)
-        if before is not None:
-            where.append("id < %s")
-            params.append(before)
-        clause = " WHERE " + " AND ".join(where) if where else ""
+    def list(self, status=None, before=None, limit=50, queue=None):
+        clause, params = _list_filter("%s", status, queue, before)
         rows = self._read(f"SELECT {self.COLUMNS}, id FROM queue_tool_jobs{clause}"
                           f" ORDER BY id DESC LIMIT %s", (*params, limit + 1))
         next_before = rows[limit - 1][-1] if len(rows) > limit else None
@@ -1133,6 +1287,24 @@ class _PostgresListener(Listener):
 
 # -- Workers -----------------------------------------------------------------
 
+MAX_BACKOFF = 3600.0  # the longest wait before a retry that the backoff computes
+
+
+class Retry(Exception):
+    """Raised by a processor: run this job again in `delay` seconds.
+
+    It counts as one of the job's retries; with none left the job fails with
+    this exception's message. Without a delay, the usual backoff applies.
+    """
+
+    def __init__(self, delay=None, message="the processor asked for a retry"):
+        super().__init__(message)
+        if delay is not None and not (isinstance(delay, (int, float)) and delay >= 0
+                                      and math.isfinite(delay)):
+            raise ValueError(f"delay must be a number of seconds >= 0, not {delay!r}")
+        self.delay = delay
+
+
 class Job:
     """What a processor receives: one running job.
 
@@ -1143,7 +1315,8 @@ class Job:
     def __init__(self, runner, row):
         self._runner = runner
         self.token, self.item, self.valor = row["token"], row["item"], row["valor"]
-        self.attempts = row["attempts"]
+        self.attempts, self.queue, self.priority = row["attempts"], row["queue"], row["priority"]
+        self._retries, self._retried = row["retries"], row["retried"]  # limit, made
         self.canceled = threading.Event()
 
     def set_progress(self, fraction):
@@ -1175,10 +1348,13 @@ class Runner:
     listen_timeout = 0.5  # longest a listener blocks, so it sees a stop soon
 
     def __init__(self, store, process=wait_valor, workers=16, lease=30.0, max_attempts=3,
-                 retention=7 * 86400.0, grace=10.0):
+                 retention=7 * 86400.0, grace=10.0, queues=None, retry_delay=1.0,
+                 max_delay=30 * 86400.0):
         self.store, self.process = store, process
         self.workers, self.lease, self.max_attempts = workers, lease, max_attempts
         self.retention, self.grace = retention, grace
+        self.queues = tuple(queues) if queues else None  # None: every queue
+        self.retry_delay, self.max_delay = retry_delay, max_delay
         self._after_fork()
         _fork_sensitive.add(self)
 
@@ -1316,7 +1492,8 @@ class Runner:
             with self._lock:
                 seen = self._submits
             try:
-                row = self.store.claim(self.owner, self.lease)
+                row = self.store.claim(self.owner, self.lease, self.queues)
+                due = self.store.next_due(self.queues) if row is None else None
             except StoreError as exc:
                 if stopping.is_set():
                     break
@@ -1326,11 +1503,11 @@ class Runner:
             if self._store_down:
                 self._store_back()
             if row is None:
-                # Sleep until a submit here, or the housekeeper seeing jobs queued
-                # by another process, wakes us; `seen` makes a wake-up unmissable.
+                # Sleep until a submit here or the listener wakes us, or until the
+                # next delayed job is due; `seen` makes a wake-up unmissable.
                 with self._lock:
                     if self._submits == seen and not stopping.is_set():
-                        self._wake.wait()
+                        self._wake.wait(None if due is None else max(due, 0.002))
                 continue
             if stopping.is_set():
                 break  # stop() puts the job just claimed back in the queue
@@ -1367,8 +1544,11 @@ class Runner:
     def _execute(self, job):
         log.info("job %s running (attempt %d)", job.token, job.attempts)
         started = time.monotonic()
+        delay = None
         try:
             status, result, error = DONE, self._call_process(job), None
+        except Retry as exc:
+            status, result, error, delay = FAILED, None, str(exc), exc.delay
         except Exception as exc:
             log.warning("job %s failed", job.token, exc_info=True)
             status, result, error = FAILED, None, str(exc) or type(exc).__name__
@@ -1377,12 +1557,23 @@ class Runner:
             # which puts it back in the queue: either way it did not end here.
             return
         try:
-            if self.store.finish(job.token, self.owner, status, result, error):
+            if status == FAILED and job._retried < job._retries:
+                delay = self.backoff(job._retried + 1) if delay is None else delay
+                if self.store.retry(job.token, self.owner, error, min(delay, self.max_delay)):
+                    log.info("job %s failed (attempt %d); retry %d of %d in %.3fs", job.token,
+                             job.attempts, job._retried + 1, job._retries, delay)
+            elif self.store.finish(job.token, self.owner, status, result, error):
                 log.info("job %s %s in %.3fs", job.token, status, time.monotonic() - started)
         except StoreError as exc:
             # The lease runs out and another worker takes it again: at-least-once.
             if not self._stopping.is_set():
                 log.error("recording job %s as %s failed: %s", job.token, status, exc)
+
+    def backoff(self, retry):
+        """Seconds before the n-th retry: retry_delay x 2^(n-1), at most an hour,
+        with 10% jitter either way so that jobs failing together spread out."""
+        delay = min(self.retry_delay * 2 ** (retry - 1), MAX_BACKOFF)
+        return delay * random.uniform(0.9, 1.1)
 
     def _call_process(self, job):
         """Run the processor; its JSON-serialisable return value, as JSON text."""
@@ -1403,9 +1594,8 @@ class Runner:
         last_purge = 0.0
         while not stopping.wait(tick):
             try:
-                waiting = min(self.store.queued(), self.workers)
-                if waiting:
-                    self.notify_submitted(waiting)
+                if self.workers and self.store.next_due(self.queues) == 0:
+                    self.notify_submitted(self.workers)  # the fallback: no wake-up came
                 self._renew_leases()
                 self._recover()
                 if time.monotonic() - last_purge >= min(self.purge_interval, self.retention):
@@ -1791,12 +1981,14 @@ def job_view(row, now):
             "item": row["item"], "valor": row["valor"],
             "created_at": iso_time(row["created_at"]),
             "started_at": iso_time(row["started_at"]),
-            "finished_at": iso_time(row["finished_at"]), "attempts": row["attempts"]}
+            "finished_at": iso_time(row["finished_at"]), "attempts": row["attempts"],
+            "queue": row["queue"], "priority": row["priority"], "retries": row["retries"],
+            "run_at": iso_time(row["run_at"])}
     if status == RUNNING:
         view["progress"] = job_progress(row, now)
     elif status == DONE and row["result"] is not None:
         view["result"] = json.loads(row["result"])
-    elif status == FAILED:
+    if row["error"] is not None and status != DONE:  # a retry's wait shows why
         view["error"] = row["error"]
     return view
 
@@ -1965,7 +2157,9 @@ def openapi_document(schema, settings):
                      "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT[1],
                                 "default": MAX_LIMIT[0]}},
                     {"name": "before", "in": "query", "schema": {"type": "string"},
-                     "description": "the `next` cursor of the previous page"}],
+                     "description": "the `next` cursor of the previous page"},
+                    {"name": "queue", "in": "query",
+                     "schema": {"type": "string", "pattern": QUEUE_PATTERN}}],
                 guarded=True,
                 responses={"200": reply("a page of jobs", {
                     "type": "object", "required": ["jobs", "next"],
@@ -2010,6 +2204,10 @@ def openapi_document(schema, settings):
                     "started_at": {"type": ["string", "null"], "format": "date-time"},
                     "finished_at": {"type": ["string", "null"], "format": "date-time"},
                     "attempts": {"type": "integer"},
+                    "queue": {"type": "string"}, "priority": {"type": "integer"},
+                    "retries": {"type": "integer"},
+                    "run_at": {"type": "string", "format": "date-time",
+                               "description": "when it may start next"},
                     "progress": {"type": "number", "minimum": 0, "maximum": 1},
                     "result": {}, "error": {"type": "string"}}},
             },
@@ -2027,8 +2225,9 @@ class App:
 
     def __init__(self, settings, store, runner):
         self.settings, self.store, self.runner = settings, store, runner
-        self.schema = (ITEM_SCHEMA if settings.max_valor == Settings.max_valor
-                       else item_schema(settings.max_valor))
+        limits = (settings.max_valor, settings.max_delay)
+        self.schema = (ITEM_SCHEMA if limits == (Settings.max_valor, Settings.max_delay)
+                       else item_schema(*limits))
         self.validator = compile_schema(self.schema)
         self.fast_check = compile_fast_check(self.schema)
         self._api_key = None if settings.api_key is None else settings.api_key.encode()
@@ -2191,7 +2390,10 @@ class App:
             item, error = check_item(entry, self.validator, self.fast_check)
             if error is None:
                 token = secrets.token_hex(16)
-                jobs.append((token, item, entry["valor"]))
+                jobs.append(NewJob(
+                    token, item, entry["valor"], entry.get("delay", 0),
+                    int(entry.get("priority", 0)), entry.get("queue", DEFAULT_QUEUE),
+                    int(entry.get("retries", self.settings.retries))))
                 results.append({"hash": token, "index": index, "item": item,
                                 "status": QUEUED, "check": f"{prefix}/check/{token}"})
             else:
@@ -2239,8 +2441,11 @@ class App:
         """List jobs newest first: 200, or 400 for a bad parameter."""
         query = self._query(environ)
         status, limit, before = query.get("status"), query.get("limit"), query.get("before")
+        queue = query.get("queue")
         if status is not None and status not in STATES:
             raise ApiError(400, "invalid_status", f"status must be one of {', '.join(STATES)}")
+        if queue is not None and not QUEUE_RE.match(queue):
+            raise ApiError(400, "invalid_queue", f"queue must match {QUEUE_PATTERN}")
         if limit is None:
             limit = MAX_LIMIT[0]
         elif DIGITS_RE.match(limit) and 1 <= int(limit) <= MAX_LIMIT[1]:
@@ -2249,7 +2454,7 @@ class App:
             raise ApiError(400, "invalid_limit",
                            f"limit must be a whole number from 1 to {MAX_LIMIT[1]}")
         before = None if before is None else decode_cursor(before)
-        rows, next_id = self.store.list(status, before, limit)
+        rows, next_id = self.store.list(status, before, limit, queue)
         now = time.time()
         return self._json(200, {"jobs": [job_view(row, now) for row in rows],
                                 "next": None if next_id is None else encode_cursor(next_id)})
@@ -2271,6 +2476,8 @@ class App:
              [("", counters["invalid"])]),
             ("queue_tool_jobs_finished_total", "counter", "Jobs that reached a final state.",
              [(f'{{status="{s}"}}', counters["finished_" + s]) for s in sorted(FINAL_STATES)]),
+            ("queue_tool_jobs_retried_total", "counter",
+             "Retries scheduled after a processor raised.", [("", counters["retried"])]),
             ("queue_tool_jobs", "gauge", "Jobs queued or running now, in every process.",
              [(f'{{status="{s}"}}', counts[s]) for s in (QUEUED, RUNNING)]),
             ("queue_tool_workers", "gauge", "Worker threads alive in this process.",
@@ -2319,7 +2526,9 @@ def make_app(settings=None, process=None, **overrides):
     store = open_store(settings.db, settings.workers)
     runner = Runner(store, process, workers=settings.workers,
                     lease=settings.lease, max_attempts=settings.max_attempts,
-                    retention=settings.retention, grace=settings.grace)
+                    retention=settings.retention, grace=settings.grace,
+                    queues=settings.queues and settings.queues.split(","),
+                    retry_delay=settings.retry_delay, max_delay=settings.max_delay)
     return App(settings, store, runner)
 
 

@@ -390,7 +390,8 @@ def test_item_validator_is_compiled_once_and_reused(make):
     submit(client, [{"item": "a", "valor": 1}, {"item": "b"}])
     assert built.validator is validator
     assert built.schema is queue_tool.ITEM_SCHEMA
-    assert isinstance(validator, queue_tool.jsonschema.Draft202012Validator)
+    assert isinstance(validator, queue_tool.ItemValidator)  # Draft 2020-12, ECMA patterns
+    assert validator.META_SCHEMA == queue_tool.jsonschema.Draft202012Validator.META_SCHEMA
 
 
 # -- POST /api: whole-request errors ------------------------------------------
@@ -1168,6 +1169,7 @@ def scrape(client):
     assert typed == {"queue_tool_jobs_submitted_total": "counter",
                      "queue_tool_items_invalid_total": "counter",
                      "queue_tool_jobs_finished_total": "counter",
+                     "queue_tool_jobs_retried_total": "counter",
                      "queue_tool_jobs": "gauge", "queue_tool_workers": "gauge"}
     return samples
 
@@ -1464,7 +1466,14 @@ json_values = st.recursive(
     max_leaves=12)
 item_like = st.fixed_dictionaries(
     {"item": st.one_of(st.text(max_size=12), json_values),
-     "valor": st.one_of(st.integers(-2, 4000), st.floats(-1, 4000), st.booleans(), json_values)})
+     "valor": st.one_of(st.integers(-2, 4000), st.floats(-1, 4000), st.booleans(), json_values)},
+    optional={
+        "delay": st.one_of(st.integers(-1, 2_600_000), st.floats(-1, 3e6), json_values),
+        "priority": st.one_of(st.integers(-12, 12), st.floats(-11, 11), st.booleans(),
+                              json_values),
+        "queue": st.one_of(st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,66}", fullmatch=True),
+                           st.sampled_from(["a\n", "A", "-a", "", "default"]), json_values),
+        "retries": st.one_of(st.integers(-1, 27), st.floats(-1, 26), json_values)})
 bodies = st.one_of(
     st.lists(st.one_of(item_like, json_values), max_size=6).map(
         lambda batch: json.dumps(batch).encode()),
@@ -1552,9 +1561,9 @@ def test_fast_check_agrees_with_the_validator(item, max_valor):
 def test_fast_check_steps_aside_for_keywords_it_does_not_know():
     closed = {**queue_tool.ITEM_SCHEMA, "additionalProperties": False}
     assert queue_tool.compile_fast_check(closed) is None
-    patterned = queue_tool.item_schema()
-    patterned["properties"]["item"]["pattern"] = "^a"
-    assert queue_tool.compile_fast_check(patterned) is None
+    formatted = queue_tool.item_schema()
+    formatted["properties"]["item"]["format"] = "email"
+    assert queue_tool.compile_fast_check(formatted) is None
     assert queue_tool.compile_fast_check(queue_tool.ITEM_SCHEMA) is not None
 
 
@@ -1957,7 +1966,8 @@ def test_store_submit_keeps_each_job_as_given(store):
     assert store.get(UNKNOWN_TOKEN) is None
     assert store.queued() == 3 and store.counts() == {"queued": 3, "running": 0}
     assert store.counters() == {"submitted": 3, "invalid": 2, "finished_done": 0,
-                                "finished_failed": 0, "finished_canceled": 0, "queued": 3}
+                                "finished_failed": 0, "finished_canceled": 0, "retried": 0,
+                                "queued": 3}
 
 
 @both_stores
