@@ -6,6 +6,7 @@ import datetime
 import http.client
 import importlib.util
 import io
+import itertools
 import json
 import os
 import re
@@ -737,6 +738,8 @@ def test_paging_with_inserts_in_between_sees_every_job_once(make):
     ("before=YmVmb3JlOi0x", "invalid_cursor"),         # "before:-1"
     ("before=YmVmb3JlOjE=", "invalid_cursor"),         # padded: not one handed out
     ("before=%FF", "invalid_cursor"),
+    ("queue=", "invalid_queue"), ("queue=Big", "invalid_queue"), ("queue=a%0A", "invalid_queue"),
+    ("queue=-a", "invalid_queue"), ("queue=" + "a" * 65, "invalid_queue"),
 ])
 def test_jobs_bad_parameters_are_400(client, query, error):
     assert client.get(f"/jobs?{query}", status=400).json["error"] == error
@@ -1717,6 +1720,288 @@ def test_dashboard_in_chromium_asks_for_the_key_and_leaks_nothing(servers, brows
     assert all("401" in problem for problem in browser.problems), browser.problems
 
 
+# -- Job options: delay, priority, queue, retries -------------------------------------
+
+@both_stores
+@pytest.mark.parametrize("options, error", [
+    ({}, None),
+    ({"delay": 0, "priority": -10, "queue": "a", "retries": 0}, None),
+    ({"delay": 2.5, "priority": 10, "queue": "reports.v2_eu-1", "retries": 25}, None),
+    ({"priority": 3.0, "retries": 2.0}, None),  # integers to JSON Schema
+    ({"queue": "q" * 64}, None),
+    ({"delay": 2592000}, None),  # max_delay, 30 days
+    ({"delay": -1}, "-1 is less than the minimum of 0"),
+    ({"delay": 2592001}, "2592001 is greater than the maximum of 2592000"),
+    ({"delay": "soon"}, "'soon' is not of type 'number'"),
+    ({"delay": True}, "True is not of type 'number'"),
+    ({"priority": 11}, "11 is greater than the maximum of 10"),
+    ({"priority": -11}, "-11 is less than the minimum of -10"),
+    ({"priority": 1.5}, "1.5 is not of type 'integer'"),
+    ({"priority": False}, "False is not of type 'integer'"),
+    ({"queue": ""}, "'' does not match '^[a-z0-9][a-z0-9_.-]{0,63}$'"),
+    ({"queue": "Reports"}, "'Reports' does not match '^[a-z0-9][a-z0-9_.-]{0,63}$'"),
+    ({"queue": "a\n"}, "'a\\n' does not match '^[a-z0-9][a-z0-9_.-]{0,63}$'"),
+    ({"queue": "_a"}, "'_a' does not match '^[a-z0-9][a-z0-9_.-]{0,63}$'"),
+    ({"queue": "q" * 65}, f"'{'q' * 65}' does not match '^[a-z0-9][a-z0-9_.-]{{0,63}}$'"),
+    ({"queue": 7}, "7 is not of type 'string'"),
+    ({"retries": 26}, "26 is greater than the maximum of 25"),
+    ({"retries": -1}, "-1 is less than the minimum of 0"),
+    ({"retries": "2"}, "'2' is not of type 'integer'"),
+])
+def test_job_options_are_checked_by_the_item_schema(make, options, error):
+    built = make(workers=0)
+    client = webtest.TestApp(built)
+    entry = submit(client, [{"item": "a", "valor": 1, **options}]).json["processing_items"][0]
+    if error is not None:
+        assert (entry["hash"], entry["error"]) == ("INVALID_JOB_REQUEST", error)
+        assert built.store.list()[0] == []
+        return
+    view = client.get(entry["check"], status=200).json
+    assert (view["queue"], view["priority"], view["retries"]) == (
+        options.get("queue", "default"), options.get("priority", 0), options.get("retries", 0))
+    assert type(view["priority"]) is int and type(view["retries"]) is int
+    waited = iso_seconds(view["run_at"]) - iso_seconds(view["created_at"])
+    assert abs(waited - options.get("delay", 0)) < 0.002
+
+
+def test_plain_items_answer_exactly_as_before_options(make):
+    client = webtest.TestApp(make(workers=0))
+    body = submit(client, ORIGINAL_BATCH).json
+    assert body["processing_items"][0] == {
+        "hash": "INVALID_JOB_REQUEST", "index": 0, "item": "Teste1",
+        "error": "'valor' is a required property"}
+    assert set(body["processing_items"][1]) == {"hash", "index", "item", "status", "check"}
+    view = client.get(body["processing_items"][1]["check"], status=200).json
+    assert view["run_at"] == view["created_at"] and view["queue"] == "default"
+
+
+def test_retries_setting_is_the_default_of_an_item(make):
+    client = webtest.TestApp(make(workers=0, retries=4))
+    plain, own = submit(client, [{"item": "a", "valor": 1},
+                                 {"item": "b", "valor": 1, "retries": 0}]).json["processing_items"]
+    assert client.get(plain["check"]).json["retries"] == 4
+    assert client.get(own["check"]).json["retries"] == 0
+
+
+def test_max_delay_setting_moves_the_limit(make):
+    client = webtest.TestApp(make(workers=0, max_delay=60))
+    entry = submit(client, [{"item": "a", "valor": 1, "delay": 61}]).json["processing_items"][0]
+    assert entry["error"] == "61 is greater than the maximum of 60"
+    document = client.get("/openapi.json").json
+    assert document["components"]["schemas"]["Item"]["properties"]["delay"]["maximum"] == 60
+
+
+@both_stores
+def test_store_claims_by_priority_then_run_at_then_age(store):
+    a, b, c, d, e = hexes(*"abcde")
+    store.submit([queue_tool.NewJob(a, "a", 0), queue_tool.NewJob(b, "b", 0, priority=5),
+                  queue_tool.NewJob(c, "c", 0, priority=5),
+                  queue_tool.NewJob(d, "d", 0, delay=3600, priority=10),
+                  queue_tool.NewJob(e, "e", 0, priority=-1)], 0, 10)
+    assert store.next_due(["x"]) is None and store.next_due() == 0
+    order = [store.claim("me:1:x", 60)["token"] for _ in range(4)]
+    assert order == [b, c, a, e]  # d waits for its time whatever its priority
+    assert store.claim("me:1:x", 60) is None
+    assert 3590 < store.next_due() <= 3600
+    assert store.get(d)["status"] == "queued"
+
+
+@both_stores
+def test_store_claims_only_the_queues_asked_for(store):
+    a, b = hexes("a", "b")
+    store.submit([queue_tool.NewJob(b, "b", 0, queue="b"), queue_tool.NewJob(a, "a", 0, queue="a")],
+                 0, 10)
+    assert store.next_due(["c"]) is None and store.next_due(["a"]) == 0
+    assert store.claim("me:1:x", 60, ["c"]) is None
+    assert store.claim("me:1:x", 60, ["a"])["token"] == a
+    assert store.claim("me:1:x", 60, ["a", "b"])["token"] == b
+    assert [job["token"] for job in store.list(queue="a")[0]] == [a]
+
+
+@both_stores
+def test_store_retry_requeues_for_later_and_counts(store):
+    token = hexes("r")[0]
+    store.submit([queue_tool.NewJob(token, "r", 0, retries=2)], 0, 10)
+    store.claim("me:1:x", 60)
+    assert not store.retry(token, "other:1:x", "boom", 60)
+    assert store.retry(token, "me:1:x", "boom", 60)
+    row = store.get(token)
+    assert (row["status"], row["error"], row["retried"], row["owner"]) == (
+        "queued", "boom", 1, None)
+    assert 55 < row["run_at"] - time.time() < 65
+    assert store.claim("me:1:x", 60) is None  # not before its time
+    assert store.counters()["retried"] == 1 and store.queued() == 1
+
+
+@both_stores
+def test_delayed_job_starts_at_its_time_not_before(make, db):
+    client = webtest.TestApp(make(workers=1))
+    entry = submit(client, [{"item": "later", "valor": 0, "delay": 0.6}]).json["processing_items"][0]
+    early = client.get(entry["check"], status=200).json
+    assert (early["status"], early["message"]) == ("queued", "Na fila")
+    assert iso_seconds(early["run_at"]) > iso_seconds(early["created_at"]) + 0.59
+    view = client.get(entry["check"] + "?wait=10", status=200).json
+    started, due = iso_seconds(view["started_at"]), iso_seconds(view["run_at"])
+    assert view["status"] == "done" and started >= due
+    assert started - due < 0.5, "a delayed job waits for its time, not for a poll"
+
+
+@both_stores
+def test_higher_priority_submitted_later_runs_first(make, gate, seen, gated):
+    client = webtest.TestApp(make(process=gated, workers=1))
+    submit(client, [{"item": "blocker", "valor": 1}])
+    started_jobs(seen, 1)  # the only worker is busy until the gate opens
+    submit(client, [{"item": "low", "valor": 1}, {"item": "same", "valor": 1}])
+    submit(client, [{"item": "high", "valor": 1, "priority": 5}])
+    gate.set()
+    started_jobs(seen, 4)
+    assert [job.item for job in seen] == ["blocker", "high", "low", "same"]
+    assert (seen[1].priority, seen[1].queue) == (5, "default")
+
+
+def flaky(fails, starts):
+    """A processor that raises `fails` times, recording when each attempt starts."""
+    def process(job):
+        starts.append(time.monotonic())
+        if len(starts) <= fails:
+            raise RuntimeError(f"boom {len(starts)}")
+        return {"attempt": job.attempts}
+    return process
+
+
+@both_stores
+def test_failing_job_is_retried_with_backoff_until_it_succeeds(make):
+    starts = []
+    built = make(process=flaky(2, starts), workers=1, retry_delay=0.2)
+    client = webtest.TestApp(built)
+    entry = submit(client, [{"item": "a", "valor": 0, "retries": 2}]).json["processing_items"][0]
+    wait_until(lambda: client.get(entry["check"]).json["status"] == "done",
+               what="the job to succeed on its third attempt")
+    view = client.get(entry["check"], status=200).json
+    assert (view["attempts"], view["result"], view["retries"]) == (3, {"attempt": 3}, 2)
+    assert "error" not in view
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    for gap, expected in zip(gaps, (0.2, 0.4)):  # retry_delay x 2^(n-1), 10% jitter
+        assert expected * 0.9 - 0.01 <= gap <= expected * 1.1 + 0.3, (gaps, expected)
+    assert scrape(client)["queue_tool_jobs_retried_total"] == 2
+
+
+@both_stores
+def test_job_that_spends_its_retries_fails_with_the_last_error(make):
+    starts = []
+    client = webtest.TestApp(make(process=flaky(5, starts), workers=1, retry_delay=0.05))
+    entry = submit(client, [{"item": "a", "valor": 0, "retries": 1}]).json["processing_items"][0]
+    wait_until(lambda: client.get(entry["check"]).json["status"] == "failed")
+    view = client.get(entry["check"], status=200).json
+    assert (view["message"], view["error"], view["attempts"]) == ("Falhou", "boom 2", 2)
+
+
+@both_stores
+def test_retry_raised_by_the_processor_sets_the_wait(make):
+    starts = []
+
+    def process(job):
+        starts.append(time.monotonic())
+        if job.attempts == 1:
+            raise queue_tool.Retry(delay=0.4)
+        return "second time"
+    client = webtest.TestApp(make(process=process, workers=1, retries=1, retry_delay=60))
+    entry = submit(client, [{"item": "a", "valor": 0}]).json["processing_items"][0]
+    wait_until(lambda: len(starts) == 1)
+    waiting = client.get(entry["check"], status=200).json
+    assert (waiting["status"], waiting["error"]) == ("queued", "the processor asked for a retry")
+    view = client.get(entry["check"] + "?wait=10", status=200).json
+    assert (view["status"], view["result"], view["attempts"]) == ("done", "second time", 2)
+    assert 0.39 <= starts[1] - starts[0] <= 0.9  # its own delay, not retry_delay's minute
+
+
+def test_retry_without_retries_left_fails_the_job(make):
+    def process(job):
+        raise queue_tool.Retry(delay=1, message="not yet")
+    client = webtest.TestApp(make(process=process, workers=1))
+    entry = submit(client, [{"item": "a", "valor": 0}]).json["processing_items"][0]
+    view = client.get(entry["check"] + "?wait=10", status=200).json
+    assert (view["status"], view["error"]) == ("failed", "not yet")
+
+
+def test_retry_refuses_a_bad_delay():
+    for delay in (-1, float("nan"), float("inf"), "soon"):
+        with pytest.raises(ValueError, match="delay must be"):
+            queue_tool.Retry(delay=delay)
+
+
+@both_stores
+def test_job_waiting_for_a_retry_can_be_canceled(make):
+    starts = []
+    client = webtest.TestApp(make(process=flaky(9, starts), workers=1, retry_delay=60))
+    entry = submit(client, [{"item": "a", "valor": 0, "retries": 3}]).json["processing_items"][0]
+    wait_until(lambda: client.get(entry["check"]).json.get("error") == "boom 1")
+    view = client.delete(entry["check"], status=200).json
+    assert (view["status"], view["error"], view["attempts"]) == ("canceled", "boom 1", 1)
+    assert client.delete(entry["check"], status=409).json["error"] == "already_finished"
+
+
+@both_stores
+def test_shutdown_during_a_retry_wait_loses_nothing(make):
+    starts = []
+    first = make(process=flaky(1, starts), workers=1, retry_delay=0.5)
+    client = webtest.TestApp(first)
+    entry = submit(client, [{"item": "a", "valor": 0, "retries": 1}]).json["processing_items"][0]
+    wait_until(lambda: client.get(entry["check"]).json.get("error") == "boom 1")
+    assert first.close(grace=0) == []  # nothing running: nothing to put back
+    second = make(process=flaky(0, []), workers=1)
+    view = webtest.TestApp(second).get(entry["check"] + "?wait=10", status=200).json
+    assert (view["status"], view["attempts"], view["result"]) == ("done", 2, {"attempt": 2})
+
+
+@both_stores
+def test_workers_take_only_the_queues_they_serve(make, gate):
+    ran = []
+
+    def record(job):
+        ran.append((job.item, job.queue))
+    serving_a = make(process=record, workers=1, queues="a")
+    client = webtest.TestApp(serving_a)
+    b_entry, a_entry = submit(client, [{"item": "for b", "valor": 0, "queue": "b"},
+                                       {"item": "for a", "valor": 0, "queue": "a"}]
+                              ).json["processing_items"]
+    assert client.get(a_entry["check"] + "?wait=10").json["status"] == "done"
+    serving_a.runner.notify_submitted(1)  # a nudge: it still must not take the b job
+    assert client.get(b_entry["check"] + "?wait=0.3").json["status"] == "queued"
+    make(process=record, workers=1, queues="b,c").start()
+    assert client.get(b_entry["check"] + "?wait=10").json["status"] == "done"
+    assert ran == [("for a", "a"), ("for b", "b")]
+    page = client.get("/jobs?queue=b", status=200).json
+    assert [job["item"] for job in page["jobs"]] == ["for b"]
+
+
+@pytest.mark.parametrize("value", ["A", "a,,b", "a b", "-a"])
+def test_bad_queues_setting_is_refused(tmp_path, value):
+    with pytest.raises(queue_tool.SettingsError, match="queues must be"):
+        queue_tool.make_app(db=tmp_path / "q.sqlite3", queues=value)
+
+
+def test_postgres_database_of_version_1_is_upgraded_with_its_jobs(db_postgres, make):
+    import psycopg
+    with psycopg.connect(db_postgres, autocommit=True) as connection:
+        for statement in queue_tool.PostgresStore.SCHEMA:
+            connection.execute(statement)
+        connection.execute("CREATE TABLE queue_tool_schema (version integer NOT NULL)")
+        connection.execute("INSERT INTO queue_tool_schema VALUES (1)")
+        connection.execute("INSERT INTO queue_tool_jobs (token, item, valor, status, created_at)"
+                           " VALUES (%s, 'old', 1.5, 'queued', now() - interval '1 hour')",
+                           ("a" * 32,))
+        connection.execute("INSERT INTO queue_tool_counters VALUES ('submitted', 0, 1),"
+                           " ('queued', 0, 1)")
+    client = webtest.TestApp(make(db=db_postgres, workers=1))
+    view = client.get("/check/" + "a" * 32 + "?wait=10", status=200).json
+    assert (view["status"], view["valor"], view["queue"], view["priority"]) == (
+        "done", 1.5, "default", 0)
+    assert view["run_at"] == view["created_at"]
+    assert scrape(client)["queue_tool_jobs_submitted_total"] == 1
+    assert sql(db_postgres, "SELECT version FROM queue_tool_schema") == [(2,)]
+
+
 # -- Processors ------------------------------------------------------------------
 
 @both_stores
@@ -2203,6 +2488,9 @@ def test_sqlite_file_of_0_1_0_is_upgraded_with_its_jobs_and_counters(make, tmp_p
     assert counters["queue_tool_items_invalid_total"] == 4
     assert counters['queue_tool_jobs_finished_total{status="done"}'] == 2
     assert sql(db, "PRAGMA user_version") == [(queue_tool.SQLiteStore.VERSION,)]
+    old = client.get("/check/" + "b" * 32, status=200).json
+    assert (old["queue"], old["priority"], old["retries"]) == ("default", 0, 0)
+    assert old["run_at"] == old["created_at"]
 
 
 def test_postgres_stores_starting_at_once_set_the_schema_up_once(db_postgres):
