@@ -1703,6 +1703,8 @@ button.primary { background: var(--accent); border-color: var(--accent); color: 
 input, select, textarea { font: inherit; padding: 4px 6px; border: 1px solid var(--line);
   border-radius: 6px; box-sizing: border-box; }
 .row { display: flex; gap: 6px; margin-bottom: 6px; }
+fieldset { border: 1px solid var(--line); border-radius: 8px; display: flex; flex-wrap: wrap;
+  gap: 8px 14px; margin: 8px 0; } fieldset input { width: 7em; }
 .row .item { flex: 1 1 auto; min-width: 0; } .row .valor { width: 7.5em; }
 textarea { width: 100%; font-family: ui-monospace, monospace; }
 .actions { display: flex; gap: 8px; flex-wrap: wrap; margin: 8px 0; }
@@ -1742,6 +1744,13 @@ progress { width: 7em; vertical-align: middle; }
   <form id="batch-form">
     <div id="rows"></div>
     <div class="actions"><button type="button" id="add-row">Add item</button></div>
+    <fieldset id="options"><legend>Options for every item above (all optional)</legend>
+      <label>Delay (s) <input id="opt-delay" type="number" min="0" step="any"></label>
+      <label>Priority <input id="opt-priority" type="number" min="-10" max="10" step="1"
+        placeholder="0"></label>
+      <label>Queue <input id="opt-queue" placeholder="default" autocomplete="off"></label>
+      <label>Retries <input id="opt-retries" type="number" min="0" max="25" step="1"></label>
+    </fieldset>
     <details><summary>or paste a JSON array</summary>
       <textarea id="batch-json" rows="4" aria-label="batch as JSON"
         placeholder='[{"item": "Teste", "valor": 1}]'></textarea></details>
@@ -1759,8 +1768,9 @@ progress { width: 7em; vertical-align: middle; }
     <button type="button" id="next">Next page</button>
     <span id="jobs-note" class="muted"></span>
   </div>
-  <table><thead><tr><th>Token</th><th>Item</th><th>Valor</th><th>Status</th><th>Created</th>
-    <th>Finished</th><th>Progress</th><th></th></tr></thead><tbody id="jobs"></tbody></table>
+  <table><thead><tr><th>Token</th><th>Item</th><th>Valor</th><th>Status</th><th>Queue</th>
+    <th>Priority</th><th>Attempts</th><th>Created</th><th>Starts</th><th>Finished</th>
+    <th>Progress</th><th></th></tr></thead><tbody id="jobs"></tbody></table>
 </section>
 <script nonce="__NONCE__">
 "use strict";
@@ -1822,7 +1832,13 @@ function jobRow(job) {
   cell("Item", job.item, "item");
   cell("Valor", job.valor);
   cell("Status", el("span", job.message, "badge " + job.status)).title = job.status;
+  cell("Queue", job.queue);
+  cell("Priority", job.priority);
+  cell("Attempts", job.attempts);
   cell("Created", when(job.created_at));
+  // A queued job says when it may start: at once, or later (a delay, a retry's wait).
+  const starts = job.status === "queued" ? Date.parse(job.run_at) : NaN;
+  cell("Starts", starts > Date.now() ? "at " + when(job.run_at) : (job.status === "queued" ? "now" : ""));
   cell("Finished", when(job.finished_at));
   const progress = cell("Progress", "");
   if (job.status === "running") {
@@ -1840,6 +1856,7 @@ function jobRow(job) {
       refresh();
     });
     actions.append(cancel);
+    if (job.error) actions.append(" ", el("span", "retry after: " + job.error, "error"));
   } else if (job.status === "failed") {
     actions.append(el("span", job.error, "error"));
   }
@@ -1900,6 +1917,10 @@ function batchBody() {
     if (!item && !valor) continue;
     const entry = {item};
     if (valor !== "") entry.valor = Number(valor);
+    for (const name of ["delay", "priority", "queue", "retries"]) {
+      const value = $("opt-" + name).value.trim();
+      if (value !== "") entry[name] = name === "queue" ? value : Number(value);
+    }
     batch.push(entry);
   }
   return JSON.stringify(batch);

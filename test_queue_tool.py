@@ -140,7 +140,7 @@ def make(db, gate):
     yield build
     gate.set()
     for built in apps:
-        built.close(grace=5)
+        built.close(grace=1)  # gated jobs end at once; a long default job need not
 
 
 @pytest.fixture
@@ -1700,6 +1700,36 @@ def test_dashboard_in_chromium_takes_pasted_json_and_filters(servers, browser, t
     assert all("status of 400" in problem for problem in browser.problems), browser.problems
 
 
+def test_dashboard_in_chromium_sets_job_options_and_shows_them(servers, browser, tmp_path):
+    from playwright.sync_api import expect
+    server = servers("--db", str(tmp_path / "ui.sqlite3"), "--workers", "1")
+    page = browser(server.url + "/")
+    page.locator("#rows .item").first.fill("later")
+    page.locator("#rows .valor").first.fill("1")
+    page.fill("#opt-delay", "3600")
+    page.fill("#opt-priority", "7")
+    page.fill("#opt-queue", "reports")
+    page.fill("#opt-retries", "2")
+    page.click("#send")
+    expect(page.locator("#results li")).to_have_count(1)
+    row = page.locator("#jobs tr", has_text="later")
+    expect(row.locator("td[data-label=Queue]")).to_have_text("reports")
+    expect(row.locator("td[data-label=Priority]")).to_have_text("7")
+    expect(row.locator("td[data-label=Attempts]")).to_have_text("0")
+    expect(row.locator("td[data-label=Starts]")).to_contain_text("at ")
+    token = page.locator("#results code").nth(1).inner_text()
+    status, view = server.request("GET", f"/check/{token}")
+    assert (view["queue"], view["priority"], view["retries"], view["status"]) == (
+        "reports", 7, 2, "queued")
+    assert iso_seconds(view["run_at"]) - iso_seconds(view["created_at"]) == pytest.approx(
+        3600, abs=0.01)
+    page.fill("#opt-queue", "Not A Queue")
+    page.click("#send")
+    expect(page.locator("#results li .error")).to_contain_text("does not match")
+    page.screenshot(path=str(tmp_path / "dashboard-options.png"), full_page=True)
+    assert browser.problems == []
+
+
 def test_dashboard_in_chromium_asks_for_the_key_and_leaks_nothing(servers, browser, tmp_path):
     from playwright.sync_api import expect
     server = servers("--db", str(tmp_path / "ui.sqlite3"), "--workers", "0",
@@ -2860,7 +2890,7 @@ def gunicorn(tmp_path):
 
 @both_stores
 def test_served_end_to_end_submit_follow_and_stop(servers, db):
-    server = servers("--db", str(db), "--workers", "2")
+    server = servers("--db", str(db), "--workers", "2", "--grace", "0.5")
     status, body = server.request("POST", "/api", ORIGINAL_BATCH + [
         {"item": "quick", "valor": 0.2}])
     assert status == 202
