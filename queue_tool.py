@@ -54,6 +54,7 @@ import contextlib
 import dataclasses
 import decimal
 import functools
+import hashlib
 import hmac
 import html
 import http
@@ -469,7 +470,7 @@ COUNTERS = ("submitted", "invalid", "finished_done", "finished_failed", "finishe
 PURGE_BATCH = 500  # rows per purge transaction: short, so writers never wait long
 JOB_FIELDS = ("token", "item", "valor", "status", "created_at", "started_at", "finished_at",
               "attempts", "owner", "lease_until", "progress", "result", "error", "queue",
-              "priority", "run_at", "retries", "retried")
+              "priority", "run_at", "retries", "retried", "batch")
 
 
 class NewJob(collections.namedtuple(
@@ -515,6 +516,14 @@ def _job(row):
     return None if row is None else dict(zip(JOB_FIELDS, row))
 
 
+def _batch(batch_id, rows, job):
+    """A batch from rows of (created_at, total, job fields...); None without rows."""
+    if not rows:
+        return None
+    jobs = [job(row[2:]) for row in rows if row[2] is not None]  # LEFT JOIN: maybe none
+    return {"batch": batch_id, "created_at": rows[0][0], "total": rows[0][1], "jobs": jobs}
+
+
 class Listener:
     """Wake-ups from other processes on the same store; see `SQLiteStore.listen`."""
 
@@ -534,7 +543,7 @@ class SQLiteStore:
     Times are this host's clock. After close() every method raises StoreError.
     """
 
-    VERSION = 2  # PRAGMA user_version; 0.1.0 recorded none, its layout is version 1
+    VERSION = 3  # PRAGMA user_version; 0.1.0 recorded none, its layout is version 1
     SCHEMA = (
         """CREATE TABLE jobs (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -568,6 +577,13 @@ class SQLiteStore:
              ("CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, id)"
               " WHERE status = 'queued'"),
              "CREATE INDEX jobs_due ON jobs (run_at) WHERE status = 'queued'")),
+        # Batches, and the idempotency keys and first answers of their submits.
+        (3, (("CREATE TABLE batches (id TEXT PRIMARY KEY, created_at REAL NOT NULL,"
+              " total INTEGER NOT NULL, idempotency_key TEXT UNIQUE, fingerprint TEXT,"
+              " response TEXT)"),
+             "CREATE INDEX batches_created_at ON batches (created_at)",
+             "ALTER TABLE jobs ADD COLUMN batch TEXT",
+             "CREATE INDEX jobs_batch ON jobs (batch, id) WHERE batch IS NOT NULL")),
     )
     COLUMNS = ", ".join(JOB_FIELDS)
     listen_interval = 0.005  # seconds between looks at PRAGMA data_version
@@ -667,23 +683,61 @@ class SQLiteStore:
 
     # Each method below is one transaction.
 
-    def submit(self, jobs, invalid, max_queued):
-        """Queue `jobs` (NewJob records, or tuples in its order) at once, or none
-        (QueueFull)."""
+    def submit(self, jobs, invalid, max_queued, batch=None, key=None):
+        """Queue `jobs` (NewJob records, or tuples in its order) at once as batch
+        `batch`, or none (QueueFull).
+
+        `key` is (idempotency key, fingerprint, response) to keep with the batch. If
+        a batch already holds that key, nothing is queued and its (fingerprint,
+        response) is returned; otherwise None.
+        """
         jobs = [NewJob(*job) for job in jobs]
         with self._transaction() as conn:
+            if key is not None:
+                earlier = conn.execute("SELECT fingerprint, response FROM batches"
+                                       " WHERE idempotency_key = ?", (key[0],)).fetchone()
+                if earlier is not None:
+                    return tuple(earlier)
             if jobs:
                 (queued,) = conn.execute(
                     "SELECT value FROM counters WHERE name = 'queued'").fetchone()
                 if queued + len(jobs) > max_queued:
                     raise QueueFull(f"{queued} jobs are queued; the limit is {max_queued}")
-                now = time.time()
-                conn.executemany(
-                    "INSERT INTO jobs (token, item, valor, status, created_at, run_at, queue,"
-                    " priority, retries) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                    [(job.token, job.item, job.valor, now, now + job.delay, job.queue,
-                      job.priority, job.retries) for job in jobs])
+            now = time.time()
+            if batch is not None:
+                conn.execute("INSERT INTO batches (id, created_at, total, idempotency_key,"
+                             " fingerprint, response) VALUES (?, ?, ?, ?, ?, ?)",
+                             (batch, now, len(jobs), *(key or (None, None, None))))
+            conn.executemany(
+                "INSERT INTO jobs (token, item, valor, status, created_at, run_at, queue,"
+                " priority, retries, batch) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                [(job.token, job.item, job.valor, now, now + job.delay, job.queue,
+                  job.priority, job.retries, batch) for job in jobs])
             self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs))
+        return None
+
+    def batch(self, batch_id):
+        """{"batch", "created_at", "total", "jobs": [rows in input order]}, or None."""
+        rows = self._read(
+            f"SELECT b.created_at, b.total, {', '.join('j.' + f for f in JOB_FIELDS)}"
+            f" FROM batches AS b LEFT JOIN jobs AS j ON j.batch = b.id WHERE b.id = ?"
+            f" ORDER BY j.id", (batch_id,))
+        return _batch(batch_id, rows, _job)
+
+    def cancel_batch(self, batch_id):
+        """Cancel the unfinished jobs of a batch: [(token, status before)], or None
+        for an unknown batch."""
+        with self._transaction() as conn:
+            if conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is None:
+                return None
+            rows = conn.execute("SELECT token, status FROM jobs WHERE batch = ?"
+                                " AND status IN ('queued', 'running')", (batch_id,)).fetchall()
+            conn.execute("UPDATE jobs SET status = 'canceled', finished_at = ?, owner = NULL,"
+                         " lease_until = NULL WHERE batch = ? AND status IN ('queued', 'running')",
+                         (time.time(), batch_id))
+            self._count(conn, finished_canceled=len(rows),
+                        queued=-sum(status == QUEUED for _, status in rows))
+        return rows
 
     def get(self, token):
         rows = self._read(f"SELECT {self.COLUMNS} FROM jobs WHERE token = ?", (token,))
@@ -821,11 +875,16 @@ class SQLiteStore:
         return rows
 
     def purge(self, retention, batch=PURGE_BATCH):
-        """Delete up to `batch` jobs finished over `retention` seconds ago; how many."""
+        """Delete up to `batch` jobs finished over `retention` seconds ago, and as many
+        batches as old whose jobs are all gone (with their idempotency keys); how many."""
         with self._transaction() as conn:
+            before = time.time() - retention
             return conn.execute(
                 "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < ?"
-                " LIMIT ?)", (time.time() - retention, batch)).rowcount
+                " LIMIT ?)", (before, batch)).rowcount + conn.execute(
+                "DELETE FROM batches WHERE id IN (SELECT id FROM batches AS b"
+                " WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM jobs WHERE batch = b.id)"
+                " LIMIT ?)", (before, batch)).rowcount
 
     def list(self, status=None, before=None, limit=50, queue=None):
         """Up to `limit` jobs, newest first, older than job id `before`.
@@ -898,6 +957,14 @@ class _SQLiteListener(Listener):
             self._conn = None
 
 
+def _pg_columns(table=""):
+    """The select list of a job row in PostgreSQL: times as epoch seconds, as SQLite has them."""
+    t = f"{table}." if table else ""
+    epoch = {"created_at", "started_at", "finished_at", "lease_until", "run_at"}
+    return ", ".join(f"extract(epoch FROM {t}{name})::float8 AS {name}" if name in epoch
+                     else f"{t}{name}" for name in JOB_FIELDS)
+
+
 class PostgresStore:
     """The jobs in PostgreSQL: the only code that touches psycopg.
 
@@ -907,7 +974,7 @@ class PostgresStore:
     are named queue_tool_*, so they can live in an application's database.
     """
 
-    VERSION = 2
+    VERSION = 3
     SCHEMA = (
         """CREATE TABLE queue_tool_jobs (
             id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -954,15 +1021,18 @@ class PostgresStore:
               " WHERE status = 'queued'"),
              ("CREATE INDEX queue_tool_jobs_due ON queue_tool_jobs (run_at)"
               " WHERE status = 'queued'"))),
+        # Batches, and the idempotency keys and first answers of their submits.
+        (3, (("CREATE TABLE queue_tool_batches (id text PRIMARY KEY,"
+              " created_at timestamptz NOT NULL DEFAULT now(), total integer NOT NULL,"
+              " idempotency_key text UNIQUE, fingerprint text, response text)"),
+             "CREATE INDEX queue_tool_batches_created_at ON queue_tool_batches (created_at)",
+             "ALTER TABLE queue_tool_jobs ADD COLUMN batch text",
+             ("CREATE INDEX queue_tool_jobs_batch ON queue_tool_jobs (batch, id)"
+              " WHERE batch IS NOT NULL"))),
     )
     CHANNEL = "queue_tool"
     LOCK_KEY = 0x7175657565  # an advisory lock that serialises schema set-up
-    COLUMNS = ("token, item, valor, status,"
-               " extract(epoch FROM created_at)::float8 AS created_at,"
-               " extract(epoch FROM started_at)::float8 AS started_at,"
-               " extract(epoch FROM finished_at)::float8 AS finished_at, attempts, owner,"
-               " extract(epoch FROM lease_until)::float8 AS lease_until, progress, result, error,"
-               " queue, priority, extract(epoch FROM run_at)::float8 AS run_at, retries, retried")
+    COLUMNS = _pg_columns()
     SHARDS = 64
     # Adds the (name, delta) rows of a query to this connection's counter shard,
     # as a CTE, so that a change and its count can be one statement: one round
@@ -1082,24 +1152,34 @@ class PostgresStore:
 
     # Each method below is one transaction.
 
-    def submit(self, jobs, invalid, max_queued):
+    def submit(self, jobs, invalid, max_queued, batch=None, key=None):
         jobs = [NewJob(*job) for job in jobs]
         with self._transaction() as conn:
+            # The batch (and its key) first: a concurrent submit with the same key
+            # waits here on the unique index until this one commits or rolls back.
+            taken = batch is None or conn.execute(
+                "INSERT INTO queue_tool_batches (id, total, idempotency_key, fingerprint,"
+                " response) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (idempotency_key)"
+                " DO NOTHING RETURNING id",
+                (batch, len(jobs), *(key or (None, None, None)))).fetchone()
+            if not taken:
+                return tuple(conn.execute("SELECT fingerprint, response FROM queue_tool_batches"
+                                          " WHERE idempotency_key = %s", (key[0],)).fetchone())
             if jobs:
                 queued = self._queued(conn)
                 if queued + len(jobs) > max_queued:
                     raise QueueFull(f"{queued} jobs are queued; the limit is {max_queued}")
-                columns = list(zip(*jobs))
+                columns = list(zip(*jobs)) + [[batch] * len(jobs)]
                 columns[NewJob._fields.index("valor")] = [
                     decimal.Decimal(repr(valor)) for valor in columns[2]]
                 conn.execute(
                     "INSERT INTO queue_tool_jobs (token, item, valor, run_at, priority, queue,"
-                    " retries, status) SELECT token, item, valor,"
-                    " now() + delay * interval '1 second', priority, queue, retries, 'queued'"
-                    " FROM unnest(%s::text[], %s::text[], %s::numeric[], %s::float8[],"
-                    " %s::smallint[], %s::text[], %s::smallint[]) WITH ORDINALITY"
-                    " AS j (token, item, valor, delay, priority, queue, retries, n) ORDER BY n",
-                    [list(column) for column in columns])
+                    " retries, batch, status) SELECT token, item, valor,"
+                    " now() + delay * interval '1 second', priority, queue, retries, batch,"
+                    " 'queued' FROM unnest(%s::text[], %s::text[], %s::numeric[],"
+                    " %s::float8[], %s::smallint[], %s::text[], %s::smallint[], %s::text[])"
+                    " WITH ORDINALITY AS j (token, item, valor, delay, priority, queue, retries,"
+                    " batch, n) ORDER BY n", [list(column) for column in columns])
                 self._notify(conn, f"submitted:{len(jobs)}")
             self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs))
 
@@ -1229,7 +1309,34 @@ class PostgresStore:
             return conn.execute(
                 "DELETE FROM queue_tool_jobs WHERE id IN (SELECT id FROM queue_tool_jobs"
                 " WHERE finished_at < now() - %s * interval '1 second' LIMIT %s)",
+                (retention, batch)).rowcount + conn.execute(
+                "DELETE FROM queue_tool_batches WHERE id IN (SELECT id FROM queue_tool_batches"
+                " AS b WHERE created_at < now() - %s * interval '1 second' AND NOT EXISTS"
+                " (SELECT 1 FROM queue_tool_jobs WHERE batch = b.id) LIMIT %s)",
                 (retention, batch)).rowcount
+
+    def batch(self, batch_id):
+        rows = self._read(
+            f"SELECT extract(epoch FROM b.created_at)::float8, b.total, {_pg_columns('j')}"
+            f" FROM queue_tool_batches AS b LEFT JOIN queue_tool_jobs AS j ON j.batch = b.id"
+            f" WHERE b.id = %s ORDER BY j.id", (batch_id,))
+        return _batch(batch_id, rows, self._job)
+
+    def cancel_batch(self, batch_id):
+        with self._transaction() as conn:
+            if conn.execute("SELECT 1 FROM queue_tool_batches WHERE id = %s",
+                            (batch_id,)).fetchone() is None:
+                return None
+            rows = conn.execute(
+                "UPDATE queue_tool_jobs AS j SET status = 'canceled', finished_at = now(),"
+                " owner = NULL, lease_until = NULL FROM (SELECT id, status FROM queue_tool_jobs"
+                " WHERE batch = %s AND status IN ('queued', 'running') FOR UPDATE) AS old"
+                " WHERE j.id = old.id RETURNING j.token, old.status", (batch_id,)).fetchall()
+            self._count(conn, finished_canceled=len(rows),
+                        queued=-sum(status == QUEUED for _, status in rows))
+            if any(status == RUNNING for _, status in rows):
+                self._notify(conn, "canceled")
+        return rows
 
     def list(self, status=None, before=None, limit=50, queue=None):
         clause, params = _list_filter("%s", status, queue, before)
@@ -1452,20 +1559,32 @@ class Runner:
         return True
 
     def wait_for(self, token, timeout):
-        """The job's row once it is final or `timeout` seconds pass (None if unknown).
+        """The job's row once it is final or `timeout` seconds pass (None if unknown)."""
+        return self._wait(lambda: self.store.get(token), timeout,
+                          lambda row: [] if row["status"] in FINAL_STATES else [token])
 
-        A job running here is waited for on its Event; any other is polled in the
-        store, briefly at first, then up to every 0.25 s.
+    def wait_for_batch(self, batch_id, timeout):
+        """The batch once all its jobs are final or `timeout` seconds pass (None if
+        unknown)."""
+        return self._wait(lambda: self.store.batch(batch_id), timeout, lambda batch: [
+            job["token"] for job in batch["jobs"] if job["status"] not in FINAL_STATES])
+
+    def _wait(self, read, timeout, unfinished):
+        """read() until unfinished(value) is empty or `timeout` seconds pass.
+
+        While a job it waits for runs here, it waits on that job's Event; otherwise
+        it polls the store, briefly at first, then up to every 0.25 s.
         """
         deadline = time.monotonic() + timeout
         pause = 0.002
         while True:
-            row = self.store.get(token)
+            value = read()
             remaining = deadline - time.monotonic()
-            if row is None or row["status"] in FINAL_STATES or remaining <= 0:
-                return row
+            pending = [] if value is None else unfinished(value)
+            if not pending or remaining <= 0:
+                return value
             with self._lock:
-                entry = self._live.get(token)
+                entry = next((self._live[t] for t in pending if t in self._live), None)
             if entry is not None:
                 # Bounded: another process may end it (a cancel, a lost lease).
                 entry[1].wait(min(remaining, 1.0))
@@ -1974,6 +2093,7 @@ TOKEN_RE = re.compile(r"[0-9a-f]{32}\Z")
 DIGITS_RE = re.compile(r"[0-9]+\Z")
 SECONDS_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
 CURSOR_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
+IDEMPOTENCY_KEY_RE = re.compile(r"[\x20-\x7e]{1,255}\Z")
 MAX_DEPTH = 32  # nesting levels of a body; the top-level array is level 1
 MAX_WAIT = 30.0
 MAX_LIMIT = 50, 500  # default and largest page size of GET /jobs
@@ -2004,7 +2124,7 @@ def job_view(row, now):
             "started_at": iso_time(row["started_at"]),
             "finished_at": iso_time(row["finished_at"]), "attempts": row["attempts"],
             "queue": row["queue"], "priority": row["priority"], "retries": row["retries"],
-            "run_at": iso_time(row["run_at"])}
+            "run_at": iso_time(row["run_at"]), "batch": row["batch"]}
     if status == RUNNING:
         view["progress"] = job_progress(row, now)
     elif status == DONE and row["result"] is not None:
@@ -2012,6 +2132,17 @@ def job_view(row, now):
     if row["error"] is not None and status != DONE:  # a retry's wait shows why
         view["error"] = row["error"]
     return view
+
+
+def batch_view(batch, now):
+    """The public JSON view of a batch: its jobs in input order, counted by state."""
+    jobs = [job_view(row, now) for row in batch["jobs"]]
+    counts = dict.fromkeys(STATES, 0)
+    for job in jobs:
+        counts[job["status"]] += 1
+    return {"batch": batch["batch"], "created_at": iso_time(batch["created_at"]),
+            "total": batch["total"], "counts": counts,
+            "finished": all(job["status"] in FINAL_STATES for job in jobs), "jobs": jobs}
 
 
 def job_progress(row, now):
@@ -2256,12 +2387,14 @@ class App:
             "/": {"GET": self.get_dashboard},
             "/api": {"POST": self.post_api},
             "/check/": {"GET": self.get_check, "DELETE": self.delete_check},
+            "/batch/": {"GET": self.get_batch, "DELETE": self.delete_batch},
             "/jobs": {"GET": self.get_jobs},
             "/health": {"GET": self.get_health},
             "/metrics": {"GET": self.get_metrics},
             "/openapi.json": {"GET": self.get_openapi},
         }
-        self._guarded = {self.post_api, self.delete_check, self.get_jobs, self.get_metrics}
+        self._guarded = {self.post_api, self.delete_check, self.delete_batch, self.get_jobs,
+                         self.get_metrics}
         self._openapi = None
 
     def start(self):
@@ -2306,11 +2439,12 @@ class App:
     def _route(self, method, path):
         """The handler for a request and its arguments; 404 or 405 otherwise."""
         args = ()
-        if path.startswith("/check/"):
-            token, path = path[len("/check/"):], "/check/"
-            if not TOKEN_RE.match(token):
-                raise ApiError(404, "not_found", "no job has this token")
-            args = (token,)
+        for prefix, what in (("/check/", "job has this token"), ("/batch/", "batch has this id")):
+            if path.startswith(prefix):
+                name, path = path[len(prefix):], prefix
+                if not TOKEN_RE.match(name):
+                    raise ApiError(404, "not_found", f"no {what}")
+                args = (name,)
         methods = self._routes.get(path)
         if methods is None:
             raise ApiError(404, "not_found", f"there is nothing at {path}")
@@ -2395,8 +2529,13 @@ class App:
     # Handlers, one per route and method.
 
     def post_api(self, environ):
-        """Submit a batch: 202, or 400/413/415/503 with nothing queued."""
+        """Submit a batch: 202 (a replay of the first answer for a known
+        Idempotency-Key), or 400/413/415/422/503 with nothing queued."""
         self._require_json(environ)
+        key = environ.get("HTTP_IDEMPOTENCY_KEY")
+        if key is not None and not IDEMPOTENCY_KEY_RE.match(key):
+            raise ApiError(400, "invalid_idempotency_key",
+                           "Idempotency-Key must be 1 to 255 printable ASCII characters")
         batch = parse_json(self._read_body(environ))
         if not isinstance(batch, list):
             raise ApiError(400, "not_a_list", "the body must be a JSON array of items")
@@ -2420,29 +2559,66 @@ class App:
             else:
                 results.append({"hash": INVALID_MARKER, "index": index, "item": item,
                                 "error": error})
+        batch_id = secrets.token_hex(16)
+        body = json_body({"message": ACCEPTED_MESSAGE, "processing_items": results,
+                          "batch": batch_id, "check_batch": f"{prefix}/batch/{batch_id}"})
+        fingerprint = hashlib.sha256(json.dumps(batch, sort_keys=True).encode()).hexdigest()
         try:
-            self.store.submit(jobs, len(batch) - len(jobs), self.settings.max_queued)
+            earlier = self.store.submit(
+                jobs, len(batch) - len(jobs), self.settings.max_queued, batch_id,
+                None if key is None else (key, fingerprint, body.decode()))
         except QueueFull as exc:
             raise ApiError(503, "queue_full", f"the queue is full: {exc}",
                            [("Retry-After", str(QUEUE_FULL_RETRY_AFTER))]) from None
+        if earlier is not None:
+            if earlier[0] != fingerprint:
+                raise ApiError(422, "idempotency_key_reused",
+                               "this Idempotency-Key came with another body")
+            return 202, [("Content-Type", "application/json"),
+                         ("Idempotent-Replayed", "true")], earlier[1].encode()
         if jobs:
             self.runner.notify_submitted(len(jobs))
-        return self._json(202, {"message": ACCEPTED_MESSAGE, "processing_items": results})
+        return 202, [("Content-Type", "application/json")], body
+
+    def _wait(self, environ):
+        """The ?wait=S of a request in seconds, None without one; 400 if bad."""
+        wait = self._query(environ).get("wait")
+        if wait is None:
+            return None
+        seconds = float(wait) if SECONDS_RE.match(wait) else 0.0
+        if not 0 < seconds <= MAX_WAIT:
+            raise ApiError(400, "invalid_wait",
+                           f"wait must be a number of seconds above 0, at most {MAX_WAIT:g}")
+        return seconds
 
     def get_check(self, environ, token):
         """Follow a job: 200, 400 (bad wait) or 404."""
-        wait = self._query(environ).get("wait")
-        if wait is not None:
-            seconds = float(wait) if SECONDS_RE.match(wait) else 0.0
-            if not 0 < seconds <= MAX_WAIT:
-                raise ApiError(400, "invalid_wait",
-                               f"wait must be a number of seconds above 0, at most {MAX_WAIT:g}")
-            row = self.runner.wait_for(token, seconds)
-        else:
-            row = self.store.get(token)
+        wait = self._wait(environ)
+        row = self.store.get(token) if wait is None else self.runner.wait_for(token, wait)
         if row is None:
             raise ApiError(404, "not_found", "no job has this token")
         return self._job_response(200, row)
+
+    def get_batch(self, environ, batch_id):
+        """Follow a batch: 200, 400 (bad wait) or 404."""
+        wait = self._wait(environ)
+        batch = (self.store.batch(batch_id) if wait is None
+                 else self.runner.wait_for_batch(batch_id, wait))
+        if batch is None:
+            raise ApiError(404, "not_found", "no batch has this id")
+        view = batch_view(batch, time.time())
+        return self._json(200, view, [] if view["finished"] else [("Retry-After", "1")])
+
+    def delete_batch(self, environ, batch_id):
+        """Cancel a batch's unfinished jobs: 200 with the batch, or 404."""
+        canceled = self.store.cancel_batch(batch_id)
+        if canceled is None:
+            raise ApiError(404, "not_found", "no batch has this id")
+        for token, status in canceled:
+            if status == RUNNING:
+                self.runner.cancel_local(token)  # elsewhere: the store's wake-up tells it
+        log.info("batch %s canceled: %d unfinished jobs", batch_id, len(canceled))
+        return self._json(200, batch_view(self.store.batch(batch_id), time.time()))
 
     def delete_check(self, environ, token):
         """Cancel a queued or running job: 200, 404 or 409."""

@@ -2029,7 +2029,8 @@ def test_postgres_database_of_version_1_is_upgraded_with_its_jobs(db_postgres, m
         "done", 1.5, "default", 0)
     assert view["run_at"] == view["created_at"]
     assert scrape(client)["queue_tool_jobs_submitted_total"] == 1
-    assert sql(db_postgres, "SELECT version FROM queue_tool_schema") == [(2,)]
+    assert sql(db_postgres, "SELECT version FROM queue_tool_schema") == [
+        (queue_tool.PostgresStore.VERSION,)]
 
 
 # -- Processors ------------------------------------------------------------------
