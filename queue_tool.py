@@ -2250,10 +2250,11 @@ def openapi_document(schema, settings):
         response = {"description": description}
         if body is not None:
             response["content"] = {"application/json": {"schema": body}}
-        if headers:
-            response["headers"] = {name: {"schema": {"type": "integer"},
-                                          "description": text}
-                                   for name, text in headers.items()}
+        if headers:  # name: description, or (description, schema) if not an integer
+            response["headers"] = {
+                name: {"description": text[0], "schema": text[1]} if isinstance(text, tuple)
+                else {"description": text, "schema": {"type": "integer"}}
+                for name, text in headers.items()}
         return response
 
     error = {"$ref": "#/components/schemas/Error"}
@@ -2265,6 +2266,13 @@ def openapi_document(schema, settings):
     token = {"name": "token", "in": "path", "required": True,
              "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
     not_found = {"404": reply("no job has this token", error)}
+    batch_id = {"name": "id", "in": "path", "required": True,
+                "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+    no_batch = {"404": reply("no batch has this id", error)}
+    wait = {"name": "wait", "in": "query", "required": False,
+            "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT}}
+    batch = {"$ref": "#/components/schemas/Batch"}
+    replayed = "true when this is the kept answer to an earlier request with this key"
 
     def operation(summary, parameters=(), *, responses, guarded=False, **extra):
         op = {"summary": summary, "responses": {**responses, **(locked if guarded else {})}}
@@ -2280,17 +2288,32 @@ def openapi_document(schema, settings):
                  "description": "A tiny durable job queue."},
         "paths": {
             "/api": {"post": operation(
-                "Submit a batch of items", guarded=True,
+                "Submit a batch of items", [{
+                    "name": "Idempotency-Key", "in": "header", "required": False,
+                    "schema": {"type": "string", "pattern": "^[\\x20-\\x7e]{1,255}$"},
+                    "description": "a retry with the same key and body gets the first"
+                                   " answer and queues nothing"}], guarded=True,
                 requestBody={"required": True, "content": {"application/json": {
                     "schema": {"type": "array", "minItems": 1,
                                "maxItems": settings.max_items, "items": schema}}}},
                 responses={
                     "202": reply("the batch is stored; one result per item",
-                                 {"$ref": "#/components/schemas/Accepted"}),
+                                 {"$ref": "#/components/schemas/Accepted"},
+                                 {"Idempotent-Replayed": (replayed, {"const": "true"})}),
                     **bad,
                     "413": reply("body or batch too large", error),
                     "415": reply("Content-Type is not JSON", error),
+                    "422": reply("the Idempotency-Key came with another body", error),
                     "503": reply("queue full", error, {"Retry-After": "seconds"})})},
+            "/batch/{id}": {
+                "get": operation(
+                    "Follow a batch", [batch_id, wait],
+                    responses={"200": reply("the batch, its jobs in input order", batch, {
+                        "Retry-After": "present while a job is not final: seconds to wait"}),
+                        **bad, **no_batch}),
+                "delete": operation(
+                    "Cancel a batch's unfinished jobs", [batch_id], guarded=True,
+                    responses={"200": reply("the batch", batch), **no_batch})},
             "/check/{token}": {
                 "get": operation(
                     "Follow a job", [token, {
@@ -2347,7 +2370,16 @@ def openapi_document(schema, settings):
                             "hash": {"type": "string"}, "index": {"type": "integer"},
                             "item": {"type": ["string", "null"]},
                             "status": {"const": QUEUED}, "check": {"type": "string"},
-                            "error": {"type": "string"}}}}}},
+                            "error": {"type": "string"}}}},
+                    "batch": {"type": "string"}, "check_batch": {"type": "string"}}},
+                "Batch": {"type": "object", "properties": {
+                    "batch": {"type": "string"},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "total": {"type": "integer"},
+                    "counts": {"type": "object", "properties": {
+                        state: {"type": "integer"} for state in STATES}},
+                    "finished": {"type": "boolean"},
+                    "jobs": {"type": "array", "items": job}}},
                 "Job": {"type": "object", "properties": {
                     "message": {"enum": list(MESSAGES.values())},
                     "status": {"enum": list(STATES)}, "hash": {"type": "string"},
@@ -2360,6 +2392,7 @@ def openapi_document(schema, settings):
                     "retries": {"type": "integer"},
                     "run_at": {"type": "string", "format": "date-time",
                                "description": "when it may start next"},
+                    "batch": {"type": ["string", "null"]},
                     "progress": {"type": "number", "minimum": 0, "maximum": 1},
                     "result": {}, "error": {"type": "string"}}},
             },

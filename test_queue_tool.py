@@ -117,13 +117,14 @@ def sql(db, query, params=()):
     `{counters}` name either store's tables, and `?` marks a parameter."""
     if is_postgres(db):
         import psycopg
-        query = query.format(jobs="queue_tool_jobs", counters="queue_tool_counters")
+        query = query.format(jobs="queue_tool_jobs", counters="queue_tool_counters",
+                             batches="queue_tool_batches")
         with psycopg.connect(str(db), autocommit=True) as connection:
             cursor = connection.execute(query.replace("?", "%s"), params or None)
             return cursor.fetchall() if cursor.description else []
     with contextlib.closing(sqlite3.connect(db)) as connection, connection:
-        return connection.execute(query.format(jobs="jobs", counters="counters"),
-                                  params).fetchall()
+        return connection.execute(
+            query.format(jobs="jobs", counters="counters", batches="batches"), params).fetchall()
 
 
 @pytest.fixture
@@ -1228,7 +1229,7 @@ def test_openapi_document_is_valid_openapi_3_1(client):
     document = client.get("/openapi.json", status=200).json
     validate(document)
     assert document["openapi"] == "3.1.0"
-    assert set(document["paths"]) == {"/", "/api", "/check/{token}", "/jobs", "/health",
+    assert set(document["paths"]) == {"/", "/api", "/check/{token}", "/batch/{id}", "/jobs", "/health",
                                       "/metrics", "/openapi.json"}
 
 
@@ -1254,14 +1255,19 @@ def test_every_documented_status_is_one_the_app_returns(make, tmp_path):
     client = webtest.TestApp(built)
     key = {"Authorization": "Bearer k"}
     json_type = "application/json"
-    token, done = tokens_of(submit(client, [{"item": "a", "valor": 1}] * 2, headers=key))
+    first = submit(client, [{"item": "a", "valor": 1}] * 2, headers=key)
+    token, done = tokens_of(first)
+    batch = first.json["batch"]
     client.delete(f"/check/{done}", headers=key, status=200)
+    submit(client, [{"item": "x"}], headers={**key, "Idempotency-Key": "used"})  # queues none
     examples = {
         ("/api", "POST", 202): {"body": b'[{"item": "a", "valor": 1}]', "headers": key},
         ("/api", "POST", 400): {"body": b"[]", "headers": key},
         ("/api", "POST", 401): {"body": b"[]"},
         ("/api", "POST", 413): {"body": b"[1, 2, 3]", "headers": key},
         ("/api", "POST", 415): {"body": b"[]", "headers": key, "content_type": "text/plain"},
+        ("/api", "POST", 422): {"body": b'[{"item": "y"}]',
+                                "headers": {**key, "Idempotency-Key": "used"}},
         ("/api", "POST", 503): {"body": b'[{"item": "a", "valor": 1}]', "headers": key},
         ("/check/{token}", "GET", 200): {"path": f"/check/{token}"},
         ("/check/{token}", "GET", 400): {"path": f"/check/{token}?wait=0"},
@@ -1270,6 +1276,12 @@ def test_every_documented_status_is_one_the_app_returns(make, tmp_path):
         ("/check/{token}", "DELETE", 401): {"path": f"/check/{token}"},
         ("/check/{token}", "DELETE", 404): {"path": f"/check/{UNKNOWN_TOKEN}", "headers": key},
         ("/check/{token}", "DELETE", 409): {"path": f"/check/{done}", "headers": key},
+        ("/batch/{id}", "GET", 200): {"path": f"/batch/{batch}"},
+        ("/batch/{id}", "GET", 400): {"path": f"/batch/{batch}?wait=31"},
+        ("/batch/{id}", "GET", 404): {"path": f"/batch/{UNKNOWN_TOKEN}"},
+        ("/batch/{id}", "DELETE", 200): {"path": f"/batch/{batch}", "headers": key},
+        ("/batch/{id}", "DELETE", 401): {"path": f"/batch/{batch}"},
+        ("/batch/{id}", "DELETE", 404): {"path": f"/batch/{UNKNOWN_TOKEN}", "headers": key},
         ("/jobs", "GET", 200): {"headers": key},
         ("/jobs", "GET", 400): {"path": "/jobs?limit=0", "headers": key},
         ("/jobs", "GET", 401): {},
@@ -1376,7 +1388,7 @@ def keyed(make):
 
 
 GUARDED = [("POST", "/api"), ("DELETE", f"/check/{UNKNOWN_TOKEN}"), ("GET", "/jobs"),
-           ("GET", "/metrics")]
+           ("GET", "/metrics"), ("DELETE", f"/batch/{UNKNOWN_TOKEN}")]
 
 
 @pytest.mark.parametrize("method, path", GUARDED)
@@ -1718,7 +1730,7 @@ def test_dashboard_in_chromium_sets_job_options_and_shows_them(servers, browser,
     expect(row.locator("td[data-label=Attempts]")).to_have_text("0")
     expect(row.locator("td[data-label=Starts]")).to_contain_text("at ")
     token = page.locator("#results code").nth(1).inner_text()
-    status, view = server.request("GET", f"/check/{token}")
+    _, view = server.request("GET", f"/check/{token}")
     assert (view["queue"], view["priority"], view["retries"], view["status"]) == (
         "reports", 7, 2, "queued")
     assert iso_seconds(view["run_at"]) - iso_seconds(view["created_at"]) == pytest.approx(
@@ -2031,6 +2043,178 @@ def test_postgres_database_of_version_1_is_upgraded_with_its_jobs(db_postgres, m
     assert scrape(client)["queue_tool_jobs_submitted_total"] == 1
     assert sql(db_postgres, "SELECT version FROM queue_tool_schema") == [
         (queue_tool.PostgresStore.VERSION,)]
+
+
+# -- Idempotent submits and batches ----------------------------------------------------
+
+def jobs_stored(db):
+    return sql(db, "SELECT COUNT(*) FROM {jobs}")[0][0]
+
+
+@both_stores
+def test_replayed_key_gets_the_first_answer_and_queues_nothing(make, db):
+    client = webtest.TestApp(make(workers=0))
+    key = {"Idempotency-Key": "order-42"}
+    first = submit(client, ORIGINAL_BATCH + [{"item": "b", "valor": 2}], headers=key)
+    assert "Idempotent-Replayed" not in first.headers
+    assert re.fullmatch(r"[0-9a-f]{32}", first.json["batch"])
+    assert first.json["check_batch"] == "/batch/" + first.json["batch"]
+    again = client.post("/api", json.dumps(ORIGINAL_BATCH + [{"item": "b", "valor": 2}],
+                                           indent=2),  # the same JSON, spelled otherwise
+                        content_type="application/json", headers=key, status=202)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.body == first.body
+    assert jobs_stored(db) == 2
+    assert scrape(client)["queue_tool_jobs_submitted_total"] == 2
+
+
+@both_stores
+def test_same_key_with_another_body_is_422_and_queues_nothing(make, db):
+    client = webtest.TestApp(make(workers=0))
+    submit(client, [{"item": "a", "valor": 1}], headers={"Idempotency-Key": "k"})
+    refused = submit(client, [{"item": "a", "valor": 2}], status=422,
+                     headers={"Idempotency-Key": "k"})
+    assert refused.json == {"message": "this Idempotency-Key came with another body",
+                            "error": "idempotency_key_reused"}
+    assert jobs_stored(db) == 1
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "caf\xe9", "tab\there"])
+def test_bad_idempotency_key_is_400(app, key):
+    status, _, body = call(app, "POST", "/api", b'[{"item": "a", "valor": 1}]',
+                           CONTENT_TYPE="application/json", CONTENT_LENGTH="27",
+                           HTTP_IDEMPOTENCY_KEY=key)
+    assert (status, body["error"]) == (400, "invalid_idempotency_key")
+    assert app.store.list()[0] == []
+
+
+def test_longest_idempotency_key_is_accepted(client):
+    key = "".join(chr(32 + n % 95) for n in range(255))
+    submit(client, [{"item": "a", "valor": 1}], headers={"Idempotency-Key": key})
+
+
+@both_stores
+def test_key_of_a_refused_request_can_be_used_again(make, db):
+    built = make(workers=0, max_queued=1)
+    client = webtest.TestApp(built)
+    (blocker,) = tokens_of(submit(client, [{"item": "first", "valor": 1}]))
+    key = {"Idempotency-Key": "after-full"}
+    full = submit(client, [{"item": "a", "valor": 1}], status=503, headers=key)
+    assert full.json["error"] == "queue_full"
+    client.delete(f"/check/{blocker}", status=200)  # room again
+    accepted = submit(client, [{"item": "a", "valor": 1}], headers=key)
+    assert "Idempotent-Replayed" not in accepted.headers
+    replayed = submit(client, [{"item": "a", "valor": 1}], headers=key)
+    assert replayed.headers["Idempotent-Replayed"] == "true" and replayed.body == accepted.body
+    assert jobs_stored(db) == 2
+
+
+@both_stores
+def test_concurrent_requests_with_one_key_on_two_servers_queue_once(servers, db):
+    front = [servers("--db", str(db), "--workers", "0", name=f"front{n}") for n in range(2)]
+    batch = [{"item": f"i{n}", "valor": 1} for n in range(5)]
+    answers, go = [], threading.Event()
+
+    def post(server):
+        go.wait(10)
+        request = urllib.request.Request(
+            server.url + "/api", data=json.dumps(batch).encode(), method="POST",
+            headers={"Content-Type": "application/json", "Idempotency-Key": "once"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answers.append((response.status, response.headers.get("Idempotent-Replayed"),
+                            response.read()))
+    threads = [threading.Thread(target=post, args=(front[n % 2],)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    go.set()
+    for thread in threads:
+        thread.join(60)
+    assert len(answers) == 20 and {status for status, _, _ in answers} == {202}
+    assert len({body for _, _, body in answers}) == 1  # one batch, the same tokens for all
+    assert sum(replayed is None for _, replayed, _ in answers) == 1
+    assert jobs_stored(db) == 5
+    assert sql(db, "SELECT COUNT(*) FROM {batches}")[0][0] == 1
+    for server in front:
+        assert server.stop() == 0
+
+
+@both_stores
+def test_batch_counts_move_as_its_jobs_finish(make, gate, seen, gated):
+    client = webtest.TestApp(make(process=gated, workers=2))
+    accepted = submit(client, [{"item": "one", "valor": 1}, {"item": "bad"},
+                               {"item": "two", "valor": 1}, {"item": "three", "valor": 1}]).json
+    started_jobs(seen, 2)
+    view = client.get(accepted["check_batch"], status=200)
+    assert view.headers["Retry-After"] == "1"
+    view = view.json
+    assert (view["batch"], view["total"], view["finished"]) == (accepted["batch"], 3, False)
+    assert view["counts"] == {"queued": 1, "running": 2, "done": 0, "failed": 0,
+                              "canceled": 0}
+    assert [job["item"] for job in view["jobs"]] == ["one", "two", "three"]  # input order
+    assert view["created_at"] == view["jobs"][0]["created_at"]
+    gate.set()
+    final = client.get(accepted["check_batch"] + "?wait=10", status=200)
+    assert "Retry-After" not in final.headers
+    assert final.json["finished"] and final.json["counts"]["done"] == 3
+
+
+@both_stores
+def test_batch_of_only_invalid_items_is_finished_and_empty(make):
+    client = webtest.TestApp(make(workers=0))
+    accepted = submit(client, [{"item": "bad"}]).json
+    view = client.get(accepted["check_batch"] + "?wait=5", status=200).json
+    assert (view["total"], view["jobs"], view["finished"]) == (0, [], True)
+
+
+@both_stores
+def test_delete_batch_cancels_only_its_unfinished_jobs(make, gate, seen):
+    def process(job):
+        seen.append(job)
+        if job.item != "quick":
+            job.canceled.wait(30)
+    built = make(process=process, workers=1)
+    client = webtest.TestApp(built)
+    quick = submit(client, [{"item": "quick", "valor": 0}]).json["processing_items"][0]
+    client.get(quick["check"] + "?wait=5", status=200)
+    accepted = submit(client, [{"item": "slow", "valor": 9}, {"item": "waiting", "valor": 9}]).json
+    other = submit(client, [{"item": "elsewhere", "valor": 9}]).json
+    started_jobs(seen, 2)
+    view = client.delete(accepted["check_batch"], status=200).json
+    assert view["counts"] == {"queued": 0, "running": 0, "done": 0, "failed": 0, "canceled": 2}
+    assert view["finished"] and seen[1].canceled.is_set()
+    assert client.get(other["check_batch"]).json["counts"]["canceled"] == 0
+    again = client.delete(accepted["check_batch"], status=200).json  # nothing left to cancel
+    assert again["counts"]["canceled"] == 2
+    assert scrape(client)['queue_tool_jobs_finished_total{status="canceled"}'] == 2
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", f"/batch/{UNKNOWN_TOKEN}"), ("DELETE", f"/batch/{UNKNOWN_TOKEN}"),
+    ("GET", "/batch/xyz"), ("GET", "/batch/"), ("DELETE", "/batch/" + "A" * 32)])
+def test_unknown_batch_is_404(client, method, path):
+    response = client.request(path, method=method, status=404)
+    assert response.json["error"] == "not_found"
+
+
+def test_batch_is_open_to_read_and_needs_the_key_to_cancel(keyed):
+    key = {"Authorization": "Bearer s3cret-key"}
+    accepted = submit(keyed, [{"item": "a", "valor": 1}], headers=key).json
+    keyed.get(accepted["check_batch"], status=200)
+    keyed.delete(accepted["check_batch"], status=401)
+    keyed.delete(accepted["check_batch"], status=200, headers=key)
+
+
+@both_stores
+def test_old_batches_and_their_keys_are_purged_with_their_jobs(make, db):
+    built = make(workers=1, retention=0.3)
+    client = webtest.TestApp(built)
+    key = {"Idempotency-Key": "short-lived"}
+    accepted = submit(client, [{"item": "a", "valor": 0}], headers=key).json
+    client.get(accepted["check_batch"] + "?wait=5", status=200)
+    wait_until(lambda: client.get(accepted["check_batch"], expect_errors=True).status_int == 404,
+               what="the batch to be purged with its job")
+    again = submit(client, [{"item": "a", "valor": 0}], headers=key)
+    assert "Idempotent-Replayed" not in again.headers  # the key expired with its batch
 
 
 # -- Processors ------------------------------------------------------------------
