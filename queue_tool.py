@@ -34,6 +34,8 @@ __all__ = [
     "ITEM_SCHEMA",
     "ApiError",
     "App",
+    "Client",
+    "ClientError",
     "NewJob",
     "PostgresStore",
     "Retry",
@@ -58,6 +60,7 @@ import hashlib
 import hmac
 import html
 import http
+import http.client
 import importlib
 import json
 import logging
@@ -2811,6 +2814,157 @@ class EnvApp:
 
 
 app = EnvApp()
+
+
+# -- Python client ------------------------------------------------------------
+
+class ClientError(Exception):
+    """A refusal from the service: the HTTP `status`, the `error` code and its message."""
+
+    def __init__(self, status, error, message):
+        super().__init__(f"{status} {error}: {message}")
+        self.status, self.error, self.message = status, error, message
+
+
+class Client:
+    """A client of this service's HTTP API, standard library only.
+
+        client = queue_tool.Client("http://127.0.0.1:8000", api_key=None)
+        batch = client.submit([{"item": "a", "valor": 1}])
+        done = client.wait([entry["hash"] for entry in batch["processing_items"]], 60)
+
+    It keeps its connection open where the server offers keep-alive. submit()
+    sends an Idempotency-Key (its own, or a new one) and retries a transport
+    error or a 503 with that key, so a retried batch is queued once. One Client
+    per thread.
+    """
+
+    def __init__(self, url, api_key=None, timeout=30, retries=5):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url must be http:// or https:// with a host, not {url!r}")
+        self._https, self._host, self._port = parts.scheme == "https", parts.hostname, parts.port
+        self._base = parts.path.rstrip("/")
+        self._headers = {"Accept": "application/json"}
+        if api_key is not None:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self.timeout, self.retries = timeout, retries
+        self._conn = None
+        self._opened = 0  # connections made, so keep-alive can be seen working
+
+    def close(self):
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _request(self, method, path, payload=None, headers=(), wait=0.0):
+        """(status, headers, JSON body) of one exchange; OSError/HTTPException as raised."""
+        if self._conn is None:
+            kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            self._conn = kind(self._host, self._port, timeout=self.timeout)
+            self._opened += 1
+        body = None if payload is None else json.dumps(payload).encode()
+        sent = {**self._headers, **dict(headers)}
+        if body is not None:
+            sent["Content-Type"] = "application/json"
+        try:
+            self._conn.timeout = self.timeout + wait  # a long poll holds the answer back
+            if self._conn.sock is not None:
+                self._conn.sock.settimeout(self._conn.timeout)
+            self._conn.request(method, self._base + path, body=body, headers=sent)
+            response = self._conn.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException):
+            self.close()
+            raise
+        if response.will_close:
+            self.close()
+        try:
+            value = json.loads(data) if data else None
+        except ValueError:  # not this service's answer: a proxy's page, say
+            value = {"error": f"http_{response.status}",
+                     "message": data[:200].decode("utf-8", "replace")}
+        return response.status, response.headers, value
+
+    def _call(self, method, path, wait=0.0):
+        """The JSON of a 200 answer; ClientError otherwise. A kept-alive connection
+        the server has closed meanwhile is retried once on a new one."""
+        try:
+            status, _, value = self._request(method, path, wait=wait)
+        except (ConnectionError, http.client.RemoteDisconnected):
+            status, _, value = self._request(method, path, wait=wait)
+        if status != 200:
+            raise ClientError(status, value["error"], value["message"])
+        return value
+
+    def submit(self, items, idempotency_key=None):
+        """Queue a batch: the 202 body (processing_items, batch, check_batch)."""
+        key, attempt = idempotency_key or secrets.token_hex(16), 0
+        while True:
+            pause = min(0.25 * 2 ** attempt, 8.0)
+            try:
+                status, headers, value = self._request("POST", "/api", items,
+                                                       {"Idempotency-Key": key})
+            except (OSError, http.client.HTTPException):
+                if attempt == self.retries:
+                    raise
+            else:
+                if status == 202:
+                    return value
+                if status != 503 or attempt == self.retries:
+                    raise ClientError(status, value["error"], value["message"])
+                after = headers.get("Retry-After", "")
+                pause = float(after) if after.isdigit() else pause
+            time.sleep(pause)
+            attempt += 1
+
+    def check(self, token):
+        return self._call("GET", f"/check/{token}")
+
+    def wait(self, token_or_tokens, timeout):
+        """The job (or jobs, for a list) once final or after `timeout` seconds."""
+        if not isinstance(token_or_tokens, str):
+            deadline = time.monotonic() + timeout
+            return [self.wait(token, max(0.0, deadline - time.monotonic()))
+                    for token in token_or_tokens]
+        return self._hold(f"/check/{token_or_tokens}", timeout,
+                          lambda job: job["status"] in FINAL_STATES)
+
+    def cancel(self, token):
+        return self._call("DELETE", f"/check/{token}")
+
+    def batch(self, batch_id, wait=None):
+        """The batch view; with `wait`, once every job is final or `wait` seconds pass."""
+        if wait is None:
+            return self._call("GET", f"/batch/{batch_id}")
+        return self._hold(f"/batch/{batch_id}", wait, lambda batch: batch["finished"])
+
+    def cancel_batch(self, batch_id):
+        return self._call("DELETE", f"/batch/{batch_id}")
+
+    def jobs(self, status=None, queue=None):
+        """Every job, newest first, page after page."""
+        query = {"limit": str(MAX_LIMIT[1])}
+        query.update((name, value) for name, value in (("status", status), ("queue", queue))
+                     if value is not None)
+        while True:
+            page = self._call("GET", "/jobs?" + urllib.parse.urlencode(query))
+            yield from page["jobs"]
+            if page["next"] is None:
+                return
+            query["before"] = page["next"]
+
+    def _hold(self, path, timeout, final):
+        """GET `path` with ?wait= (30 s at a time) until final(value) or `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining < 0.001:
+                return self._call("GET", path)
+            wait = min(remaining, MAX_WAIT)
+            value = self._call("GET", f"{path}?wait={wait:.3f}", wait=wait)
+            if final(value):
+                return value
 
 
 # -- Command line ------------------------------------------------------------

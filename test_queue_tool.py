@@ -3298,6 +3298,148 @@ def test_three_hosts_share_one_queue_and_take_over_a_killed_ones_jobs(
                 server.process.wait()
 
 
+# -- The Python client -----------------------------------------------------------------
+
+@both_stores
+def test_client_submits_waits_cancels_and_pages(servers, db):
+    server = servers("--db", str(db), "--workers", "2")
+    client = queue_tool.Client(server.url)
+    accepted = client.submit([{"item": "a", "valor": 0}, {"item": "bad"}, {"item": "b", "valor": 0}])
+    tokens = [entry["hash"] for entry in accepted["processing_items"]
+              if entry["hash"] != "INVALID_JOB_REQUEST"]
+    assert [job["status"] for job in client.wait(tokens, 10)] == ["done", "done"]
+    assert client.batch(accepted["batch"], wait=10)["counts"]["done"] == 2
+    assert client.check(tokens[0])["message"] == "Finalizado"
+    (long,) = [entry["hash"] for entry in client.submit([{"item": "long", "valor": 600}])[
+        "processing_items"]]
+    wait_until(lambda: client.check(long)["status"] == "running")
+    assert client.cancel(long)["status"] == "canceled"
+    with pytest.raises(queue_tool.ClientError) as refused:
+        client.cancel(long)
+    assert (refused.value.status, refused.value.error) == (409, "already_finished")
+    with pytest.raises(queue_tool.ClientError) as missing:
+        client.check(UNKNOWN_TOKEN)
+    assert (missing.value.status, missing.value.error) == (404, "not_found")
+    slow = client.submit([{"item": "later", "valor": 1, "delay": 600}] * 3)
+    view = client.cancel_batch(slow["batch"])
+    assert view["counts"]["canceled"] == 3 and view["finished"]
+    many = set()
+    for start in range(0, 1200, 400):
+        many.update(entry["hash"] for entry in client.submit(
+            [{"item": f"page-{n}", "valor": 0, "delay": 600} for n in range(start, start + 400)]
+        )["processing_items"])
+    listed = [job["hash"] for job in client.jobs(status="queued")]
+    assert len(listed) == len(set(listed)) == 1200 and set(listed) == many
+    assert sum(1 for _ in client.jobs()) == 2 + 1 + 3 + 1200
+    assert server.stop() == 0
+
+
+def test_client_submit_spans_a_server_restart_and_queues_once(servers, tmp_path):
+    db, port = tmp_path / "restart.sqlite3", str(free_port())
+    servers("--db", str(db), "--port", port, "--workers", "0", name="before").stop()
+    refused = threading.Event()
+
+    class Watched(queue_tool.Client):
+        def _request(self, *args, **kwargs):
+            try:
+                return super()._request(*args, **kwargs)
+            except OSError:
+                refused.set()  # the server is down: the client will retry
+                raise
+    client, answers = Watched(f"http://127.0.0.1:{port}", retries=8), []
+    sender = threading.Thread(target=lambda: answers.append(
+        client.submit([{"item": f"r{n}", "valor": 1} for n in range(4)])))
+    sender.start()
+    assert refused.wait(10)
+    after = servers("--db", str(db), "--port", port, "--workers", "0", name="after")
+    sender.join(60)
+    assert answers and len(answers[0]["processing_items"]) == 4
+    assert sql(db, "SELECT COUNT(*) FROM {batches}") == [(1,)]
+    assert sql(db, "SELECT COUNT(*) FROM {jobs}") == [(4,)]
+    assert after.stop() == 0
+
+
+class DroppingProxy:
+    """A loopback TCP proxy to `port` that loses the first answer it forwards, as a
+    network would after the server had committed the request."""
+
+    def __init__(self, port):
+        self.port, self.dropped = port, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        with contextlib.suppress(OSError):
+            while True:
+                downstream, _ = self.listener.accept()
+                with downstream, socket.create_connection(("127.0.0.1", self.port)) as upstream:
+                    upstream.sendall(self._read_request(downstream))
+                    answer = b"".join(iter(lambda: upstream.recv(65536), b""))  # HTTP/1.0
+                    if self.dropped:
+                        downstream.sendall(answer)
+                    self.dropped += 1
+
+    @staticmethod
+    def _read_request(connection):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += connection.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
+        while len(body) < length:
+            body += connection.recv(65536)
+        return head + b"\r\n\r\n" + body
+
+    def close(self):
+        self.listener.close()
+
+
+def test_client_retry_after_a_lost_answer_gets_the_replay(servers, tmp_path):
+    db = tmp_path / "lost.sqlite3"
+    server = servers("--db", str(db), "--workers", "0")
+    proxy = DroppingProxy(int(server.url.rsplit(":", 1)[1]))
+    try:
+        accepted = queue_tool.Client(proxy.url).submit([{"item": "once", "valor": 1}] * 3)
+    finally:
+        proxy.close()
+    assert proxy.dropped == 2  # the first answer was lost, the retry's came through
+    assert sql(db, "SELECT COUNT(*) FROM {jobs}") == [(3,)]
+    assert [job["hash"] for job in queue_tool.Client(server.url).jobs()][::-1] == [
+        entry["hash"] for entry in accepted["processing_items"]]
+    assert "POST /api 202" in server.log.read_text()
+    assert server.stop() == 0
+
+
+def test_client_keeps_its_connection_where_the_server_offers_it(gunicorn, tmp_path):
+    server = gunicorn("queue_tool:app", env={"QUEUE_TOOL_DB": str(tmp_path / "k.sqlite3"),
+                                             "QUEUE_TOOL_WORKERS": "1"}, workers=1)
+    client = queue_tool.Client(server.url)
+    (token,) = [entry["hash"] for entry in client.submit([{"item": "a", "valor": 0}])[
+        "processing_items"]]
+    for _ in range(5):
+        client.check(token)
+    assert client.wait(token, 10)["status"] == "done"
+    assert client._opened == 1  # HTTP/1.1 keep-alive: one connection for every call
+    client.close()
+    assert server.stop() == 0
+
+
+def test_client_error_names_status_and_code(servers, tmp_path):
+    server = servers("--db", str(tmp_path / "e.sqlite3"), "--workers", "0", "--api-key", "k")
+    with pytest.raises(queue_tool.ClientError) as refused:
+        queue_tool.Client(server.url).submit([{"item": "a", "valor": 1}])
+    assert (refused.value.status, refused.value.error) == (401, "unauthorized")
+    assert str(refused.value).startswith("401 unauthorized: ")
+    keyed = queue_tool.Client(server.url + "/", api_key="k")
+    with pytest.raises(queue_tool.ClientError) as bad:
+        keyed.submit([])
+    assert (bad.value.status, bad.value.error) == (400, "empty_batch")
+    with pytest.raises(ValueError, match="url must be"):
+        queue_tool.Client("ftp://example")
+    assert server.stop() == 0
+
+
 # -- The benchmark ---------------------------------------------------------------------------
 
 def test_benchmark_smoke_run(tmp_path):
