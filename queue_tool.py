@@ -1825,6 +1825,20 @@ button.primary { background: var(--accent); border-color: var(--accent); color: 
 input, select, textarea { font: inherit; padding: 4px 6px; border: 1px solid var(--line);
   border-radius: 6px; box-sizing: border-box; }
 .row { display: flex; gap: 6px; margin-bottom: 6px; }
+#chart { width: 100%; height: 150px; background: var(--bg); border: 1px solid var(--line);
+  border-radius: 8px; display: block; }
+#chart .axis { stroke: var(--line); } #chart polyline { fill: none; stroke-width: 2; }
+#chart .finished { stroke: #11622d; } #chart .queued { stroke: var(--accent); }
+.key { display: inline-block; width: 14px; height: 4px; vertical-align: middle; }
+.key.finished { background: #11622d; } .key.queued { background: var(--accent); }
+.legend { display: flex; gap: 18px; flex-wrap: wrap; margin: 6px 0; }
+#detail { background: var(--bg); border: 1px solid var(--line); border-radius: 8px;
+  padding: 4px 12px 10px; margin-top: 14px; }
+#detail dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 6px 0; }
+#detail dt { color: var(--muted); } #detail dd { margin: 0; overflow-wrap: anywhere; }
+#detail pre { margin: 0; white-space: pre-wrap; font-family: ui-monospace, monospace; }
+#detail-jobs li { margin: 2px 0; } tr.clickable { cursor: pointer; }
+tr.clickable:hover td { background: var(--bg); }
 fieldset { border: 1px solid var(--line); border-radius: 8px; display: flex; flex-wrap: wrap;
   gap: 8px 14px; margin: 8px 0; } fieldset input { width: 7em; }
 .row .item { flex: 1 1 auto; min-width: 0; } .row .valor { width: 7.5em; }
@@ -1861,6 +1875,21 @@ progress { width: 7em; vertical-align: middle; }
   <div class="count"><span class="badge canceled">Cancelado</span><strong id="n-canceled">-</strong>canceled, all time</div>
   <div class="count"><span class="muted">workers</span><strong id="n-workers">-</strong>in this process</div>
 </section>
+<section id="activity" aria-label="Activity over the last five minutes">
+  <h2>Last five minutes</h2>
+  <svg id="chart" viewBox="0 0 600 150" preserveAspectRatio="none" role="img"
+    aria-label="jobs finished per second and jobs queued, each second">
+    <line class="axis" x1="0" y1="140" x2="600" y2="140"></line>
+    <polyline id="line-finished" class="finished" points=""></polyline>
+    <polyline id="line-queued" class="queued" points=""></polyline>
+  </svg>
+  <div class="legend">
+    <span><span class="key finished"></span> finished per second: <strong id="rate-now">-</strong>
+      (peak <span id="rate-max">-</span>)</span>
+    <span><span class="key queued"></span> queued: <strong id="depth-now">-</strong>
+      (peak <span id="depth-max">-</span>)</span>
+  </div>
+</section>
 <section>
   <h2>Submit a batch</h2>
   <form id="batch-form">
@@ -1879,6 +1908,12 @@ progress { width: 7em; vertical-align: middle; }
     <div class="actions"><button class="primary" id="send">Submit</button></div>
   </form>
   <ol id="results" aria-live="polite"></ol>
+</section>
+<section id="detail" hidden aria-live="polite">
+  <div class="toolbar"><h2 id="detail-title">Job</h2>
+    <button type="button" id="detail-close">Close</button></div>
+  <dl id="detail-fields"></dl>
+  <ol id="detail-jobs"></ol>
 </section>
 <section>
   <h2>Latest jobs</h2>
@@ -1926,17 +1961,105 @@ async function refreshCounts() {
     for (const name of ["queued", "running", "workers"]) $("n-" + name).textContent = health.data[name];
   }
   const metrics = await api("GET", "/metrics");
+  let finished = null;
   if (metrics.status === 200) {
+    finished = 0;
     for (const state of ["done", "failed", "canceled"]) {
       const match = metrics.data.match(new RegExp('^queue_tool_jobs_finished_total\\\\{status="' + state + '"\\\\} (\\\\d+)$', "m"));
-      if (match) $("n-" + state).textContent = match[1];
+      if (match) { $("n-" + state).textContent = match[1]; finished += Number(match[1]); }
     }
+  }
+  sample(health.status === 200 ? health.data.queued : null, finished);
+}
+
+// The chart: one sample a second for five minutes, from what /health and /metrics
+// already say. Each line has its own scale, its peak named in the legend.
+const samples = [];
+let lastFinished = null, lastTime = null;
+function sample(queued, finished) {
+  const now = performance.now() / 1000;
+  let rate = null;
+  if (finished !== null && lastFinished !== null && now > lastTime) {
+    rate = Math.max(0, (finished - lastFinished) / (now - lastTime));
+  }
+  if (finished !== null) { lastFinished = finished; lastTime = now; }
+  samples.push({rate, queued});
+  if (samples.length > 300) samples.shift();
+  drawChart();
+}
+function points(values) {
+  const known = values.filter((v) => v !== null), peak = Math.max(0, ...known);
+  const out = [];
+  values.forEach((v, i) => {
+    if (v === null) return;
+    const x = 600 - (values.length - 1 - i) * 2, y = 140 - (peak ? v / peak : 0) * 125;
+    out.push(x.toFixed(1) + "," + y.toFixed(1));
+  });
+  return {points: out.join(" "), peak, now: known.length ? known[known.length - 1] : null};
+}
+function drawChart() {
+  const rate = points(samples.map((s) => s.rate)), depth = points(samples.map((s) => s.queued));
+  $("line-finished").setAttribute("points", rate.points);
+  $("line-queued").setAttribute("points", depth.points);
+  $("rate-now").textContent = rate.now === null ? "-" : rate.now.toFixed(1);
+  $("rate-max").textContent = rate.peak.toFixed(1);
+  $("depth-now").textContent = depth.now === null ? "-" : depth.now;
+  $("depth-max").textContent = depth.peak;
+}
+
+// The detail panel: every field of one job, or a batch with its jobs.
+let shown = null;  // {kind: "job" | "batch", id}
+function field(list, name, value) {
+  const text = value !== null && typeof value === "object" ? JSON.stringify(value, null, 2) : String(value);
+  list.append(el("dt", name));
+  const dd = el("dd");
+  dd.append(typeof value === "object" && value !== null ? el("pre", text) : text);
+  list.append(dd);
+}
+async function showDetail(kind, id) {
+  shown = {kind, id};
+  const answer = await api("GET", (kind === "job" ? "/check/" : "/batch/") + id);
+  if (!shown || shown.id !== id) return;
+  const list = $("detail-fields"), jobs = $("detail-jobs");
+  list.replaceChildren(); jobs.replaceChildren();
+  $("detail").hidden = false;
+  if (answer.status !== 200) {
+    $("detail-title").textContent = kind === "job" ? "Job" : "Batch";
+    field(list, "error", answer.data.message || answer.status);
+    return;
+  }
+  const data = answer.data;
+  shown.final = kind === "job" ? ["done", "failed", "canceled"].includes(data.status) : data.finished;
+  if (kind === "job") {
+    $("detail-title").textContent = "Job " + data.hash;
+    for (const [name, value] of Object.entries(data)) field(list, name, value);
+    if (data.batch) {
+      const open = el("button", "Show its batch");
+      open.type = "button";
+      open.addEventListener("click", () => showDetail("batch", data.batch));
+      jobs.append(el("li")); jobs.lastChild.append(open);
+    }
+    return;
+  }
+  $("detail-title").textContent = "Batch " + data.batch;
+  for (const name of ["created_at", "total", "finished"]) field(list, name, data[name]);
+  field(list, "counts", Object.entries(data.counts).map(([s, n]) => s + " " + n).join(" \u00b7 "));
+  for (const job of data.jobs) {
+    const line = el("li"), open = el("button", job.hash.slice(0, 8) + "\u2026");
+    open.type = "button"; open.title = "show job " + job.hash;
+    open.addEventListener("click", () => showDetail("job", job.hash));
+    line.append(open, " ", el("span", job.item), " ", el("span", job.message, "badge " + job.status));
+    jobs.append(line);
   }
 }
 
 function jobRow(job) {
-  const row = el("tr");
+  const row = el("tr", undefined, "clickable");
   row.dataset.token = job.hash;
+  row.title = "show every field of this job";
+  row.addEventListener("click", (event) => {
+    if (!event.target.closest("button")) showDetail("job", job.hash);
+  });
   const cell = (label, content, className) => {
     const td = el("td", undefined, className);
     if (label) td.dataset.label = label;
@@ -2007,7 +2130,8 @@ async function refresh() {
   if (busy) return;
   busy = true;
   try {
-    await Promise.all([refreshCounts(), refreshJobs()]);
+    await Promise.all([refreshCounts(), refreshJobs(),
+                       shown && !shown.final ? showDetail(shown.kind, shown.id) : null]);
     $("status").textContent = "live, updated " + new Date().toLocaleTimeString();
   } catch (e) {
     $("status").textContent = "cannot reach the service";
@@ -2064,6 +2188,11 @@ $("batch-form").addEventListener("submit", async (event) => {
     else line.append(el("span", entry.status, "badge queued"), " ", el("code", entry.hash));
     results.append(line);
   }
+  const batch = el("li", "batch "), open = el("button", "Show this batch");
+  open.type = "button"; open.id = "show-batch";
+  open.addEventListener("click", () => showDetail("batch", answer.data.batch));
+  batch.append(el("code", answer.data.batch), " ", open);
+  results.append(batch);
   refresh();
 });
 $("key-form").addEventListener("submit", (event) => {
@@ -2074,6 +2203,7 @@ $("key-form").addEventListener("submit", (event) => {
   refresh();
 });
 $("add-row").addEventListener("click", addRow);
+$("detail-close").addEventListener("click", () => { shown = null; $("detail").hidden = true; });
 $("filter").addEventListener("change", () => { before = null; refresh(); });
 $("next").addEventListener("click", () => { before = next; refresh(); });
 $("newest").addEventListener("click", () => { before = null; refresh(); });

@@ -1657,8 +1657,9 @@ def test_dashboard_in_chromium_submits_follows_and_cancels(servers, browser, tmp
     page.click("#send")
 
     results = page.locator("#results li")
-    expect(results).to_have_count(4)
+    expect(results).to_have_count(5)  # one line per item, then the batch
     expect(results.nth(3)).to_contain_text("invalid: 'valor' is a required property")
+    expect(results.nth(4)).to_contain_text("batch")
     expect(results.nth(0)).to_contain_text("queued")
     jobs = page.locator("#jobs tr")
     expect(jobs).to_have_count(3)  # the invalid item was not queued
@@ -1723,7 +1724,7 @@ def test_dashboard_in_chromium_sets_job_options_and_shows_them(servers, browser,
     page.fill("#opt-queue", "reports")
     page.fill("#opt-retries", "2")
     page.click("#send")
-    expect(page.locator("#results li")).to_have_count(1)
+    expect(page.locator("#results li")).to_have_count(2)  # the item, then its batch
     row = page.locator("#jobs tr", has_text="later")
     expect(row.locator("td[data-label=Queue]")).to_have_text("reports")
     expect(row.locator("td[data-label=Priority]")).to_have_text("7")
@@ -1739,6 +1740,53 @@ def test_dashboard_in_chromium_sets_job_options_and_shows_them(servers, browser,
     page.click("#send")
     expect(page.locator("#results li .error")).to_contain_text("does not match")
     page.screenshot(path=str(tmp_path / "dashboard-options.png"), full_page=True)
+    assert browser.problems == []
+
+
+def test_dashboard_in_chromium_charts_activity_and_opens_details(servers, browser, tmp_path):
+    from playwright.sync_api import expect
+    server = servers("--db", str(tmp_path / "ui.sqlite3"), "--workers", "2")
+    page = browser(server.url + "/")
+    requested = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.evaluate("""window.violations = [];
+        document.addEventListener("securitypolicyviolation",
+                                  (event) => window.violations.push(event.violatedDirective));""")
+    finished = page.locator("#line-finished")
+    expect(page.locator("#line-queued")).not_to_have_attribute("points", "")
+    page.click("summary")
+    page.fill("#batch-json", json.dumps([{"item": f"chart-{n}", "valor": 0.4} for n in range(30)]
+                                        + [{"item": "detail", "valor": 1, "retries": 2,
+                                            "queue": "default", "priority": 3}]))
+    page.click("#send")
+    before = finished.get_attribute("points")
+    expect(finished).not_to_have_attribute("points", before)  # it moves, second by second
+    expect(page.locator("#rate-max")).not_to_have_text("0.0", timeout=15_000)  # jobs finished
+    expect(page.locator("#depth-max")).not_to_have_text("0")  # and were queued meanwhile
+    heights = page.evaluate("""document.getElementById("line-finished").getAttribute("points")
+        .split(" ").map((point) => Number(point.split(",")[1]))""")
+    assert min(heights) < 140  # a rate above zero is drawn above the axis
+    page.screenshot(path=str(tmp_path / "dashboard-chart.png"), full_page=True)
+
+    page.locator("#jobs tr", has_text="detail").locator("td.item").click()
+    detail = page.locator("#detail")
+    expect(detail).to_be_visible()
+    expect(page.locator("#detail-title")).to_contain_text("Job ")
+    for name in ("attempts", "run_at", "queue", "priority", "retries", "batch", "created_at"):
+        expect(detail.locator("dt", has_text=name).first).to_be_visible()
+    expect(detail.locator("dd").nth(4)).not_to_be_empty()
+    page.click("#show-batch")
+    expect(page.locator("#detail-title")).to_contain_text("Batch ")
+    expect(page.locator("#detail-jobs li")).to_have_count(31)
+    expect(detail.locator("dd", has_text="done 31")).to_be_visible(timeout=20_000)
+    page.locator("#detail-jobs li", has_text="chart-0").locator("button").click()
+    expect(page.locator("#detail-title")).to_contain_text("Job ")
+    page.click("#detail-close")
+    expect(detail).to_be_hidden()
+
+    outside = [url for url in requested if not url.startswith(server.url + "/")]
+    assert outside == [], outside  # nothing external is ever loaded
+    assert page.evaluate("window.violations") == []
     assert browser.problems == []
 
 
