@@ -7,6 +7,7 @@ Routes:
     POST   /api             submit a batch: [{"item": "...", "valor": seconds}, ...]
     GET    /check/<token>   follow a job (?wait=S long-polls up to 30 s)
     DELETE /check/<token>   cancel a queued or running job
+    GET    /batch/<id>      follow a batch (?wait=S); DELETE cancels its unfinished jobs
     GET    /jobs            list jobs, newest first (?status=, ?limit=, ?before=)
     GET    /health          liveness and queue depth
     GET    /metrics         Prometheus text format
@@ -175,7 +176,7 @@ SETTING_HELP = {
     "lease": "seconds a running job's claim lasts without renewal",
     "retention": "seconds finished jobs are kept",
     "grace": "seconds running jobs get to finish on shutdown",
-    "api_key": "bearer key for POST /api, DELETE /check, /jobs, /metrics",
+    "api_key": "bearer key for POST /api, DELETE /check and /batch, /jobs, /metrics",
     "debug": "tracebacks in the log and in 500 bodies",
     "process": "module:function that runs each job (default: wait valor seconds)",
     "queues": "comma-separated queues this process's workers take (default: every queue)",
@@ -1847,7 +1848,7 @@ textarea { width: 100%; font-family: ui-monospace, monospace; }
 #results { padding-left: 1.4em; } #results li { margin: 2px 0; overflow-wrap: anywhere; }
 table { width: 100%; border-collapse: collapse; }
 th, td { text-align: left; padding: 6px; border-bottom: 1px solid var(--line); vertical-align: top; }
-td.item { overflow-wrap: anywhere; max-width: 28em; }
+td.item { overflow-wrap: anywhere; max-width: 28em; min-width: 9em; }
 code { font-family: ui-monospace, monospace; font-size: .9em; }
 progress { width: 7em; vertical-align: middle; }
 .toolbar { display: flex; gap: 8px; align-items: center; flex-wrap: wrap; }
@@ -1926,7 +1927,7 @@ progress { width: 7em; vertical-align: middle; }
     <span id="jobs-note" class="muted"></span>
   </div>
   <table><thead><tr><th>Token</th><th>Item</th><th>Valor</th><th>Status</th><th>Queue</th>
-    <th>Priority</th><th>Attempts</th><th>Created</th><th>Starts</th><th>Finished</th>
+    <th>Priority</th><th>Attempts</th><th>Starts</th><th>Finished</th>
     <th>Progress</th><th></th></tr></thead><tbody id="jobs"></tbody></table>
 </section>
 <script nonce="__NONCE__">
@@ -2080,7 +2081,6 @@ function jobRow(job) {
   cell("Queue", job.queue);
   cell("Priority", job.priority);
   cell("Attempts", job.attempts);
-  cell("Created", when(job.created_at));
   // A queued job says when it may start: at once, or later (a delay, a retry's wait).
   const starts = job.status === "queued" ? Date.parse(job.run_at) : NaN;
   cell("Starts", starts > Date.now() ? "at " + when(job.run_at) : (job.status === "queued" ? "now" : ""));
