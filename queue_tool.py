@@ -751,11 +751,11 @@ class SQLiteStore:
         return self._read("SELECT value FROM counters WHERE name = 'queued'")[0][0]
 
     @staticmethod
-    def _ready(queues):
+    def _ready(queues, limit=1):
         """The jobs a worker may take now, in the order it takes them."""
         among = f" AND queue IN ({','.join('?' * len(queues))})" if queues else ""
         return (f"FROM jobs WHERE status = 'queued' AND run_at <= ?{among}"
-                f" ORDER BY priority DESC, run_at, id LIMIT 1")
+                f" ORDER BY priority DESC, run_at, id LIMIT {int(limit)}")
 
     def claim(self, owner, lease, queues=None):
         """Move the next ready job (of `queues`, or any) to running for `owner`, leased
@@ -774,6 +774,38 @@ class SQLiteStore:
             if job is not None:
                 self._count(conn, queued=-1)
         return job
+
+    def finish_and_claim(self, owner, finishes, claims, lease, queues=None):
+        """End several jobs of `owner` and claim up to `claims` more, in one transaction.
+
+        `finishes` are (token, status, result, error). Returns (the tokens finished,
+        the claimed rows in claim order); a job canceled or taken back meanwhile is
+        not among the finished. One commit for many jobs: the workers' group commit.
+        """
+        ready, queues = self._ready(queues, claims), tuple(queues or ())
+        if not finishes and (not claims or not self._read(
+                f"SELECT 1 {self._ready(queues)}", (time.time(), *queues))):
+            return set(), []  # a read takes no write lock
+        finished, counts = set(), collections.Counter()
+        with self._transaction() as conn:
+            now = time.time()
+            for token, status, result, error in finishes:
+                if conn.execute(
+                        "UPDATE jobs SET status = ?, finished_at = ?, result = ?, error = ?,"
+                        " owner = NULL, lease_until = NULL"
+                        " WHERE token = ? AND owner = ? AND status = 'running'",
+                        (status, now, result, error, token, owner)).rowcount:
+                    finished.add(token)
+                    counts["finished_" + status] += 1
+            claimed = [] if not claims else conn.execute(
+                f"UPDATE jobs SET status = 'running', owner = ?, lease_until = ?,"
+                f" started_at = ?, attempts = attempts + 1, progress = NULL"
+                f" WHERE id IN (SELECT id {ready}) RETURNING {self.COLUMNS}",
+                (owner, now + lease, now, now, *queues)).fetchall()
+            self._count(conn, queued=-len(claimed), **counts)
+        claimed = [_job(row) for row in claimed]  # RETURNING has no order of its own
+        claimed.sort(key=lambda job: (-job["priority"], job["run_at"], job["created_at"]))
+        return finished, claimed
 
     def next_due(self, queues=None):
         """Seconds until a queued job (of `queues`) may start: 0 if one may now,
@@ -1202,20 +1234,53 @@ class PostgresStore:
         with self._errors(), self._pool_here().connection() as conn:
             return self._queued(conn)
 
-    def claim(self, owner, lease, queues=None):
-        # SKIP LOCKED: concurrent claims pass over each other's rows instead of
-        # queueing behind them, and the partial index holds only queued rows.
+    def _claim_sql(self, queues, limit):
+        """One statement that claims up to `limit` ready jobs and counts them.
+
+        SKIP LOCKED: concurrent claims pass over each other's rows instead of
+        queueing behind them, and the partial index holds only queued rows.
+        """
         among = " AND queue = ANY(%s)" if queues else ""
-        rows = self._read(
-            f"WITH job AS (UPDATE queue_tool_jobs SET status = 'running', owner = %s,"
-            f" lease_until = now() + %s * interval '1 second', started_at = now(),"
-            f" attempts = attempts + 1, progress = NULL"
-            f" WHERE id = (SELECT id FROM queue_tool_jobs WHERE status = 'queued'"
-            f" AND run_at <= now(){among} ORDER BY priority DESC, run_at, id LIMIT 1"
-            f" FOR UPDATE SKIP LOCKED) RETURNING {self.COLUMNS}),"
-            f" {self.COUNT.format('SELECT %s::text, -count(*) FROM job')} SELECT * FROM job",
-            (owner, lease, *([list(queues)] if queues else []), "queued"))
+        return (f"WITH job AS (UPDATE queue_tool_jobs SET status = 'running', owner = %s,"
+                f" lease_until = now() + %s * interval '1 second', started_at = now(),"
+                f" attempts = attempts + 1, progress = NULL"
+                f" WHERE id IN (SELECT id FROM queue_tool_jobs WHERE status = 'queued'"
+                f" AND run_at <= now(){among} ORDER BY priority DESC, run_at, id"
+                f" LIMIT {int(limit)} FOR UPDATE SKIP LOCKED) RETURNING {self.COLUMNS}),"
+                f" {self.COUNT.format('SELECT %s::text, -count(*) FROM job')}"
+                f" SELECT * FROM job ORDER BY priority DESC, run_at, created_at")
+
+    def claim(self, owner, lease, queues=None):
+        rows = self._read(self._claim_sql(queues, 1),
+                          (owner, lease, *([list(queues)] if queues else []), "queued"))
         return self._job(rows[0]) if rows else None
+
+    def finish_and_claim(self, owner, finishes, claims, lease, queues=None):
+        done = taken = None
+        with self._errors(), self._pool_here().connection() as conn:
+            # Pipelined: BEGIN, both statements and COMMIT go out at once, and their
+            # answers come back together: one round trip for the whole transaction.
+            with conn.pipeline(), conn.transaction():
+                if finishes:
+                    tokens, statuses, results, errors = (list(c) for c in zip(*finishes))
+                    counted = self.COUNT.format(
+                        "SELECT 'finished_' || status, count(*) FROM done GROUP BY status")
+                    done = conn.execute(
+                        f"WITH done AS (UPDATE queue_tool_jobs AS j SET status = f.status,"
+                        f" finished_at = now(), result = f.result, error = f.error,"
+                        f" owner = NULL, lease_until = NULL FROM unnest(%s::text[],"
+                        f" %s::text[], %s::text[], %s::text[]) AS f (token, status, result,"
+                        f" error) WHERE j.token = f.token AND j.owner = %s"
+                        f" AND j.status = 'running' RETURNING j.token, j.status),"
+                        f" {counted} SELECT token FROM done",
+                        (tokens, statuses, results, errors, owner))
+                if claims:
+                    taken = conn.execute(
+                        self._claim_sql(queues, claims),
+                        (owner, lease, *([list(queues)] if queues else []), "queued"))
+            finished = {token for (token,) in done.fetchall()} if done else set()
+            claimed = [self._job(row) for row in taken.fetchall()] if taken else []
+        return finished, claimed
 
     def next_due(self, queues=None):
         among = " AND queue = ANY(%s)" if queues else ""
@@ -1447,6 +1512,17 @@ def wait_valor(job):
     job.canceled.wait(job.valor)
 
 
+class _Commit:
+    """A worker's request to the committer: a job's end to record, and/or a claim."""
+
+    __slots__ = ("claim", "done", "error", "finish", "finished", "row")
+
+    def __init__(self, finish, claim):
+        self.finish, self.claim = finish, claim  # finish: (token, status, result, error)
+        self.done = threading.Event()
+        self.finished, self.row, self.error = False, None, None
+
+
 class Runner:
     """The worker threads of one process: claim, run, renew leases, recover, purge.
 
@@ -1480,6 +1556,9 @@ class Runner:
         self._pid = None       # the process whose threads these are
         self._stopping = threading.Event()
         self._store_down = False  # claims are failing: an outage is being logged
+        self._commits = []     # _Commit requests waiting for the committer
+        self._working = 0      # worker threads not yet ended
+        self._committer_wake = threading.Condition(self._lock)
         self.owner = None
 
     # Starting and stopping.
@@ -1497,6 +1576,10 @@ class Runner:
             threads = [threading.Thread(target=self._work, args=(stopping,),
                                         name=f"queue_tool-worker-{n}", daemon=True)
                        for n in range(self.workers)]
+            if self.workers:
+                threads.append(threading.Thread(target=self._commit_loop,
+                                                name="queue_tool-committer", daemon=True))
+            self._working = self.workers
             threads.append(threading.Thread(target=self._housekeep, args=(stopping,),
                                             name="queue_tool-housekeeper", daemon=True))
             if self.workers:
@@ -1609,32 +1692,80 @@ class Runner:
             self._claim_and_run(stopping)
         except SystemExit as exc:  # raised by a processor: not an Exception, so it ends here
             log.error("%s ended: %r", threading.current_thread().name, exc)
+        finally:
+            with self._lock:
+                self._working -= 1
+                self._committer_wake.notify()  # the last one out lets the committer go
 
     def _claim_and_run(self, stopping):
+        row = None  # a job claimed with the last one's end, to run next
         while not stopping.is_set():
-            with self._lock:
-                seen = self._submits
-            try:
-                row = self.store.claim(self.owner, self.lease, self.queues)
-                due = self.store.next_due(self.queues) if row is None else None
-            except StoreError as exc:
-                if stopping.is_set():
-                    break
-                self._store_failed(exc)
-                stopping.wait(self.poll_interval)
-                continue
-            if self._store_down:
-                self._store_back()
             if row is None:
-                # Sleep until a submit here or the listener wakes us, or until the
-                # next delayed job is due; `seen` makes a wake-up unmissable.
                 with self._lock:
-                    if self._submits == seen and not stopping.is_set():
-                        self._wake.wait(None if due is None else max(due, 0.002))
-                continue
+                    seen = self._submits
+                try:
+                    row = self._commit(claim=True)[1]
+                    due = self.store.next_due(self.queues) if row is None else None
+                except StoreError as exc:
+                    if stopping.is_set():
+                        break
+                    self._store_failed(exc)
+                    stopping.wait(self.poll_interval)
+                    continue
+                if self._store_down:
+                    self._store_back()
+                if row is None:
+                    # Sleep until a submit here or the listener wakes us, or until the
+                    # next delayed job is due; `seen` makes a wake-up unmissable.
+                    with self._lock:
+                        if self._submits == seen and not stopping.is_set():
+                            self._wake.wait(None if due is None else max(due, 0.002))
+                    continue
             if stopping.is_set():
                 break  # stop() puts the job just claimed back in the queue
-            self._run(row)
+            row = self._run(row)
+
+    def _commit(self, finish=None, claim=False):
+        """Record a job's end and/or claim one job, in the committer's next transaction.
+
+        Returns (whether the end was recorded, the claimed row or None). Workers
+        that ask while a transaction is under way share the next one: many jobs
+        for one commit (one fsync on SQLite) instead of two commits per job.
+        """
+        request = _Commit(finish, claim)
+        with self._lock:
+            self._commits.append(request)
+            self._committer_wake.notify()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.finished, request.row
+
+    def _commit_loop(self):
+        """The committer thread: one transaction for every request waiting, until the
+        last worker has ended (stop() waits for it like for any thread)."""
+        while True:
+            with self._lock:
+                while not self._commits:
+                    if self._working == 0:
+                        return  # no worker is left to ask
+                    self._committer_wake.wait()
+                batch, self._commits = self._commits, []
+            claims = [request for request in batch if request.claim]
+            try:
+                finished, rows = self.store.finish_and_claim(
+                    self.owner, [request.finish for request in batch if request.finish],
+                    len(claims), self.lease, self.queues)
+            except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
+                for request in batch:
+                    request.error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
+                    request.done.set()
+                continue
+            for request, row in zip(claims, rows):
+                request.row = row
+            for request in batch:
+                request.finished = bool(request.finish) and request.finish[0] in finished
+                request.done.set()
 
     def _store_failed(self, exc):
         """Log an outage once, not once a second for every worker."""
@@ -1651,13 +1782,14 @@ class Runner:
             log.info("claiming jobs works again")
 
     def _run(self, row):
-        """Run one claimed job, holding it in the live map while it runs."""
+        """Run one claimed job, holding it in the live map while it runs; the row
+        of the next job, claimed as this one's end was recorded, or None."""
         job, ended = Job(self, row), threading.Event()
         entry = (job, ended)
         with self._lock:
             self._live[job.token] = entry
         try:
-            self._execute(job)
+            return self._execute(job)
         finally:  # whatever the processor raised: a job not live here is not renewed
             with self._lock:
                 if self._live.get(job.token) is entry:  # not dropped by a cancel
@@ -1678,19 +1810,24 @@ class Runner:
         if job.canceled.is_set():
             # Canceled (already final in the store) or cut short by a shutdown,
             # which puts it back in the queue: either way it did not end here.
-            return
+            return None
         try:
             if status == FAILED and job._retried < job._retries:
                 delay = self.backoff(job._retried + 1) if delay is None else delay
                 if self.store.retry(job.token, self.owner, error, min(delay, self.max_delay)):
                     log.info("job %s failed (attempt %d); retry %d of %d in %.3fs", job.token,
                              job.attempts, job._retried + 1, job._retries, delay)
-            elif self.store.finish(job.token, self.owner, status, result, error):
-                log.info("job %s %s in %.3fs", job.token, status, time.monotonic() - started)
+                return None
+            finished, row = self._commit((job.token, status, result, error),
+                                         claim=not self._stopping.is_set())
         except StoreError as exc:
             # The lease runs out and another worker takes it again: at-least-once.
             if not self._stopping.is_set():
                 log.error("recording job %s as %s failed: %s", job.token, status, exc)
+            return None
+        if finished:
+            log.info("job %s %s in %.3fs", job.token, status, time.monotonic() - started)
+        return row
 
     def backoff(self, retry):
         """Seconds before the n-th retry: retry_delay x 2^(n-1), at most an hour,

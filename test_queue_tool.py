@@ -2387,6 +2387,35 @@ def test_workers_take_the_oldest_job_first(make, gate, seen, gated):
 
 
 @both_stores
+def test_workers_share_commits_and_run_each_job_once(make):
+    ran = collections.Counter()
+
+    def process(job):
+        ran[job.token] += 1
+    built = make(process=process, workers=8)
+    commits = []
+    original = built.store.finish_and_claim
+
+    def counting(owner, finishes, claims, lease, queues=None):
+        commits.append((len(finishes), claims))
+        return original(owner, finishes, claims, lease, queues)
+    built.store.finish_and_claim = counting
+    client = webtest.TestApp(built)
+    tokens = []
+    for start in range(0, 300, 100):
+        tokens += tokens_of(submit(client, [{"item": f"{n}", "valor": 0}
+                                            for n in range(start, start + 100)]))
+    for token in tokens:
+        assert client.get(f"/check/{token}?wait=10").json["status"] == "done"
+    assert sorted(ran) == sorted(tokens) and set(ran.values()) == {1}
+    # One commit records a job's end and claims the next one: never two per job, as
+    # a claim and a finish each of their own were.
+    assert sum(finishes for finishes, _ in commits) == 300
+    assert len(commits) < 2 * 300
+    print("commits:", len(commits), "largest:", max(finishes for finishes, _ in commits))
+
+
+@both_stores
 def test_event_map_holds_only_live_jobs(make, gated, seen, gate):
     built = make(process=gated, workers=2)
     client = webtest.TestApp(built)
