@@ -315,6 +315,71 @@ def bench_http(dbs, quick):
             ("check over HTTP, p99 latency (ms)", p99 * 1e3, rp99 * 1e3, "ratio printed", None)]
 
 
+def bench_burst(dbs, quick):
+    """3b. GET /check latency with 32 connections at once on the built-in server, against
+    the trivial app on the same server class: the p99 shows a listen backlog too short."""
+    workdir, db = dbs.workdir, dbs.new("burst")
+    loader = queue_tool.make_app(db=db, workers=16)
+    try:
+        paths = [f"/check/{token}" for token in finished_tokens(loader, 200)]
+    finally:
+        loader.close(grace=0)
+    requests = 40 if quick else 150
+    figures = []
+    for served in (Served(workdir, "--db", str(db), "--workers", "16"),
+                   Served(workdir, trivial=True)):
+        try:
+            latencies = burst(served, paths, 32, requests)
+        finally:
+            served.stop()
+        figures.append(percentile(latencies, 0.99) * 1e3)
+    return [("check p99, 32 connections at once, built-in server (ms)", figures[0], figures[1],
+             "<= 3 x the trivial app's p99", figures[0] <= 3 * figures[1])]
+
+
+def burst(served, paths, clients, requests):
+    """`clients` threads, each sending `requests` GETs, a new connection each time."""
+    latencies, go = [], threading.Event()
+
+    def client():
+        go.wait()
+        for _ in range(requests):
+            began = time.perf_counter()
+            served.request("GET", random.choice(paths))
+            latencies.append(time.perf_counter() - began)
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    go.set()
+    for thread in threads:
+        thread.join()
+    return latencies
+
+
+def bench_single(dbs, quick):
+    """3c. One job per request from one client over HTTP (a new connection each), the
+    built-in server with its workers running, against the trivial app."""
+    seconds = 2 if quick else 6
+    body = [{"item": "one", "valor": 0}]
+    figures = []
+    for served in (Served(dbs.workdir, "--db", dbs.new("single"), "--workers", "16"),
+                   Served(dbs.workdir, trivial=True)):
+        try:
+            for _ in range(50):
+                served.request("POST", "/api", body)  # warm up
+            done, stop_at = 0, time.perf_counter() + seconds
+            began = time.perf_counter()
+            while time.perf_counter() < stop_at:
+                status, _ = served.request("POST", "/api", body)
+                assert status == 202, status
+                done += 1
+            figures.append(rate(done, time.perf_counter() - began))
+        finally:
+            served.stop()
+    return [("one job per request, one client, built-in server (jobs/s)", figures[0],
+             figures[1], ">= 3,000", figures[0] >= 3000)]
+
+
 def bench_dispatch(dbs, quick):
     """4. From the 202 to `done` for valor-0 jobs on an idle service: p50 and p99."""
     rows = []
@@ -505,6 +570,7 @@ def bench_scale(dbs, quick):
 
 
 MEASURES = {"submit": bench_submit, "check": bench_check, "http": bench_http,
+            "burst": bench_burst, "single": bench_single,
             "dispatch": bench_dispatch, "across": bench_dispatch_across,
             "makespan": bench_makespan, "memory": bench_memory, "scale": bench_scale,
             "process": bench_process}

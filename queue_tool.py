@@ -3240,6 +3240,9 @@ class ThreadingWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSG
     """wsgiref's server with a thread per request, so one long poll blocks no one."""
 
     daemon_threads = True
+    # socketserver's listen backlog is 5: a burst of new connections overflowed it
+    # and the kernel dropped them, each client retrying a second later.
+    request_queue_size = 1024
 
 
 class RequestHandler(wsgiref.simple_server.WSGIRequestHandler):
