@@ -754,8 +754,10 @@ class SQLiteStore:
     def _ready(queues, limit=1):
         """The jobs a worker may take now, in the order it takes them."""
         among = f" AND queue IN ({','.join('?' * len(queues))})" if queues else ""
-        return (f"FROM jobs WHERE status = 'queued' AND run_at <= ?{among}"
-                f" ORDER BY priority DESC, run_at, id LIMIT {int(limit)}")
+        # INDEXED BY: without statistics SQLite would take the (status, id) index and
+        # sort every queued row for each claim, slower the longer the queue.
+        return (f"FROM jobs INDEXED BY jobs_ready WHERE status = 'queued' AND run_at <= ?"
+                f"{among} ORDER BY priority DESC, run_at, id LIMIT {int(limit)}")
 
     def claim(self, owner, lease, queues=None):
         """Move the next ready job (of `queues`, or any) to running for `owner`, leased
@@ -812,7 +814,8 @@ class SQLiteStore:
         None if there is none."""
         among = f" AND queue IN ({','.join('?' * len(queues))})" if queues else ""
         ((run_at,),) = self._read(
-            f"SELECT MIN(run_at) FROM jobs WHERE status = 'queued'{among}", tuple(queues or ()))
+            f"SELECT MIN(run_at) FROM jobs INDEXED BY jobs_due WHERE status = 'queued'{among}",
+            tuple(queues or ()))
         return None if run_at is None else max(0.0, run_at - time.time())
 
     def retry(self, token, owner, error, delay):
@@ -974,8 +977,9 @@ class _SQLiteListener(Listener):
                 if version != self._version:
                     self._version = version
                     ((ready,),) = self._conn.execute(
-                        "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE status = 'queued'"
-                        " AND run_at <= ? LIMIT 1024)", (time.time(),)).fetchall()
+                        "SELECT COUNT(*) FROM (SELECT 1 FROM jobs INDEXED BY jobs_due"
+                        " WHERE status = 'queued' AND run_at <= ? LIMIT 1024)",
+                        (time.time(),)).fetchall()
                     ((canceled,),) = self._conn.execute(
                         "SELECT value FROM counters WHERE name = 'finished_canceled'").fetchall()
                     seen, self._canceled = self._canceled, canceled
