@@ -747,9 +747,6 @@ class SQLiteStore:
         rows = self._read(f"SELECT {self.COLUMNS} FROM jobs WHERE token = ?", (token,))
         return _job(rows[0]) if rows else None
 
-    def queued(self):
-        return self._read("SELECT value FROM counters WHERE name = 'queued'")[0][0]
-
     @staticmethod
     def _ready(queues, limit=1):
         """The jobs a worker may take now, in the order it takes them."""
@@ -763,19 +760,8 @@ class SQLiteStore:
         """Move the next ready job (of `queues`, or any) to running for `owner`, leased
         for `lease` seconds: highest priority, then earliest run_at, then oldest.
         Its row, or None."""
-        ready, queues = self._ready(queues), tuple(queues or ())
-        if not self._read(f"SELECT 1 {ready}", (time.time(), *queues)):
-            return None  # a read takes no write lock
-        with self._transaction() as conn:
-            now = time.time()
-            job = _job(conn.execute(
-                f"UPDATE jobs SET status = 'running', owner = ?, lease_until = ?,"
-                f" started_at = ?, attempts = attempts + 1, progress = NULL"
-                f" WHERE id = (SELECT id {ready}) RETURNING {self.COLUMNS}",
-                (owner, now + lease, now, now, *queues)).fetchone())
-            if job is not None:
-                self._count(conn, queued=-1)
-        return job
+        claimed = self.finish_and_claim(owner, (), 1, lease, queues)[1]
+        return claimed[0] if claimed else None
 
     def finish_and_claim(self, owner, finishes, claims, lease, queues=None):
         """End several jobs of `owner` and claim up to `claims` more, in one transaction.
@@ -833,15 +819,8 @@ class SQLiteStore:
 
     def finish(self, token, owner, status, result=None, error=None):
         """End a job this owner runs; False when it was canceled or taken back."""
-        with self._transaction() as conn:
-            changed = conn.execute(
-                "UPDATE jobs SET status = ?, finished_at = ?, result = ?, error = ?,"
-                " owner = NULL, lease_until = NULL"
-                " WHERE token = ? AND owner = ? AND status = 'running'",
-                (status, time.time(), result, error, token, owner)).rowcount
-            if changed:
-                self._count(conn, **{"finished_" + status: 1})
-        return bool(changed)
+        return token in self.finish_and_claim(
+            owner, [(token, status, result, error)], 0, 0)[0]
 
     def set_progress(self, token, owner, progress):
         with self._transaction() as conn:
@@ -1248,10 +1227,6 @@ class PostgresStore:
                                  " WHERE name = 'queued'").fetchone()
         return int(queued)
 
-    def queued(self):
-        with self._errors(), self._pool_here().connection() as conn:
-            return self._queued(conn)
-
     def _claim_sql(self, queues, limit):
         """One statement that claims up to `limit` ready jobs and counts them.
 
@@ -1269,9 +1244,8 @@ class PostgresStore:
                 f" SELECT * FROM job ORDER BY priority DESC, run_at, created_at")
 
     def claim(self, owner, lease, queues=None):
-        rows = self._read(self._claim_sql(queues, 1),
-                          (owner, lease, *([list(queues)] if queues else []), "queued"))
-        return self._job(rows[0]) if rows else None
+        claimed = self.finish_and_claim(owner, (), 1, lease, queues)[1]
+        return claimed[0] if claimed else None
 
     def finish_and_claim(self, owner, finishes, claims, lease, queues=None):
         done = taken = None
@@ -1319,13 +1293,8 @@ class PostgresStore:
         return bool(rows)
 
     def finish(self, token, owner, status, result=None, error=None):
-        rows = self._read(
-            f"WITH job AS (UPDATE queue_tool_jobs SET status = %s, finished_at = now(),"
-            f" result = %s, error = %s, owner = NULL, lease_until = NULL"
-            f" WHERE token = %s AND owner = %s AND status = 'running' RETURNING token),"
-            f" {self.COUNT.format('SELECT %s::text, count(*) FROM job')} SELECT token FROM job",
-            (status, result, error, token, owner, "finished_" + status))
-        return bool(rows)
+        return token in self.finish_and_claim(
+            owner, [(token, status, result, error)], 0, 0)[0]
 
     def set_progress(self, token, owner, progress):
         self._read("UPDATE queue_tool_jobs SET progress = %s WHERE token = %s"

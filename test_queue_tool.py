@@ -1928,7 +1928,7 @@ def test_store_retry_requeues_for_later_and_counts(store):
         "queued", "boom", 1, None)
     assert 55 < row["run_at"] - time.time() < 65
     assert store.claim("me:1:x", 60) is None  # not before its time
-    assert store.counters()["retried"] == 1 and store.queued() == 1
+    assert store.counters()["retried"] == 1 and store.counts()["queued"] == 1
 
 
 @both_stores
@@ -2549,7 +2549,7 @@ def test_store_submit_keeps_each_job_as_given(store):
         "two", "queued", 0, None)
     assert before - 5 < row["created_at"] < time.time() + 5
     assert store.get(UNKNOWN_TOKEN) is None
-    assert store.queued() == 3 and store.counts() == {"queued": 3, "running": 0}
+    assert store.counts()["queued"] == 3 and store.counts() == {"queued": 3, "running": 0}
     assert store.counters() == {"submitted": 3, "invalid": 2, "finished_done": 0,
                                 "finished_failed": 0, "finished_canceled": 0, "retried": 0,
                                 "queued": 3}
@@ -2561,7 +2561,7 @@ def test_store_submit_past_max_queued_stores_nothing(store):
     with pytest.raises(queue_tool.QueueFull):
         store.submit([(token, "x", 0) for token in hexes("b", "c")], 5, 2)
     assert [job["item"] for job in store.list()[0]] == ["a"]
-    assert store.counters()["invalid"] == 0 and store.queued() == 1
+    assert store.counters()["invalid"] == 0 and store.counts()["queued"] == 1
 
 
 @both_stores
@@ -2684,7 +2684,7 @@ def test_store_recover_takes_back_expired_and_lost_jobs(store):
     assert sorted(recovered) == sorted([(expired, "queued"), (lost, "queued")])
     assert store.get(alive)["status"] == "running"
     assert store.recover(max_attempts=3) == []
-    assert store.queued() == 2
+    assert store.counts()["queued"] == 2
 
 
 @both_stores
