@@ -20,6 +20,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -380,6 +381,79 @@ def bench_single(dbs, quick):
              figures[1], ">= 3,000", figures[0] >= 3000)]
 
 
+class Gunicorn(Served):
+    """gunicorn (gthread) serving `app` on a free loopback port; None if not installed."""
+
+    def __init__(self, workdir, app, env):
+        program = shutil.which("gunicorn", path=str(Path(sys.executable).parent))
+        self.log = Path(workdir) / f"gunicorn-{time.monotonic_ns()}.log"
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [program, "-w", "2", "-k", "gthread", "--threads", "16", "--backlog", "2048",
+                 "-b", "127.0.0.1:0", app], cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(HERE), **env})
+        deadline = time.monotonic() + 30
+        while True:
+            text = self.log.read_text()
+            found = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", text)
+            if found and text.count("Booting worker") >= 2:
+                self.port = int(found[1])
+                return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn did not start:\n{text}")
+            time.sleep(0.05)
+
+
+SEED_ITEMS_PER_SECOND = 1830  # the original Flask service, as issue 12 measured it here
+
+
+def bench_gunicorn(dbs, quick):
+    """9. Under gunicorn (2 gthread workers, 16 threads each): GET /check against a bare
+    WSGI app on the same server, and 100-item batches from 32 connections while the
+    service's workers drain them."""
+    if shutil.which("gunicorn", path=str(Path(sys.executable).parent)) is None:
+        print("no gunicorn rows: gunicorn is not installed", file=sys.stderr)
+        return []
+    db, seconds = dbs.new("gunicorn"), 2 if quick else 6
+    loader = queue_tool.make_app(db=db, workers=16)
+    try:
+        paths = [f"/check/{token}" for token in finished_tokens(loader, 500)]
+    finally:
+        loader.close(grace=0)
+    env = {"QUEUE_TOOL_DB": db, "QUEUE_TOOL_WORKERS": "8", "QUEUE_TOOL_MAX_QUEUED": "10000000"}
+    checks, batches = [], []
+    for app in ("queue_tool:app", "bench_queue_tool:trivial_app"):
+        served = Gunicorn(dbs.workdir, app, env)
+        try:
+            checks.append(http_load(served, paths, 4, seconds)[0])
+            batches.append(100 * posts(served, 32, seconds))
+        finally:
+            served.stop()
+    return [("check under gunicorn, 4 clients (req/s)", checks[0], checks[1],
+             ">= 0.9 of the bare app", checks[0] >= 0.9 * checks[1]),
+            ("100-item batches under gunicorn, 32 connections (items/s)", batches[0],
+             batches[1], f">= 50 x the seed's {SEED_ITEMS_PER_SECOND:,}",
+             batches[0] >= 50 * SEED_ITEMS_PER_SECOND)]
+
+
+def posts(served, clients, seconds):
+    """Batches of BATCH accepted per second from `clients` threads for `seconds`."""
+    done, stop_at = [0] * clients, time.perf_counter() + seconds
+
+    def client(n):
+        while time.perf_counter() < stop_at:
+            status, _ = served.request("POST", "/api", BATCH)
+            assert status == 202, status
+            done[n] += 1
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return rate(sum(done), time.perf_counter() - began)
+
+
 def bench_dispatch(dbs, quick):
     """4. From the 202 to `done` for valor-0 jobs on an idle service: p50 and p99."""
     rows = []
@@ -573,7 +647,7 @@ MEASURES = {"submit": bench_submit, "check": bench_check, "http": bench_http,
             "burst": bench_burst, "single": bench_single,
             "dispatch": bench_dispatch, "across": bench_dispatch_across,
             "makespan": bench_makespan, "memory": bench_memory, "scale": bench_scale,
-            "process": bench_process}
+            "process": bench_process, "gunicorn": bench_gunicorn}
 
 
 def main(argv=None):

@@ -928,13 +928,14 @@ class SQLiteStore:
     def maintain(self):
         """Nothing to do: the claim's queries name their indexes (INDEXED BY)."""
 
-    def listen(self):
-        """A Listener that notices commits by other processes within a few ms.
+    def listen(self, most=64):
+        """A Listener that notices commits by other processes within a few ms, and
+        counts up to `most` ready jobs then (a process wakes no more workers than it has).
 
         PRAGMA data_version changes when another connection commits; only then
-        are the counters read, so an idle process costs a cheap look every 5 ms.
+        is the store read, so an idle process costs a cheap look every 5 ms.
         """
-        return _SQLiteListener(self)
+        return _SQLiteListener(self, most)
 
     @staticmethod
     def _count(conn, **deltas):
@@ -943,8 +944,9 @@ class SQLiteStore:
 
 
 class _SQLiteListener(Listener):
-    def __init__(self, store):
-        self._store, self._conn, self._version, self._canceled = store, None, None, None
+    def __init__(self, store, most):
+        self._store, self._most, self._conn = store, most, None
+        self._version = self._canceled = None
 
     def wait(self, timeout):
         if self._store.path == ":memory:":  # no other process can see this database
@@ -960,8 +962,8 @@ class _SQLiteListener(Listener):
                     self._version = version
                     ((ready,),) = self._conn.execute(
                         "SELECT COUNT(*) FROM (SELECT 1 FROM jobs INDEXED BY jobs_due"
-                        " WHERE status = 'queued' AND run_at <= ? LIMIT 1024)",
-                        (time.time(),)).fetchall()
+                        " WHERE status = 'queued' AND run_at <= ? LIMIT ?)",
+                        (time.time(), self._most)).fetchall()
                     ((canceled,),) = self._conn.execute(
                         "SELECT value FROM counters WHERE name = 'finished_canceled'").fetchall()
                     seen, self._canceled = self._canceled, canceled
@@ -1412,7 +1414,7 @@ class PostgresStore:
         return {name: int(value) for name, value in self._read(
             "SELECT name, sum(value) FROM queue_tool_counters GROUP BY name")}
 
-    def listen(self):
+    def listen(self, most=64):
         """A Listener on a dedicated connection: LISTEN, woken by the NOTIFY that
         submits, cancels and requeues send inside their transactions."""
         return _PostgresListener(self)
@@ -1865,7 +1867,7 @@ class Runner:
     def _listen(self, stopping):
         """Wake idle workers as soon as another process queues jobs, and stop the
         jobs canceled there, instead of waiting for the housekeeper's next look."""
-        listener = self.store.listen()
+        listener = self.store.listen(self.workers)
         try:
             while not stopping.is_set():
                 try:
@@ -2853,7 +2855,8 @@ class App:
         batch_id = secrets.token_hex(16)
         body = json_body({"message": ACCEPTED_MESSAGE, "processing_items": results,
                           "batch": batch_id, "check_batch": f"{prefix}/batch/{batch_id}"})
-        fingerprint = hashlib.sha256(json.dumps(batch, sort_keys=True).encode()).hexdigest()
+        fingerprint = key and hashlib.sha256(json.dumps(batch, sort_keys=True).encode()
+                                             ).hexdigest()
         try:
             earlier = self.store.submit(
                 jobs, len(batch) - len(jobs), self.settings.max_queued, batch_id,
