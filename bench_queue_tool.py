@@ -274,20 +274,24 @@ def http_load(served, paths, clients, seconds):
         began = time.perf_counter()
         served.request("GET", path)
         latencies.append(time.perf_counter() - began)
-    done = [0] * clients
-    stop_at = time.perf_counter() + seconds
+    return hammer(lambda: served.request("GET", random.choice(paths)), clients, seconds), latencies
 
-    def hammer(n):
+
+def hammer(send, clients, seconds):
+    """Calls of send() per second from `clients` threads calling it for `seconds`."""
+    done, stop_at = [0] * clients, time.perf_counter() + seconds
+
+    def client(n):
         while time.perf_counter() < stop_at:
-            served.request("GET", random.choice(paths))
+            send()
             done[n] += 1
-    threads = [threading.Thread(target=hammer, args=(n,)) for n in range(clients)]
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
     began = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return rate(sum(done), time.perf_counter() - began), latencies
+    return rate(sum(done), time.perf_counter() - began)
 
 
 def bench_http(dbs, quick):
@@ -438,20 +442,10 @@ def bench_gunicorn(dbs, quick):
 
 def posts(served, clients, seconds):
     """Batches of BATCH accepted per second from `clients` threads for `seconds`."""
-    done, stop_at = [0] * clients, time.perf_counter() + seconds
-
-    def client(n):
-        while time.perf_counter() < stop_at:
-            status, _ = served.request("POST", "/api", BATCH)
-            assert status == 202, status
-            done[n] += 1
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return rate(sum(done), time.perf_counter() - began)
+    def send():
+        status, _ = served.request("POST", "/api", BATCH)
+        assert status == 202, status
+    return hammer(send, clients, seconds)
 
 
 def bench_dispatch(dbs, quick):
