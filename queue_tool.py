@@ -1233,15 +1233,20 @@ class PostgresStore:
         """One statement that claims up to `limit` ready jobs and counts them.
 
         SKIP LOCKED: concurrent claims pass over each other's rows instead of
-        queueing behind them, and the partial index holds only queued rows.
+        queueing behind them, and the partial index holds only queued rows. The
+        choice is a MATERIALIZED CTE: as `id IN (SELECT ... SKIP LOCKED)` the
+        planner may run the subquery again for each row it updates, and each run
+        skips other rows, so one claim could take (and lose) far more than `limit`.
+        Parameters: the queues (when given), owner, lease, "queued".
         """
         among = " AND queue = ANY(%s)" if queues else ""
-        return (f"WITH job AS (UPDATE queue_tool_jobs SET status = 'running', owner = %s,"
+        return (f"WITH next AS MATERIALIZED (SELECT id FROM queue_tool_jobs"
+                f" WHERE status = 'queued' AND run_at <= now(){among}"
+                f" ORDER BY priority DESC, run_at, id LIMIT {int(limit)} FOR UPDATE SKIP LOCKED),"
+                f" job AS (UPDATE queue_tool_jobs AS j SET status = 'running', owner = %s,"
                 f" lease_until = now() + %s * interval '1 second', started_at = now(),"
-                f" attempts = attempts + 1, progress = NULL"
-                f" WHERE id IN (SELECT id FROM queue_tool_jobs WHERE status = 'queued'"
-                f" AND run_at <= now(){among} ORDER BY priority DESC, run_at, id"
-                f" LIMIT {int(limit)} FOR UPDATE SKIP LOCKED) RETURNING {self.COLUMNS}),"
+                f" attempts = j.attempts + 1, progress = NULL FROM next WHERE j.id = next.id"
+                f" RETURNING {_pg_columns('j')}),"
                 f" {self.COUNT.format('SELECT %s::text, -count(*) FROM job')}"
                 f" SELECT * FROM job ORDER BY priority DESC, run_at, created_at")
 
@@ -1271,7 +1276,7 @@ class PostgresStore:
                 if claims:
                     taken = conn.execute(
                         self._claim_sql(queues, claims),
-                        (owner, lease, *([list(queues)] if queues else []), "queued"))
+                        (*([list(queues)] if queues else []), owner, lease, "queued"))
             finished = {token for (token,) in done.fetchall()} if done else set()
             claimed = [self._job(row) for row in taken.fetchall()] if taken else []
         return finished, claimed
@@ -1750,7 +1755,7 @@ class Runner:
                     request.error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
                     request.done.set()
                 continue
-            for request, row in zip(claims, rows):
+            for request, row in zip(claims, rows, strict=False):  # never more rows than asked
                 request.row = row
             for request in batch:
                 request.finished = bool(request.finish) and request.finish[0] in finished

@@ -2601,6 +2601,28 @@ def test_store_claims_each_job_once_under_concurrent_claimers(db):
 
 
 @both_stores
+def test_store_claims_of_many_at_once_take_no_more_than_asked(db):
+    stores = [queue_tool.open_store(db) for _ in range(3)]
+    stores[0].submit([(f"{n:032x}", "x", 0) for n in range(600)], 0, 1000)
+    returned = collections.Counter()
+
+    def claim_all(claimer, owner):
+        while claimed := claimer.finish_and_claim(owner, (), 8, 60)[1]:
+            assert len(claimed) <= 8
+            returned[owner] += len(claimed)
+    threads = [threading.Thread(target=claim_all, args=(stores[n % 3], f"o:{n}:x"))
+               for n in range(9)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    held = collections.Counter(dict(sql(db, "SELECT owner, COUNT(*) FROM {jobs} GROUP BY owner")))
+    assert held == returned and sum(held.values()) == 600  # every claimed row was handed out
+    for opened in stores:
+        opened.close()
+
+
+@both_stores
 def test_store_finish_is_for_the_owner_of_a_running_job(store):
     done, failed = hexes("d", "f")
     store.submit([(done, "d", 0), (failed, "f", 0)], 0, 10)
