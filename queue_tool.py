@@ -945,7 +945,7 @@ class SQLiteStore:
 
 class _SQLiteListener(Listener):
     def __init__(self, store, most):
-        self._store, self._most, self._conn = store, most, None
+        self._store, self._most = store, most
         self._version = self._canceled = None
 
     def wait(self, timeout):
@@ -953,32 +953,23 @@ class _SQLiteListener(Listener):
             time.sleep(timeout)
             return 0, False
         deadline = time.monotonic() + timeout
-        try:
-            if self._conn is None:
-                self._conn = self._store._connect()
-            while True:
-                (version,) = self._conn.execute("PRAGMA data_version").fetchone()
-                if version != self._version:
-                    self._version = version
-                    ((ready,),) = self._conn.execute(
-                        "SELECT COUNT(*) FROM (SELECT 1 FROM jobs INDEXED BY jobs_due"
-                        " WHERE status = 'queued' AND run_at <= ? LIMIT ?)",
-                        (time.time(), self._most)).fetchall()
-                    ((canceled,),) = self._conn.execute(
-                        "SELECT value FROM counters WHERE name = 'finished_canceled'").fetchall()
-                    seen, self._canceled = self._canceled, canceled
-                    return ready, seen is not None and canceled != seen
-                if time.monotonic() >= deadline:
-                    return 0, False
-                time.sleep(self._store.listen_interval)
-        except sqlite3.Error as exc:
-            self.close()
-            raise StoreError(str(exc)) from exc
-
-    def close(self):
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        while True:
+            # The store's own connection: its data_version moves only when another
+            # connection commits, so this process's own claims and ends wake nobody.
+            ((version,),) = self._store._read("PRAGMA data_version")
+            if version != self._version:
+                self._version = version
+                ((ready,),) = self._store._read(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM jobs INDEXED BY jobs_due"
+                    " WHERE status = 'queued' AND run_at <= ? LIMIT ?)",
+                    (time.time(), self._most))
+                ((canceled,),) = self._store._read(
+                    "SELECT value FROM counters WHERE name = 'finished_canceled'")
+                seen, self._canceled = self._canceled, canceled
+                return ready, seen is not None and canceled != seen
+            if time.monotonic() >= deadline:
+                return 0, False
+            time.sleep(self._store.listen_interval)
 
 
 def _pg_columns(table=""):
@@ -1545,7 +1536,7 @@ class Runner:
         self._wake = threading.Condition(self._lock)
         # All below guarded by self._lock.
         self._live = {}        # token -> (Job, Event set when it ends)
-        self._submits = 0      # bumped on each local submit, so no wake-up is missed
+        self._wakeups = 0      # jobs announced that no idle worker has looked for yet
         self._threads = []
         self._pid = None       # the process whose threads these are
         self._stopping = threading.Event()
@@ -1621,7 +1612,10 @@ class Runner:
     def notify_submitted(self, count):
         """Wake up to `count` idle workers: jobs were just queued here."""
         with self._lock:
-            self._submits += 1
+            # One wake-up per job, kept for a worker that is between a claim that
+            # found nothing and its sleep: then no wake-up is missed, and one submit
+            # sends one worker looking, not every worker that was busy at the time.
+            self._wakeups = min(self._wakeups + count, self.workers)
             self._wake.notify(count)
 
     def cancel_local(self, token):
@@ -1695,8 +1689,6 @@ class Runner:
         row = None  # a job claimed with the last one's end, to run next
         while not stopping.is_set():
             if row is None:
-                with self._lock:
-                    seen = self._submits
                 try:
                     row = self._commit(claim=True)[1]
                     due = self.store.next_due(self.queues) if row is None else None
@@ -1710,10 +1702,11 @@ class Runner:
                     self._store_back()
                 if row is None:
                     # Sleep until a submit here or the listener wakes us, or until the
-                    # next delayed job is due; `seen` makes a wake-up unmissable.
+                    # next delayed job is due; then look again, taking one wake-up.
                     with self._lock:
-                        if self._submits == seen and not stopping.is_set():
+                        if not self._wakeups and not stopping.is_set():
                             self._wake.wait(None if due is None else max(due, 0.002))
+                        self._wakeups = max(self._wakeups - 1, 0)
                     continue
             if stopping.is_set():
                 break  # stop() puts the job just claimed back in the queue
