@@ -62,6 +62,7 @@ import hmac
 import html
 import http
 import http.client
+import http.server
 import importlib
 import json
 import logging
@@ -3234,8 +3235,102 @@ class ThreadingWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSG
     request_queue_size = 1024
 
 
+class _RequestBody:
+    """wsgi.input of one request on a kept-alive connection: it ends at the
+    Content-Length, so no read runs into the next request on the connection."""
+
+    def __init__(self, rfile, length):
+        self._rfile, self.left, self.broken = rfile, length, False
+
+    def read(self, size=-1):
+        return self._take(self._rfile.read, size)
+
+    def readline(self, size=-1):
+        return self._take(self._rfile.readline, size)
+
+    def _take(self, read, size):
+        size = self.left if size is None or size < 0 else min(size, self.left)
+        try:
+            data = read(size) if size else b""
+        except OSError:  # a timeout, a reset: the connection is done for
+            self.broken = True
+            raise
+        self.left -= len(data)
+        if not data and size:
+            self.broken = True  # the client hung up before the end of its body
+        return data
+
+    def readlines(self, hint=-1):
+        return list(iter(self.readline, b""))
+
+    def __iter__(self):
+        return iter(self.readline, b"")
+
+
+class _ServerHandler(wsgiref.simple_server.ServerHandler):
+    http_version = "1.1"
+
+    def cleanup_headers(self):
+        super().cleanup_headers()
+        request = self.request_handler
+        if ("Content-Length" not in self.headers  # nothing else marks the end
+                or request.body.left > request.drain_limit):  # e.g. a 413: hang up instead
+            request.close_connection = True
+        if request.close_connection:
+            self.headers["Connection"] = "close"
+
+    def handle_error(self):
+        self.request_handler.close_connection = True  # a response may be cut short
+        super().handle_error()
+
+
 class RequestHandler(wsgiref.simple_server.WSGIRequestHandler):
-    timeout = 60  # a client that stalls mid-request cannot hold a thread forever
+    """wsgiref's handler, with HTTP/1.1 keep-alive: a client that sends request after
+    request (queue_tool.Client, a load balancer) reuses its connection."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 60  # a client that stalls, mid-request or idle, cannot hold a thread forever
+    drain_limit = 65536  # the most of an unread body skipped to keep a connection
+    # A response goes out in one write, not a send per header line: on a kept-alive
+    # connection, small sends meet the client's delayed ACK and wait 40 ms each.
+    wbufsize = 65536
+    disable_nagle_algorithm = True
+
+    def handle(self):
+        http.server.BaseHTTPRequestHandler.handle(self)  # one request after another
+
+    def handle_one_request(self):
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+        except TimeoutError:
+            self.close_connection = True
+            return
+        if not self.raw_requestline:
+            self.close_connection = True
+            return
+        if len(self.raw_requestline) > 65536:
+            self.requestline = self.request_version = self.command = ""
+            self.send_error(414)
+            return
+        if not self.parse_request():
+            return  # an error was sent, and the connection is to close
+        length = self.headers.get("Content-Length", "0").strip() or "0"
+        if (self.request_version != "HTTP/1.1" or "Transfer-Encoding" in self.headers
+                or not DIGITS_RE.match(length)):
+            self.close_connection = True  # where a body ends is not known: no reuse
+        self.body = _RequestBody(self.rfile, int(length) if DIGITS_RE.match(length) else 0)
+        handler = _ServerHandler(self.body, self.wfile, self.get_stderr(), self.get_environ(),
+                                 multithread=False)
+        handler.request_handler = self
+        handler.run(self.server.get_app())
+        if self.body.left and not self.close_connection:
+            try:
+                self.body.read()  # what the app left unread, so the next request starts clean
+            except OSError:
+                pass
+        if self.body.broken or self.body.left:
+            self.close_connection = True
+        self.wfile.flush()
 
     def get_environ(self):
         environ = super().get_environ()

@@ -3230,6 +3230,62 @@ def test_served_without_content_type_is_json(servers, tmp_path):
     connection.close()
 
 
+def raw_exchange(connection, request):
+    """Send raw bytes on a socket; the responses that arrive until it is idle or closed."""
+    connection.sendall(request)
+    data = b""
+    connection.settimeout(0.5)
+    with contextlib.suppress(TimeoutError):
+        while chunk := connection.recv(65536):
+            data += chunk
+    return data
+
+
+def hung_up(connection):
+    try:
+        return connection.recv(10) == b""
+    except ConnectionResetError:  # closed with bytes unread: a reset, not a FIN
+        return True
+
+
+def test_served_keeps_connections_alive_between_requests(servers, tmp_path):
+    server = servers("--db", str(tmp_path / "ka.sqlite3"), "--workers", "1",
+                     "--max-body", "100000")
+    client = queue_tool.Client(server.url)
+    (token,) = [entry["hash"] for entry in client.submit([{"item": "a", "valor": 0}])[
+        "processing_items"]]
+    assert client.wait(token, 10)["status"] == "done"
+    client.check(token)
+    client.jobs()
+    assert client._opened == 1  # HTTP/1.1: every call on one connection
+    client.close()
+
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        # Two requests in one send: the first's body ends at its Content-Length.
+        body = b'[{"item": "b", "valor": 0}]'
+        head = (f"POST /api HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        answer = raw_exchange(connection, head + body + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.count(b"HTTP/1.1 ") == 2 and b"Connection: close" not in answer
+        assert b"HTTP/1.1 202 Accepted" in answer and b"HTTP/1.1 200 OK" in answer
+        # A body the app refuses unread: a small one is skipped, and the connection serves on.
+        answer = raw_exchange(connection, b"POST /api HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain"
+                              b"\r\nContent-Length: 5\r\n\r\nhello" + b"GET /health HTTP/1.1\r\n\r\n")
+        assert b"HTTP/1.1 415 " in answer and b"HTTP/1.1 200 OK" in answer
+        # A large refused body (413) is not read through: the server says close, and closes.
+        answer = raw_exchange(connection, b"POST /api HTTP/1.1\r\nContent-Type: application/json"
+                              b"\r\nContent-Length: 200000\r\n\r\n[")
+        assert b"HTTP/1.1 413 " in answer and b"Connection: close" in answer
+        assert hung_up(connection)  # the rest of that body is never read
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        # HTTP/1.0 asks for no keep-alive, so none is given.
+        answer = raw_exchange(connection, b"GET /health HTTP/1.0\r\n\r\n")
+        assert b" 200 OK" in answer and b"Connection: close" in answer
+        assert hung_up(connection)
+    assert server.stop() == 0
+
+
 def test_console_script_runs_main():
     script = shutil.which("queue-tool", path=str(Path(sys.executable).parent))
     if script is None:
@@ -3491,14 +3547,15 @@ class DroppingProxy:
             while True:
                 downstream, _ = self.listener.accept()
                 with downstream, socket.create_connection(("127.0.0.1", self.port)) as upstream:
-                    upstream.sendall(self._read_request(downstream))
-                    answer = b"".join(iter(lambda: upstream.recv(65536), b""))  # HTTP/1.0
+                    upstream.sendall(self._read_message(downstream))
+                    answer = self._read_message(upstream)  # the server keeps the connection
                     if self.dropped:
                         downstream.sendall(answer)
                     self.dropped += 1
 
     @staticmethod
-    def _read_request(connection):
+    def _read_message(connection):
+        """One HTTP request or response, by its Content-Length."""
         data = b""
         while b"\r\n\r\n" not in data:
             data += connection.recv(65536)
