@@ -637,7 +637,7 @@ class SQLiteStore:
             raise StoreError("the store is closed")
         if self._conn is None or self._pid != os.getpid():
             conn = self._connect()
-            self._conn, self._pid = conn, os.getpid()
+            self._conn, self._pid, self._durable = conn, os.getpid(), True
         return self._conn
 
     def _connect(self):
@@ -662,11 +662,14 @@ class SQLiteStore:
             self._closed = final
 
     @contextlib.contextmanager
-    def _transaction(self):
+    def _transaction(self, durable=True):
         """One write transaction: BEGIN IMMEDIATE, then COMMIT, or ROLLBACK on error."""
         with self._lock:
             try:
                 conn = self._connection()
+                if durable != self._durable:
+                    conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                    self._durable = durable
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -776,7 +779,7 @@ class SQLiteStore:
                 f"SELECT 1 {self._ready(queues)}", (time.time(), *queues))):
             return set(), []  # a read takes no write lock
         finished, counts = set(), collections.Counter()
-        with self._transaction() as conn:
+        with self._transaction(durable=False) as conn:
             now = time.time()
             for token, status, result, error in finishes:
                 if conn.execute(
@@ -1252,6 +1255,9 @@ class PostgresStore:
             # Pipelined: BEGIN, both statements and COMMIT go out at once, and their
             # answers come back together: one round trip for the whole transaction.
             with conn.pipeline(), conn.transaction():
+                # A claim or an end lost with the last moments before a server crash
+                # only runs the job again, so the commit does not wait for the WAL flush.
+                conn.execute("SET LOCAL synchronous_commit = off")
                 if finishes:
                     tokens, statuses, results, errors = (list(c) for c in zip(*finishes))
                     counted = self.COUNT.format(

@@ -2423,6 +2423,30 @@ def test_workers_share_commits_and_run_each_job_once(make):
     print("commits:", len(commits), "largest:", max(finishes for finishes, _ in commits))
 
 
+def test_sqlite_fsyncs_submits_but_not_the_workers_claims_and_ends(make, tmp_path):
+    built = make(db=tmp_path / "sync.sqlite3", workers=4)
+    statements = []
+    with built.store._lock:
+        built.store._connection().set_trace_callback(statements.append)
+    client = webtest.TestApp(built)
+    for _ in range(5):
+        (token,) = tokens_of(submit(client, [{"item": "a", "valor": 0}]))
+        assert client.get(f"/check/{token}?wait=10").json["status"] == "done"
+    built.close(grace=5)
+    mode, seen = "FULL", collections.defaultdict(set)  # each connection starts FULL
+    for statement in statements:
+        if statement.startswith("PRAGMA synchronous="):
+            mode = statement.split("=")[1]
+        elif statement.startswith("INSERT INTO jobs"):
+            seen["submit"].add(mode)
+        elif statement.startswith("UPDATE jobs SET status = 'running'"):
+            seen["claim"].add(mode)
+        elif statement.startswith("UPDATE jobs SET status = '") and "finished_at" in statement:
+            seen["end"].add(mode)
+    # A 202 waits for the disk; a claim or an end lost to a power cut only runs a job again.
+    assert seen == {"submit": {"FULL"}, "claim": {"NORMAL"}, "end": {"NORMAL"}}
+
+
 @both_stores
 def test_event_map_holds_only_live_jobs(make, gated, seen, gate):
     built = make(process=gated, workers=2)
