@@ -1050,6 +1050,10 @@ class PostgresStore:
               " WHERE batch IS NOT NULL"))),
     )
     CHANNEL = "queue_tool"
+    # Every statement that may wait for several job rows locks them in id order, so two
+    # of them (a finish and a lease renewal, say) can never each hold a row the other
+    # wants: no deadlock. Claims never wait (SKIP LOCKED).
+    IN_ORDER = "ORDER BY id FOR UPDATE"
     LOCK_KEY = 0x7175657565  # an advisory lock that serialises schema set-up
     COLUMNS = _pg_columns()
     SHARDS = 64
@@ -1263,12 +1267,14 @@ class PostgresStore:
                     counted = self.COUNT.format(
                         "SELECT 'finished_' || status, count(*) FROM done GROUP BY status")
                     done = conn.execute(
-                        f"WITH done AS (UPDATE queue_tool_jobs AS j SET status = f.status,"
-                        f" finished_at = now(), result = f.result, error = f.error,"
-                        f" owner = NULL, lease_until = NULL FROM unnest(%s::text[],"
-                        f" %s::text[], %s::text[], %s::text[]) AS f (token, status, result,"
-                        f" error) WHERE j.token = f.token AND j.owner = %s"
-                        f" AND j.status = 'running' RETURNING j.token, j.status),"
+                        f"WITH mine AS MATERIALIZED (SELECT j.id, f.status, f.result, f.error"
+                        f" FROM queue_tool_jobs AS j JOIN unnest(%s::text[], %s::text[],"
+                        f" %s::text[], %s::text[]) AS f (token, status, result, error)"
+                        f" ON j.token = f.token WHERE j.owner = %s AND j.status = 'running'"
+                        f" {self.IN_ORDER} OF j), done AS (UPDATE queue_tool_jobs AS j"
+                        f" SET status = mine.status, finished_at = now(), result = mine.result,"
+                        f" error = mine.error, owner = NULL, lease_until = NULL FROM mine"
+                        f" WHERE j.id = mine.id RETURNING j.token, j.status),"
                         f" {counted} SELECT token FROM done",
                         (tokens, statuses, results, errors, owner))
                 if claims:
@@ -1323,17 +1329,20 @@ class PostgresStore:
 
     def renew(self, owner, tokens, lease):
         rows = self._read(
-            "UPDATE queue_tool_jobs SET lease_until = now() + %s * interval '1 second'"
-            " WHERE owner = %s AND status = 'running' AND token = ANY(%s) RETURNING token",
-            (lease, owner, list(tokens)))
+            f"WITH mine AS MATERIALIZED (SELECT id FROM queue_tool_jobs WHERE owner = %s"
+            f" AND status = 'running' AND token = ANY(%s) {self.IN_ORDER})"
+            f" UPDATE queue_tool_jobs AS j SET lease_until = now() + %s * interval '1 second'"
+            f" FROM mine WHERE j.id = mine.id RETURNING j.token",
+            (owner, list(tokens), lease))
         return {token for (token,) in rows}
 
     def release(self, owner):
         with self._transaction() as conn:
             rows = conn.execute(
-                "UPDATE queue_tool_jobs SET status = 'queued', owner = NULL, lease_until = NULL,"
-                " progress = NULL WHERE owner = %s AND status = 'running' RETURNING token",
-                (owner,)).fetchall()
+                f"WITH mine AS MATERIALIZED (SELECT id FROM queue_tool_jobs WHERE owner = %s"
+                f" AND status = 'running' {self.IN_ORDER}) UPDATE queue_tool_jobs AS j"
+                f" SET status = 'queued', owner = NULL, lease_until = NULL, progress = NULL"
+                f" FROM mine WHERE j.id = mine.id RETURNING j.token", (owner,)).fetchall()
             self._count(conn, queued=len(rows))
             if rows:
                 self._notify(conn, f"submitted:{len(rows)}")
@@ -1351,14 +1360,15 @@ class PostgresStore:
             return []
         with self._transaction() as conn:
             rows = conn.execute(
-                f"UPDATE queue_tool_jobs SET"
+                f"WITH lost AS MATERIALIZED (SELECT id FROM queue_tool_jobs {lost_jobs}"
+                f" {self.IN_ORDER}) UPDATE queue_tool_jobs AS j SET"
                 f" status = CASE WHEN attempts >= %s THEN 'failed' ELSE 'queued' END,"
                 f" finished_at = CASE WHEN attempts >= %s THEN now() END,"
                 f" error = CASE WHEN attempts >= %s THEN 'worker lost after ' || attempts"
                 f" || ' attempts' ELSE error END,"
-                f" owner = NULL, lease_until = NULL, progress = NULL {lost_jobs}"
-                f" RETURNING token, status",
-                (max_attempts, max_attempts, max_attempts, lost)).fetchall()
+                f" owner = NULL, lease_until = NULL, progress = NULL FROM lost"
+                f" WHERE j.id = lost.id RETURNING j.token, j.status",
+                (lost, max_attempts, max_attempts, max_attempts)).fetchall()
             failed = sum(status == FAILED for _, status in rows)
             self._count(conn, finished_failed=failed, queued=len(rows) - failed)
             if len(rows) > failed:
@@ -1390,8 +1400,8 @@ class PostgresStore:
                 return None
             rows = conn.execute(
                 "UPDATE queue_tool_jobs AS j SET status = 'canceled', finished_at = now(),"
-                " owner = NULL, lease_until = NULL FROM (SELECT id, status FROM queue_tool_jobs"
-                " WHERE batch = %s AND status IN ('queued', 'running') FOR UPDATE) AS old"
+                f" owner = NULL, lease_until = NULL FROM (SELECT id, status FROM queue_tool_jobs"
+                f" WHERE batch = %s AND status IN ('queued', 'running') {self.IN_ORDER}) AS old"
                 " WHERE j.id = old.id RETURNING j.token, old.status", (batch_id,)).fetchall()
             self._count(conn, finished_canceled=len(rows),
                         queued=-sum(status == QUEUED for _, status in rows))

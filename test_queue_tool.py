@@ -9,6 +9,7 @@ import io
 import itertools
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -2887,6 +2888,44 @@ def test_postgres_claim_list_and_lease_scan_use_indexes(db_postgres):
             plan = "\n".join(row[0] for row in connection.execute("EXPLAIN " + query))
             assert "Index" in plan and "Seq Scan" not in plan and "Sort" not in plan, (
                 name, plan)
+
+
+def test_postgres_ends_renewals_and_batch_cancels_never_deadlock(db_postgres):
+    """Statements that lock several job rows lock them in one order. Here ends come
+    in shuffled order while leases are renewed and a batch is canceled, in three
+    threads; rows locked in the order given would deadlock within a few rounds."""
+    store = queue_tool.open_store(db_postgres)
+    errors = []
+
+    def guarded(work):
+        def run():
+            try:
+                work()
+            except queue_tool.StoreError as exc:
+                errors.append(exc)
+        return threading.Thread(target=run)
+    try:
+        for round_ in range(30):
+            batch = f"b{round_}"
+            store.submit([queue_tool.NewJob(f"{round_}-{n}", "x", 0) for n in range(60)], 0,
+                         10**6, batch=batch)
+            _, claimed = store.finish_and_claim("owner", [], 40, 30)
+            tokens = [job["token"] for job in claimed]
+            shuffled = random.Random(round_).sample(tokens, len(tokens))
+            threads = [
+                guarded(lambda s=shuffled: store.finish_and_claim(
+                    "owner", [(t, "done", None, None) for t in s[:30]], 0, 30)),
+                guarded(lambda t=tokens: store.renew("owner", t[::-1], 30)),
+                guarded(lambda b=batch: store.cancel_batch(b))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            assert errors == [], errors
+        assert sql(db_postgres, "SELECT count(*) FROM {jobs} WHERE status IN"
+                                " ('queued', 'running')") == [(0,)]
+    finally:
+        store.close()
 
 
 # -- Settings and the module-level app --------------------------------------------------
