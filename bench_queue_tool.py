@@ -14,6 +14,7 @@ server they are left out.
 """
 
 import argparse
+import functools
 import http.client
 import io
 import json
@@ -515,33 +516,50 @@ PEERS = {"sqlite": "Huey 3,464", "postgres": "pgqueuer 2,977, procrastinate 1,04
 
 
 def bench_process(dbs, quick):
-    """8. Processing throughput: 10,000 queued valor-0 jobs, then 16 workers start."""
+    """8. Processing throughput: 10,000 queued valor-0 jobs, then 16 workers start; and
+    the disk syncs per job meanwhile."""
     count = 2000 if quick else 10_000
     rows = []
     for kind in dbs.kinds():
-        db = dbs.new("process", kind)
-        filler = queue_tool.make_app(db=db, workers=0, max_queued=count + 1)
-        body = json.dumps(BATCH).encode()
-        for _ in range(count // 100):
-            assert call(filler, "POST", "/api", body)[0] == 202
-        filler.close(grace=0)
-        app = queue_tool.make_app(db=db, workers=16, max_queued=count + 1)
-        commits = counted(app.store, "finish_and_claim")
-        try:
-            began = time.perf_counter()
-            app.start()
-            while app.store.counters()["finished_done"] < count:
-                time.sleep(0.01)
-            seconds = time.perf_counter() - began
-        finally:
-            app.close(grace=0)
+        seconds, commits, syncs = process_queued(dbs.new("process", kind), kind, count)
+        if kind == "sqlite":  # an untimed second run: tracing slows every system call
+            traced = dbs.new("process-traced")
+            syncs = fsyncs_of_this_process(functools.partial(process_queued, traced, "sqlite", count))
         goal = 10_000 if kind == "sqlite" else 9_000
+        where = "fsync/fdatasync calls, strace" if kind == "sqlite" else "pg_stat_wal.wal_sync"
         rows += [(f"process {count:,} queued jobs, 16 workers, {kind} (jobs/s)",
                   rate(count, seconds), None,
                   f">= {goal:,} (peers here: {PEERS[kind]})", rate(count, seconds) >= goal),
-                 (f"commits (fsyncs) per job while processing, {kind}", commits[0] / count,
-                  None, "far below 1 (was 2: a claim and a finish)", commits[0] / count < 0.5)]
+                 (f"commits per job while processing, {kind}", commits / count,
+                  None, "far below 1 (was 2: a claim and a finish)", commits / count < 0.5),
+                 (f"disk syncs per job while processing, {kind} ({where})",
+                  None if syncs is None else syncs / count, None, "far below 1",
+                  None if syncs is None else syncs / count < 0.5)]
     return rows
+
+
+def process_queued(db, kind, count):
+    """Queue `count` jobs in `db`, then time 16 workers running them all: (seconds,
+    the committer's transactions, PostgreSQL's WAL syncs meanwhile or None)."""
+    filler = queue_tool.make_app(db=db, workers=0, max_queued=count + 1)
+    body = json.dumps(BATCH).encode()
+    for _ in range(count // 100):
+        assert call(filler, "POST", "/api", body)[0] == 202
+    filler.close(grace=0)
+    app = queue_tool.make_app(db=db, workers=16, max_queued=count + 1)
+    commits = counted(app.store, "finish_and_claim")
+    wal_syncs = postgres_wal_syncs(db) if kind == "postgres" else None
+    try:
+        began = time.perf_counter()
+        app.start()
+        while app.store.counters()["finished_done"] < count:
+            time.sleep(0.01)
+        seconds = time.perf_counter() - began
+    finally:
+        app.close(grace=0)
+    if wal_syncs is not None:
+        wal_syncs = postgres_wal_syncs(db) - wal_syncs
+    return seconds, commits[0], wal_syncs
 
 
 def counted(store, method):
@@ -553,6 +571,47 @@ def counted(store, method):
         return original(*args, **kwargs)
     setattr(store, method, wrapper)
     return calls
+
+
+def postgres_wal_syncs(url):
+    """The server's WAL syncs so far. Each backend publishes its statistics when it
+    goes idle, at most once a second: so wait until the figure stands still."""
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as connection:
+        last, deadline = None, time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ((syncs,),) = connection.execute("SELECT wal_sync FROM pg_stat_wal").fetchall()
+            if syncs == last:
+                return syncs
+            last = syncs
+            time.sleep(1.1)
+        return last
+
+
+def fsyncs_of_this_process(work):
+    """fsync and fdatasync calls by every thread of this process during work(), counted
+    by strace; None where strace is missing or may not attach (ptrace_scope)."""
+    if shutil.which("strace") is None:
+        return None
+    with tempfile.NamedTemporaryFile("r", suffix=".strace") as out:
+        tracer = subprocess.Popen(
+            ["strace", "-f", "-qq", "-c", "-o", out.name, "-e", "trace=fsync,fdatasync",
+             "-p", str(os.getpid())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not re.search(r"TracerPid:\s+[1-9]", Path("/proc/self/status").read_text()):
+            if tracer.poll() is not None or time.monotonic() > deadline:
+                tracer.kill()
+                tracer.wait()
+                return None
+            time.sleep(0.01)
+        try:
+            work()
+        finally:
+            tracer.terminate()
+            tracer.wait(30)
+        calls = re.findall(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?f(?:data)?sync$",
+                           out.read(), re.MULTILINE)
+    return sum(int(n) for n in calls)
 
 
 def bench_makespan(dbs, quick):
@@ -688,6 +747,8 @@ def main(argv=None):
 def fmt(value):
     if value is None:
         return "-"
+    if 0 < abs(value) < 0.1:
+        return f"{value:.3f}"
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}"
 
 
