@@ -1162,6 +1162,18 @@ class PostgresStore:
         with self._errors(), self._pool_here().connection() as conn, conn.transaction():
             yield conn
 
+    @contextlib.contextmanager
+    def _rolled_back(self, conn):
+        """Roll back a transaction begun by hand that failed, before the connection
+        goes back to the pool (which would do it too, with a warning)."""
+        try:
+            yield
+        except BaseException:
+            if conn.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE:
+                with contextlib.suppress(self._psycopg.Error):
+                    conn.rollback()
+            raise
+
     def _read(self, sql, params=()):
         """Rows of one statement, which is its own transaction (autocommit)."""
         with self._errors(), self._pool_here().connection() as conn:
@@ -1255,10 +1267,12 @@ class PostgresStore:
 
     def finish_and_claim(self, owner, finishes, claims, lease, queues=None):
         done = taken = None
-        with self._errors(), self._pool_here().connection() as conn:
+        with self._errors(), self._pool_here().connection() as conn, self._rolled_back(conn):
             # Pipelined: BEGIN, both statements and COMMIT go out at once, and their
             # answers come back together: one round trip for the whole transaction.
-            with conn.pipeline(), conn.transaction():
+            # (psycopg's conn.transaction() would add two more: 0.28 ms against 0.09.)
+            with conn.pipeline():
+                conn.execute("BEGIN")
                 # A claim or an end lost with the last moments before a server crash
                 # only runs the job again, so the commit does not wait for the WAL flush.
                 conn.execute("SET LOCAL synchronous_commit = off")
@@ -1281,6 +1295,7 @@ class PostgresStore:
                     taken = conn.execute(
                         self._claim_sql(queues, claims),
                         (*([list(queues)] if queues else []), owner, lease, "queued"))
+                conn.execute("COMMIT")
             finished = {token for (token,) in done.fetchall()} if done else set()
             claimed = [self._job(row) for row in taken.fetchall()] if taken else []
         return finished, claimed

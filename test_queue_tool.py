@@ -2890,6 +2890,26 @@ def test_postgres_claim_list_and_lease_scan_use_indexes(db_postgres):
                 name, plan)
 
 
+def test_postgres_failed_group_commit_records_nothing_and_the_pool_carries_on(
+        db_postgres, caplog):
+    store = queue_tool.open_store(db_postgres)
+    try:
+        store.submit([queue_tool.NewJob(f"t{n}", "x", 0) for n in range(3)], 0, 100)
+        _, (first, _second) = store.finish_and_claim("owner", [], 2, 30)
+        with pytest.raises(queue_tool.StoreError, match="operator does not exist"):
+            # The end goes out first; the claim then fails (queues of the wrong type).
+            store.finish_and_claim("owner", [(first["token"], "done", None, None)], 1, 30,
+                                   queues=[1])
+        assert store.get(first["token"])["status"] == "running"  # the end was rolled back
+        finished, claimed = store.finish_and_claim(
+            "owner", [(first["token"], "done", None, None)], 1, 30)
+        assert finished == {first["token"]} and [job["token"] for job in claimed] == ["t2"]
+        assert store.counters()["finished_done"] == 1
+        assert "rolling back" not in caplog.text  # not left for the pool to clean up
+    finally:
+        store.close()
+
+
 def test_postgres_ends_renewals_and_batch_cancels_never_deadlock(db_postgres):
     """Statements that lock several job rows lock them in one order. Here ends come
     in shuffled order while leases are renewed and a batch is canceled, in three
