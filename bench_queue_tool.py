@@ -14,7 +14,6 @@ server they are left out.
 """
 
 import argparse
-import functools
 import http.client
 import io
 import json
@@ -527,14 +526,14 @@ PEERS = {"sqlite": "Huey 3,464", "postgres": "pgqueuer 2,977, procrastinate 1,04
 
 def bench_process(dbs, quick):
     """8. Processing throughput: 10,000 queued valor-0 jobs, then 16 workers start; and
-    the disk syncs per job meanwhile."""
+    the disk syncs per job meanwhile. Each run is a fresh process, as a service is: in
+    this one, what the other measures left in memory would slow the collector."""
     count = 2000 if quick else 10_000
     rows = []
     for kind in dbs.kinds():
-        seconds, commits, syncs = process_queued(dbs.new("process", kind), kind, count)
+        seconds, commits, syncs = process_in_child(dbs.new("process", kind), kind, count)
         if kind == "sqlite":  # an untimed second run: tracing slows every system call
-            traced = dbs.new("process-traced")
-            syncs = fsyncs_of_this_process(functools.partial(process_queued, traced, "sqlite", count))
+            syncs = process_in_child(dbs.new("process-traced"), kind, count, trace=True)[2]
         goal = 10_000 if kind == "sqlite" else 9_000
         where = "fsync/fdatasync calls, strace" if kind == "sqlite" else "pg_stat_wal.wal_sync"
         rows += [(f"process {count:,} queued jobs, 16 workers, {kind} (jobs/s)",
@@ -548,14 +547,41 @@ def bench_process(dbs, quick):
     return rows
 
 
-def process_queued(db, kind, count):
-    """Queue `count` jobs in `db`, then time 16 workers running them all: (seconds,
-    the committer's transactions, PostgreSQL's WAL syncs meanwhile or None)."""
+def process_in_child(db, kind, count, trace=False):
+    """process_queued() in a child process: (seconds, commits, disk syncs or None).
+    With `trace`, strace counts the child's fsync calls once its queue is filled."""
+    child = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--process-run",
+         json.dumps([db, kind, count])], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
+    tracer = None
+    try:
+        assert child.stdout.readline().strip() == "filled"
+        if trace:
+            tracer = strace_fsyncs(child.pid)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        seconds, commits, syncs = json.loads(child.stdout.readline())
+        assert child.wait(60) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    if trace:
+        syncs = None if tracer is None else tracer()
+    return seconds, commits, syncs
+
+
+def process_child(spec):
+    """--process-run: fill the queue, wait for a line on stdin, then time the run."""
+    db, kind, count = json.loads(spec)
     filler = queue_tool.make_app(db=db, workers=0, max_queued=count + 1)
     body = json.dumps(BATCH).encode()
     for _ in range(count // 100):
         assert call(filler, "POST", "/api", body)[0] == 202
     filler.close(grace=0)
+    print("filled", flush=True)
+    sys.stdin.readline()
     app = queue_tool.make_app(db=db, workers=16, max_queued=count + 1)
     commits = counted(app.store, "finish_and_claim")
     wal_syncs = postgres_wal_syncs(db) if kind == "postgres" else None
@@ -569,7 +595,8 @@ def process_queued(db, kind, count):
         app.close(grace=0)
     if wal_syncs is not None:
         wal_syncs = postgres_wal_syncs(db) - wal_syncs
-    return seconds, commits[0], wal_syncs
+    print(json.dumps([seconds, commits[0], wal_syncs]), flush=True)
+    return 0
 
 
 def counted(store, method):
@@ -598,30 +625,32 @@ def postgres_wal_syncs(url):
         return last
 
 
-def fsyncs_of_this_process(work):
-    """fsync and fdatasync calls by every thread of this process during work(), counted
-    by strace; None where strace is missing or may not attach (ptrace_scope)."""
+def strace_fsyncs(pid):
+    """Attach strace to process `pid` (and the threads it starts): a function that
+    returns its fsync and fdatasync calls once the process has ended, or None where
+    strace is missing or may not attach (ptrace_scope)."""
     if shutil.which("strace") is None:
         return None
-    with tempfile.NamedTemporaryFile("r", suffix=".strace") as out:
-        tracer = subprocess.Popen(
-            ["strace", "-f", "-qq", "-c", "-o", out.name, "-e", "trace=fsync,fdatasync",
-             "-p", str(os.getpid())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not re.search(r"TracerPid:\s+[1-9]", Path("/proc/self/status").read_text()):
-            if tracer.poll() is not None or time.monotonic() > deadline:
-                tracer.kill()
-                tracer.wait()
-                return None
-            time.sleep(0.01)
-        try:
-            work()
-        finally:
-            tracer.terminate()
-            tracer.wait(30)
-        calls = re.findall(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?f(?:data)?sync$",
-                           out.read(), re.MULTILINE)
-    return sum(int(n) for n in calls)
+    out = tempfile.NamedTemporaryFile("r", suffix=".strace")  # noqa: SIM115 - read later
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-c", "-o", out.name, "-e", "trace=fsync,fdatasync",
+         "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not re.search(r"TracerPid:\s+[1-9]", Path(f"/proc/{pid}/status").read_text()):
+        if tracer.poll() is not None or time.monotonic() > deadline:
+            tracer.kill()
+            tracer.wait()
+            out.close()
+            return None
+        time.sleep(0.01)
+
+    def calls():
+        tracer.wait(30)  # it ends, writing its summary, when the traced process does
+        with out:
+            found = re.findall(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?f(?:data)?sync$",
+                               out.read(), re.MULTILINE)
+        return sum(int(n) for n in found)
+    return calls
 
 
 def bench_makespan(dbs, quick):
@@ -727,9 +756,12 @@ def main(argv=None):
     parser.add_argument("--postgres", default=POSTGRES,
                         help="PostgreSQL server for the [postgres] rows ('' for none)")
     parser.add_argument("--serve-trivial", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--process-run", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_trivial:
         return serve_trivial()
+    if args.process_run:
+        return process_child(args.process_run)
     chosen = args.only.split(",") if args.only else list(MEASURES)
     random.seed(1)
     print(f"queue_tool {queue_tool.__version__} benchmark, {time.strftime('%Y-%m-%d')}, "
@@ -741,6 +773,7 @@ def main(argv=None):
         dbs = Databases(workdir, postgres)
         try:
             for name in chosen:
+                os.sync()  # the last measure's writes are flushed before this one starts
                 began = time.monotonic()
                 new = MEASURES[name](dbs, args.quick)
                 rows += new
