@@ -129,9 +129,14 @@ def percentile(values, fraction):
 
 
 def rss_and_threads(pid):
-    status = Path(f"/proc/{pid}/status").read_text()
-    rss = int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) * 1024
-    return rss, int(re.search(r"Threads:\s+(\d+)", status)[1])
+    """RSS, and the threads that stay: the fewest seen over half a second, as the
+    thread of the connection that just asked may still be ending."""
+    threads = []
+    for _ in range(10):
+        status = Path(f"/proc/{pid}/status").read_text()
+        threads.append(int(re.search(r"Threads:\s+(\d+)", status)[1]))
+        time.sleep(0.05)
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) * 1024, min(threads)
 
 
 class Served:
