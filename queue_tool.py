@@ -3361,6 +3361,11 @@ class RequestHandler(wsgiref.simple_server.WSGIRequestHandler):
     def handle(self):
         http.server.BaseHTTPRequestHandler.handle(self)  # one request after another
 
+    def handle_expect_100(self):
+        answered = super().handle_expect_100()
+        self.wfile.flush()  # "100 Continue" goes now: the client waits for it to send its body
+        return answered
+
     def handle_one_request(self):
         try:
             self.raw_requestline = self.rfile.readline(65537)

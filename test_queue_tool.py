@@ -3362,6 +3362,14 @@ def test_served_keeps_connections_alive_between_requests(servers, tmp_path):
         assert b"HTTP/1.1 413 " in answer and b"Connection: close" in answer
         assert hung_up(connection)  # the rest of that body is never read
     with socket.create_connection((host, int(port)), timeout=10) as connection:
+        # A client that asks before sending its body (curl does) hears "100 Continue" at once.
+        body = b'[{"item": "c", "valor": 0}]'
+        assert raw_exchange(connection, (
+            f"POST /api HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n").encode()
+        ).startswith(b"HTTP/1.1 100 Continue\r\n")
+        assert b"HTTP/1.1 202 Accepted" in raw_exchange(connection, body)
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
         # HTTP/1.0 asks for no keep-alive, so none is given.
         answer = raw_exchange(connection, b"GET /health HTTP/1.0\r\n\r\n")
         assert b" 200 OK" in answer and b"Connection: close" in answer
