@@ -3640,9 +3640,9 @@ class DroppingProxy:
                 with downstream, socket.create_connection(("127.0.0.1", self.port)) as upstream:
                     upstream.sendall(self._read_message(downstream))
                     answer = self._read_message(upstream)  # the server keeps the connection
-                    if self.dropped:
+                    self.dropped += 1  # counted before the client can hear the answer
+                    if self.dropped > 1:
                         downstream.sendall(answer)
-                    self.dropped += 1
 
     @staticmethod
     def _read_message(connection):
