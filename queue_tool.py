@@ -3289,7 +3289,7 @@ class Client:
 # -- Command line ------------------------------------------------------------
 
 class ThreadingWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
-    """wsgiref's server with a thread per request, so one long poll blocks no one."""
+    """wsgiref's server with a thread per connection, so one long poll blocks no one."""
 
     daemon_threads = True
     # socketserver's listen backlog is 5: a burst of new connections overflowed it
