@@ -1510,6 +1510,7 @@ class Job:
         self.token, self.item, self.valor = row["token"], row["item"], row["valor"]
         self.attempts, self.queue, self.priority = row["attempts"], row["queue"], row["priority"]
         self._retries, self._retried = row["retries"], row["retried"]  # limit, made
+        self._recording = False  # its end was handed to the committer (Runner._commit)
         self.canceled = threading.Event()
 
     def set_progress(self, fraction):
@@ -1834,50 +1835,45 @@ class Runner:
             with self._lock:
                 if self._live.get(job.token) is entry:  # not dropped by a cancel
                     del self._live[job.token]
+                if not job._recording:  # no end for the committer to wait for
+                    self._busy -= 1
+                    self._committer_wake.notify()
             ended.set()
 
     def _execute(self, job):
-        asked = False  # whether the committer was asked to record the end (see _commit)
+        log.info("job %s running (attempt %d)", job.token, job.attempts)
+        started = time.monotonic()
+        delay = None
         try:
-            log.info("job %s running (attempt %d)", job.token, job.attempts)
-            started = time.monotonic()
-            delay = None
-            try:
-                status, result, error = DONE, self._call_process(job), None
-            except Retry as exc:
-                status, result, error, delay = FAILED, None, str(exc), exc.delay
-            except Exception as exc:
-                log.warning("job %s failed", job.token, exc_info=True)
-                status, result, error = FAILED, None, str(exc) or type(exc).__name__
-            if job.canceled.is_set():
-                # Canceled (already final in the store) or cut short by a shutdown,
-                # which puts it back in the queue: either way it did not end here.
+            status, result, error = DONE, self._call_process(job), None
+        except Retry as exc:
+            status, result, error, delay = FAILED, None, str(exc), exc.delay
+        except Exception as exc:
+            log.warning("job %s failed", job.token, exc_info=True)
+            status, result, error = FAILED, None, str(exc) or type(exc).__name__
+        if job.canceled.is_set():
+            # Canceled (already final in the store) or cut short by a shutdown,
+            # which puts it back in the queue: either way it did not end here.
+            return None
+        try:
+            if status == FAILED and job._retried < job._retries:
+                delay = self.backoff(job._retried + 1) if delay is None else delay
+                if self.store.retry(job.token, self.owner, error, min(delay, self.max_delay)):
+                    log.info("job %s failed (attempt %d); retry %d of %d in %.3fs", job.token,
+                             job.attempts, job._retried + 1, job._retries, delay)
                 return None
-            try:
-                if status == FAILED and job._retried < job._retries:
-                    delay = self.backoff(job._retried + 1) if delay is None else delay
-                    if self.store.retry(job.token, self.owner, error,
-                                        min(delay, self.max_delay)):
-                        log.info("job %s failed (attempt %d); retry %d of %d in %.3fs",
-                                 job.token, job.attempts, job._retried + 1, job._retries, delay)
-                    return None
-                asked = True
-                finished, row = self._commit((job.token, status, result, error),
-                                             claim=not self._stopping.is_set(),
-                                             ran=time.monotonic() - started)
-            except StoreError as exc:
-                # The lease runs out and another worker takes it again: at-least-once.
-                if not self._stopping.is_set():
-                    log.error("recording job %s as %s failed: %s", job.token, status, exc)
-                return None
-            if finished:
-                log.info("job %s %s in %.3fs", job.token, status, time.monotonic() - started)
-            return row
-        finally:
-            if not asked:
-                with self._lock:
-                    self._busy -= 1
-                    self._committer_wake.notify()  # a commit window need not wait for it
+            job._recording = True
+            finished, row = self._commit((job.token, status, result, error),
+                                         claim=not self._stopping.is_set(),
+                                         ran=time.monotonic() - started)
+        except StoreError as exc:
+            # The lease runs out and another worker takes it again: at-least-once.
+            if not self._stopping.is_set():
+                log.error("recording job %s as %s failed: %s", job.token, status, exc)
+            return None
+        if finished:
+            log.info("job %s %s in %.3fs", job.token, status, time.monotonic() - started)
+        return row
 
     def backoff(self, retry):
         """Seconds before the n-th retry: retry_delay x 2^(n-1), at most an hour,
