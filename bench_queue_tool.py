@@ -194,6 +194,15 @@ def serve_trivial():
     server.serve_forever(poll_interval=0.2)
 
 
+def check_paths(db, count):
+    """/check/<token> paths of `count` finished valor-0 jobs in `db`."""
+    loader = queue_tool.make_app(db=db, workers=16)
+    try:
+        return [f"/check/{token}" for token in finished_tokens(loader, count)]
+    finally:
+        loader.close(grace=0)
+
+
 def finished_tokens(app, count):
     """Submit `count` valor-0 jobs to `app` and wait until all are done."""
     tokens = []
@@ -302,11 +311,7 @@ def hammer(send, clients, seconds):
 def bench_http(dbs, quick):
     """3. Check requests over HTTP on the threaded server of `python queue_tool.py`."""
     workdir, db = dbs.workdir, dbs.new("http")
-    loader = queue_tool.make_app(db=db, workers=16)
-    try:
-        paths = [f"/check/{token}" for token in finished_tokens(loader, 500)]
-    finally:
-        loader.close(grace=0)
+    paths = check_paths(db, 500)
     seconds = 2 if quick else 8
     served = Served(workdir, "--db", str(db), "--workers", "16")
     try:
@@ -329,11 +334,7 @@ def bench_burst(dbs, quick):
     """3b. GET /check latency with 32 connections at once on the built-in server, against
     the trivial app on the same server class: the p99 shows a listen backlog too short."""
     workdir, db = dbs.workdir, dbs.new("burst")
-    loader = queue_tool.make_app(db=db, workers=16)
-    try:
-        paths = [f"/check/{token}" for token in finished_tokens(loader, 200)]
-    finally:
-        loader.close(grace=0)
+    paths = check_paths(db, 200)
     requests = 40 if quick else 150
     figures = []
     for served in (Served(workdir, "--db", str(db), "--workers", "16"),
@@ -431,11 +432,7 @@ def bench_gunicorn(dbs, quick):
         print("no gunicorn rows: gunicorn is not installed", file=sys.stderr)
         return []
     db, rounds = dbs.new("gunicorn"), 1 if quick else 9
-    loader = queue_tool.make_app(db=db, workers=16)
-    try:
-        paths = [f"/check/{token}" for token in finished_tokens(loader, 500)]
-    finally:
-        loader.close(grace=0)
+    paths = check_paths(db, 500)
     env = {"QUEUE_TOOL_DB": db, "QUEUE_TOOL_WORKERS": "8", "QUEUE_TOOL_MAX_QUEUED": "10000000"}
     ours = Gunicorn(dbs.workdir, "queue_tool:app", env)
     try:
