@@ -476,6 +476,7 @@ PURGE_BATCH = 500  # rows per purge transaction: short, so writers never wait lo
 JOB_FIELDS = ("token", "item", "valor", "status", "created_at", "started_at", "finished_at",
               "attempts", "owner", "lease_until", "progress", "result", "error", "queue",
               "priority", "run_at", "retries", "retried", "batch")
+LAST_ID = 2 ** 63 - 1  # above every job id: a listing's `before` when none is given
 
 
 class NewJob(collections.namedtuple(
@@ -483,15 +484,31 @@ class NewJob(collections.namedtuple(
         defaults=(0, 0, DEFAULT_QUEUE, 0))):
     """A job to submit; `retries` is its limit, `delay` seconds before its first start."""
 
+    @classmethod
+    def from_item(cls, item, retries=0):
+        """A job with a fresh token for a valid batch item: its options, or their
+        defaults (`retries` when the item sets none). Each field has one type
+        whatever JSON number the item used, so a batch stores as one column each."""
+        return cls(secrets.token_hex(16), item["item"], item["valor"],
+                   float(item.get("delay", 0)), int(item.get("priority", 0)),
+                   item.get("queue", DEFAULT_QUEUE), int(item.get("retries", retries)))
 
-def _list_filter(mark, status=None, queue=None, before=None):
-    """The WHERE clause and parameters of a job listing; `mark` is the driver's `?`."""
-    where, params = [], []
-    for condition, value in (("status = ", status), ("queue = ", queue), ("id < ", before)):
-        if value is not None:
-            where.append(condition + mark)
-            params.append(value)
-    return (" WHERE " + " AND ".join(where) if where else ""), params
+
+def _job(row):
+    return None if row is None else dict(zip(JOB_FIELDS, row))
+
+
+def _batch(batch_id, rows, job):
+    """A batch from rows of (created_at, total, job fields...); None without rows."""
+    if not rows:
+        return None
+    jobs = [job(row[2:]) for row in rows if row[2] is not None]  # LEFT JOIN: maybe none
+    return {"batch": batch_id, "created_at": rows[0][0], "total": rows[0][1], "jobs": jobs}
+
+
+def _queues_json(queues):
+    return None if not queues else json.dumps(list(queues))
+
 
 # Objects holding locks, threads or connections that a forked child must not
 # inherit: an SQLite connection must never be used (or even closed) on both
@@ -508,29 +525,131 @@ def _reset_after_fork():
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def open_store(db, workers=16):
-    """The store `db` names: a postgresql:// URL, else an SQLite path or :memory:.
+class Store:
+    """The method set every store implements: the contract the Runner and the App use.
 
-    A PostgreSQL pool holds a connection for each worker thread, and a few for
-    requests and housekeeping.
+    Documentation only; `SQLiteStore` and `PostgresStore` follow it. Jobs come out
+    as plain dicts of JOB_FIELDS, times in epoch seconds; each method is one short
+    transaction, so a call either happens whole or not at all; any driver failure
+    raises StoreError, after close() every call does.
+
+    A run of a job is named by its `owner` (the process that claimed it) and its
+    `attempt` (the job's `attempts` once claimed). The end, retry, progress and
+    lease renewal of a run count only while that run still holds the job: once
+    its lease was lost and the job claimed again, even by the same owner, the old
+    run's calls change nothing (fencing).
     """
-    return PostgresStore(db, pool_size=workers + 8) if is_postgres_url(db) else SQLiteStore(db)
 
+    def submit(self, jobs, invalid, max_queued, batch=None, key=None):
+        """Queue `jobs` (NewJob records, or tuples in its order) at once as batch
+        `batch`, counting `invalid` rejected items; or nothing, raising QueueFull when
+        the queued jobs would pass `max_queued`.
 
-def _job(row):
-    return None if row is None else dict(zip(JOB_FIELDS, row))
+        `key` is (idempotency key, fingerprint, response) to keep with the batch. If
+        a batch already holds that key, nothing is queued and its (fingerprint,
+        response) is returned; otherwise None. Wakes listeners in other processes.
+        """
+        raise NotImplementedError
 
+    def get(self, token):
+        """The job with this token, or None."""
+        raise NotImplementedError
 
-def _batch(batch_id, rows, job):
-    """A batch from rows of (created_at, total, job fields...); None without rows."""
-    if not rows:
-        return None
-    jobs = [job(row[2:]) for row in rows if row[2] is not None]  # LEFT JOIN: maybe none
-    return {"batch": batch_id, "created_at": rows[0][0], "total": rows[0][1], "jobs": jobs}
+    def batch(self, batch_id):
+        """{"batch", "created_at", "total", "jobs": [rows in input order]}, or None."""
+        raise NotImplementedError
+
+    def list(self, status=None, before=None, limit=50, queue=None):
+        """Up to `limit` jobs (of `status`, in `queue`), newest first, older than job
+        id `before`: (jobs, the id to pass as `before` for the next page, or None)."""
+        raise NotImplementedError
+
+    def counts(self):
+        """Jobs by live state: {"queued": n, "running": n}."""
+        raise NotImplementedError
+
+    def counters(self):
+        """Every counter of COUNTERS: {name: value}, summed over every process."""
+        raise NotImplementedError
+
+    def next_due(self, queues=None):
+        """Seconds until a queued job (of `queues`, or any) may start: 0 if one may
+        now, None if there is none."""
+        raise NotImplementedError
+
+    def finish_and_claim(self, owner, finishes, claims, lease, queues=None):
+        """End runs of `owner` and claim up to `claims` more jobs, in one transaction:
+        the workers' group commit.
+
+        `finishes` are (token, attempt, status, result, error). A claim moves the
+        next ready job (of `queues`, or any: highest priority, then earliest
+        run_at, then oldest) to running for `owner`, leased for `lease` seconds,
+        and counts one more attempt; no job is claimed twice, across every process.
+        Returns (the tokens finished, the claimed rows in claim order); a run that
+        no longer holds its job (canceled, taken back) is not among the finished.
+        """
+        raise NotImplementedError
+
+    def retry(self, token, owner, attempt, error, delay):
+        """Put the job of this run back in the queue to start again in `delay`
+        seconds, keeping `error`; False when the run no longer holds it."""
+        raise NotImplementedError
+
+    def set_progress(self, token, owner, attempt, progress):
+        """Record a run's progress (0 to 1); ignored once the run no longer holds it."""
+        raise NotImplementedError
+
+    def renew(self, owner, runs, lease):
+        """Extend by `lease` seconds the leases of these runs ({token: attempt}) of
+        `owner`: the set of tokens whose runs still hold their job."""
+        raise NotImplementedError
+
+    def cancel(self, token):
+        """Cancel a queued or running job: (job before, job after), the same row
+        twice when it was already final, None if unknown. Wakes other processes'
+        listeners when it was running."""
+        raise NotImplementedError
+
+    def cancel_batch(self, batch_id):
+        """Cancel the unfinished jobs of a batch: [(token, status before)], or None
+        for an unknown batch."""
+        raise NotImplementedError
+
+    def release(self, owner):
+        """Put every job `owner` runs back in the queue (a shutdown): their tokens."""
+        raise NotImplementedError
+
+    def running_owners(self):
+        """The owners of running jobs."""
+        raise NotImplementedError
+
+    def recover(self, max_attempts, lost_owners=()):
+        """Take back running jobs whose lease ran out or whose owner is in
+        `lost_owners`: each goes back to queued, or to failed once started
+        `max_attempts` times. Returns [(token, new status)]."""
+        raise NotImplementedError
+
+    def purge(self, retention, batch=PURGE_BATCH):
+        """Delete up to `batch` jobs finished over `retention` seconds ago, and as many
+        batches as old whose jobs are all gone (with their idempotency keys): how many."""
+        raise NotImplementedError
+
+    def maintain(self):
+        """Periodic upkeep (the housekeeper calls it each minute)."""
+        raise NotImplementedError
+
+    def listen(self, most):
+        """A Listener of other processes' submits and cancels, which reports at
+        most `most` waiting jobs at a time."""
+        raise NotImplementedError
+
+    def close(self, final=True):
+        """Let go of every connection; after a final close every call raises StoreError."""
+        raise NotImplementedError
 
 
 class Listener:
-    """Wake-ups from other processes on the same store; see `SQLiteStore.listen`."""
+    """Wake-ups from other processes on the same store; see `Store.listen`."""
 
     def wait(self, timeout):
         """Block up to `timeout` seconds: (jobs that may be waiting, a cancel seen)."""
@@ -540,14 +659,25 @@ class Listener:
         pass
 
 
-class SQLiteStore:
+def open_store(db, workers=16):
+    """The store `db` names: a postgresql:// URL, else an SQLite path or :memory:.
+
+    A PostgreSQL pool holds a connection for each worker thread, and a few for
+    requests and housekeeping.
+    """
+    return PostgresStore(db, pool_size=workers + 8) if is_postgres_url(db) else SQLiteStore(db)
+
+
+class SQLiteStore(Store):
     """The jobs in one SQLite file: the only code that touches sqlite3.
 
     One connection per process behind a lock; each public method is one short
-    transaction (writes start with BEGIN IMMEDIATE) and returns plain dicts.
-    Times are this host's clock. After close() every method raises StoreError.
+    transaction (writes start with BEGIN IMMEDIATE). Times are this host's clock.
+    Statements take named parameters; a list of queues or owners goes in as one
+    JSON array (json_each), so each statement has one text.
     """
 
+    # -- Schema: the tables as they are now, and how an older file gets there.
     VERSION = 3  # PRAGMA user_version; 0.1.0 recorded none, its layout is version 1
     SCHEMA = (
         """CREATE TABLE jobs (
@@ -564,13 +694,32 @@ class SQLiteStore:
             lease_until REAL,
             progress REAL,
             result TEXT,
-            error TEXT)""",
+            error TEXT,
+            queue TEXT NOT NULL DEFAULT 'default',
+            priority INTEGER NOT NULL DEFAULT 0,
+            run_at REAL,
+            retries INTEGER NOT NULL DEFAULT 0,
+            retried INTEGER NOT NULL DEFAULT 0,
+            batch TEXT)""",
         "CREATE INDEX jobs_status_id ON jobs (status, id)",
         "CREATE INDEX jobs_finished_at ON jobs (finished_at) WHERE finished_at IS NOT NULL",
+        # The claim's order over only the queued rows, and their next start.
+        "CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, id) WHERE status = 'queued'",
+        "CREATE INDEX jobs_due ON jobs (run_at) WHERE status = 'queued'",
+        "CREATE INDEX jobs_batch ON jobs (batch, id) WHERE batch IS NOT NULL",
         "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        # Batches, and the idempotency keys and first answers of their submits.
+        """CREATE TABLE batches (
+            id TEXT PRIMARY KEY,
+            created_at REAL NOT NULL,
+            total INTEGER NOT NULL,
+            idempotency_key TEXT UNIQUE,
+            fingerprint TEXT,
+            response TEXT)""",
+        "CREATE INDEX batches_created_at ON batches (created_at)",
     )
-    # (v, statements): what takes a version v-1 database to version v, in order.
-    # A new database is made as version 1, then upgraded like any other.
+    # (v, statements): what takes a version v-1 file to version v, in order; the
+    # result is SCHEMA, which a test checks.
     UPGRADES = (
         (2, ("ALTER TABLE jobs ADD COLUMN queue TEXT NOT NULL DEFAULT 'default'",
              "ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
@@ -578,25 +727,136 @@ class SQLiteStore:
              "UPDATE jobs SET run_at = created_at",
              "ALTER TABLE jobs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0",
              "ALTER TABLE jobs ADD COLUMN retried INTEGER NOT NULL DEFAULT 0",
-             # The claim's order, and the next time a queued job may start.
-             ("CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, id)"
-              " WHERE status = 'queued'"),
+             "CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, id) WHERE status = 'queued'",
              "CREATE INDEX jobs_due ON jobs (run_at) WHERE status = 'queued'")),
-        # Batches, and the idempotency keys and first answers of their submits.
-        (3, (("CREATE TABLE batches (id TEXT PRIMARY KEY, created_at REAL NOT NULL,"
-              " total INTEGER NOT NULL, idempotency_key TEXT UNIQUE, fingerprint TEXT,"
-              " response TEXT)"),
+        (3, ("""CREATE TABLE batches (
+                 id TEXT PRIMARY KEY,
+                 created_at REAL NOT NULL,
+                 total INTEGER NOT NULL,
+                 idempotency_key TEXT UNIQUE,
+                 fingerprint TEXT,
+                 response TEXT)""",
              "CREATE INDEX batches_created_at ON batches (created_at)",
              "ALTER TABLE jobs ADD COLUMN batch TEXT",
              "CREATE INDEX jobs_batch ON jobs (batch, id) WHERE batch IS NOT NULL")),
     )
+    SCHEMA_VERSION = "PRAGMA user_version"
+    SET_SCHEMA_VERSION = f"PRAGMA user_version = {VERSION}"
+    HAS_JOBS = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
+    ADD_COUNTER = "INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)"
+    RECOUNT_QUEUED = """UPDATE counters SET value = (SELECT COUNT(*) FROM jobs WHERE status = 'queued')
+        WHERE name = 'queued'"""
+    # FULL: a 202 means the batch survives a power cut, not just a crash. NORMAL for
+    # the workers' claims and ends: one lost to a power cut only runs a job again.
+    DURABLE, NOT_DURABLE = "PRAGMA synchronous=FULL", "PRAGMA synchronous=NORMAL"
+
+    # -- Submitting.
+    BATCH_OF_KEY = "SELECT fingerprint, response FROM batches WHERE idempotency_key = ?"
+    QUEUED_GAUGE = "SELECT value FROM counters WHERE name = 'queued'"
+    INSERT_BATCH = """INSERT INTO batches (id, created_at, total, idempotency_key, fingerprint,
+            response)
+        VALUES (?, ?, ?, ?, ?, ?)"""
+    INSERT_JOB = """INSERT INTO jobs (token, item, valor, status, created_at, run_at, queue,
+            priority, retries, batch)
+        VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)"""
+    ADD_TO_COUNTER = "UPDATE counters SET value = value + ? WHERE name = ?"
+
+    # -- Reading jobs and batches.
     COLUMNS = ", ".join(JOB_FIELDS)
+    GET_JOB = f"SELECT {COLUMNS} FROM jobs WHERE token = ?"
+    GET_BATCH = f"""SELECT b.created_at, b.total, j.*
+        FROM batches AS b LEFT JOIN (SELECT {COLUMNS}, id AS id FROM jobs) AS j ON j.batch = b.id
+        WHERE b.id = ? ORDER BY j.id"""
+    LIST = f"""SELECT {COLUMNS}, id FROM jobs
+        WHERE id < :before AND (:queue IS NULL OR queue = :queue)
+        ORDER BY id DESC LIMIT :limit"""
+    LIST_BY_STATUS = f"""SELECT {COLUMNS}, id FROM jobs
+        WHERE status = :status AND id < :before AND (:queue IS NULL OR queue = :queue)
+        ORDER BY id DESC LIMIT :limit"""
+    COUNTS = """SELECT (SELECT value FROM counters WHERE name = 'queued'),
+        (SELECT COUNT(*) FROM jobs WHERE status = 'running')"""
+    COUNTER_VALUES = "SELECT name, value FROM counters"
+
+    # -- Claiming and ending runs. INDEXED BY: without statistics SQLite would take
+    # the (status, id) index and sort every queued row for each claim.
+    ANY_READY = """SELECT 1 FROM jobs INDEXED BY jobs_ready
+        WHERE status = 'queued' AND run_at <= :now
+          AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
+        LIMIT 1"""
+    NEXT_DUE = """SELECT MIN(run_at) FROM jobs INDEXED BY jobs_due
+        WHERE status = 'queued'
+          AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))"""
+    CLAIM = f"""UPDATE jobs SET status = 'running', owner = :owner, lease_until = :now + :lease,
+            started_at = :now, attempts = attempts + 1, progress = NULL
+        WHERE id IN (
+            SELECT id FROM jobs INDEXED BY jobs_ready
+            WHERE status = 'queued' AND run_at <= :now
+              AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
+            ORDER BY priority DESC, run_at, id LIMIT :limit)
+        RETURNING {COLUMNS}"""
+    FINISH = """UPDATE jobs SET status = :status, finished_at = :now, result = :result,
+            error = :error, owner = NULL, lease_until = NULL
+        WHERE token = :token AND owner = :owner AND attempts = :attempt AND status = 'running'"""
+    RETRY = """UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL,
+            progress = NULL, error = :error, run_at = :now + :delay, retried = retried + 1
+        WHERE token = :token AND owner = :owner AND attempts = :attempt AND status = 'running'"""
+    SET_PROGRESS = """UPDATE jobs SET progress = :progress
+        WHERE token = :token AND owner = :owner AND attempts = :attempt AND status = 'running'"""
+    RENEW = """UPDATE jobs SET lease_until = :now + :lease
+        WHERE token = :token AND owner = :owner AND attempts = :attempt AND status = 'running'
+        RETURNING token"""
+
+    # -- Canceling.
+    CANCEL = f"""UPDATE jobs SET status = 'canceled', finished_at = ?, owner = NULL,
+            lease_until = NULL
+        WHERE token = ? RETURNING {COLUMNS}"""
+    BATCH_EXISTS = "SELECT 1 FROM batches WHERE id = ?"
+    UNFINISHED_OF_BATCH = """SELECT token, status FROM jobs
+        WHERE batch = ? AND status IN ('queued', 'running')"""
+    CANCEL_BATCH = """UPDATE jobs SET status = 'canceled', finished_at = ?, owner = NULL,
+            lease_until = NULL
+        WHERE batch = ? AND status IN ('queued', 'running')"""
+
+    # -- Taking jobs back: a shutdown, lost leases, dead owners.
+    RELEASE = """UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL,
+            progress = NULL
+        WHERE owner = ? AND status = 'running' RETURNING token"""
+    RUNNING_OWNERS = """SELECT DISTINCT owner FROM jobs
+        WHERE status = 'running' AND owner IS NOT NULL"""
+    ANY_LOST = """SELECT 1 FROM jobs
+        WHERE status = 'running'
+          AND (lease_until < :now OR owner IN (SELECT value FROM json_each(:lost)))
+        LIMIT 1"""
+    RECOVER = """UPDATE jobs SET
+            status = CASE WHEN attempts >= :most THEN 'failed' ELSE 'queued' END,
+            finished_at = CASE WHEN attempts >= :most THEN :now END,
+            error = CASE WHEN attempts >= :most THEN 'worker lost after ' || attempts || ' attempts'
+                    ELSE error END,
+            owner = NULL, lease_until = NULL, progress = NULL
+        WHERE status = 'running'
+          AND (lease_until < :now OR owner IN (SELECT value FROM json_each(:lost)))
+        RETURNING token, status"""
+
+    # -- Retention.
+    PURGE_JOBS = """DELETE FROM jobs WHERE id IN (
+        SELECT id FROM jobs WHERE finished_at < ? LIMIT ?)"""
+    PURGE_BATCHES = """DELETE FROM batches WHERE id IN (
+        SELECT id FROM batches AS b
+        WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM jobs WHERE batch = b.id)
+        LIMIT ?)"""
+
+    # -- The listener: commits by other connections, and what they changed.
+    DATA_VERSION = "PRAGMA data_version"
+    READY_COUNT = """SELECT COUNT(*) FROM (
+        SELECT 1 FROM jobs INDEXED BY jobs_due WHERE status = 'queued' AND run_at <= ? LIMIT ?)"""
+    CANCELED_TOTAL = "SELECT value FROM counters WHERE name = 'finished_canceled'"
+
     listen_interval = 0.005  # seconds between looks at PRAGMA data_version
 
     def __init__(self, path, busy_timeout=10.0):
-        self.path = self.display = os.fspath(path)
+        self.path = os.fspath(path)
         self.busy_timeout = busy_timeout
-        self._lock = threading.Lock()  # guards self._conn and its use
+        self._lock = threading.Lock()  # guards self._conn, self._pid, self._durable and their use
         self._conn = None
         self._pid = None
         self._closed = False
@@ -613,48 +873,38 @@ class SQLiteStore:
         _fork_sensitive.add(self)
 
     def _migrate(self, conn):
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version == 0 and conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone():
+        (version,) = conn.execute(self.SCHEMA_VERSION).fetchone()
+        if version == 0 and conn.execute(self.HAS_JOBS).fetchone():
             version = 1  # a 0.1.0 database
         if version > self.VERSION:
             raise StoreError(f"its schema version {version} is newer than this queue_tool"
                              f" {__version__} knows ({self.VERSION}); upgrade queue_tool")
-        if version == 0:
-            for statement in self.SCHEMA:
+        for statement in self.SCHEMA if version == 0 else ():
+            conn.execute(statement)
+        for step, statements in self.UPGRADES if version else ():
+            for statement in statements if step > version else ():
                 conn.execute(statement)
-        for step, statements in self.UPGRADES:
-            for statement in statements if step > max(version, 1) else ():
-                conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {self.VERSION}")
-        conn.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)",
-                         [(name,) for name in COUNTERS])
-        conn.execute("UPDATE counters SET value = (SELECT COUNT(*) FROM jobs"
-                     " WHERE status = 'queued') WHERE name = 'queued'")
+        conn.execute(self.SET_SCHEMA_VERSION)
+        conn.executemany(self.ADD_COUNTER, [(name,) for name in COUNTERS])
+        conn.execute(self.RECOUNT_QUEUED)
 
     def _connection(self):
         if self._closed:
             raise StoreError("the store is closed")
         if self._conn is None or self._pid != os.getpid():
-            conn = self._connect()
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                   check_same_thread=False)
+            if self.path != ":memory:":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(self.DURABLE)
             self._conn, self._pid, self._durable = conn, os.getpid(), True
         return self._conn
-
-    def _connect(self):
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                               check_same_thread=False)
-        if self.path != ":memory:":
-            conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a 202 means the batch survives a power cut, not just a crash.
-        conn.execute("PRAGMA synchronous=FULL")
-        return conn
 
     def _after_fork(self):
         self._lock = threading.Lock()
         self._conn = None  # the parent's; dropped unclosed on purpose
 
     def close(self, final=True):
-        """Close the connection; a final close makes every later call fail."""
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
@@ -663,12 +913,13 @@ class SQLiteStore:
 
     @contextlib.contextmanager
     def _transaction(self, durable=True):
-        """One write transaction: BEGIN IMMEDIATE, then COMMIT, or ROLLBACK on error."""
+        """One write transaction: BEGIN IMMEDIATE, then COMMIT, or ROLLBACK on error.
+        `durable=False` commits without waiting for the disk."""
         with self._lock:
             try:
                 conn = self._connection()
                 if durable != self._durable:
-                    conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                    conn.execute(self.DURABLE if durable else self.NOT_DURABLE)
                     self._durable = durable
                 conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -689,262 +940,153 @@ class SQLiteStore:
             except sqlite3.Error as exc:
                 raise StoreError(str(exc)) from exc
 
+    def _count(self, conn, **deltas):
+        conn.executemany(self.ADD_TO_COUNTER, [(n, name) for name, n in deltas.items() if n])
+
     # Each method below is one transaction.
 
     def submit(self, jobs, invalid, max_queued, batch=None, key=None):
-        """Queue `jobs` (NewJob records, or tuples in its order) at once as batch
-        `batch`, or none (QueueFull).
-
-        `key` is (idempotency key, fingerprint, response) to keep with the batch. If
-        a batch already holds that key, nothing is queued and its (fingerprint,
-        response) is returned; otherwise None.
-        """
         jobs = [NewJob(*job) for job in jobs]
         with self._transaction() as conn:
             if key is not None:
-                earlier = conn.execute("SELECT fingerprint, response FROM batches"
-                                       " WHERE idempotency_key = ?", (key[0],)).fetchone()
+                earlier = conn.execute(self.BATCH_OF_KEY, (key[0],)).fetchone()
                 if earlier is not None:
                     return tuple(earlier)
             if jobs:
-                (queued,) = conn.execute(
-                    "SELECT value FROM counters WHERE name = 'queued'").fetchone()
+                (queued,) = conn.execute(self.QUEUED_GAUGE).fetchone()
                 if queued + len(jobs) > max_queued:
                     raise QueueFull(f"{queued} jobs are queued; the limit is {max_queued}")
             now = time.time()
             if batch is not None:
-                conn.execute("INSERT INTO batches (id, created_at, total, idempotency_key,"
-                             " fingerprint, response) VALUES (?, ?, ?, ?, ?, ?)",
+                conn.execute(self.INSERT_BATCH,
                              (batch, now, len(jobs), *(key or (None, None, None))))
-            conn.executemany(
-                "INSERT INTO jobs (token, item, valor, status, created_at, run_at, queue,"
-                " priority, retries, batch) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-                [(job.token, job.item, job.valor, now, now + job.delay, job.queue,
-                  job.priority, job.retries, batch) for job in jobs])
+            conn.executemany(self.INSERT_JOB, [
+                (job.token, job.item, job.valor, now, now + job.delay, job.queue,
+                 job.priority, job.retries, batch) for job in jobs])
             self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs))
         return None
 
-    def batch(self, batch_id):
-        """{"batch", "created_at", "total", "jobs": [rows in input order]}, or None."""
-        rows = self._read(
-            f"SELECT b.created_at, b.total, {', '.join('j.' + f for f in JOB_FIELDS)}"
-            f" FROM batches AS b LEFT JOIN jobs AS j ON j.batch = b.id WHERE b.id = ?"
-            f" ORDER BY j.id", (batch_id,))
-        return _batch(batch_id, rows, _job)
-
-    def cancel_batch(self, batch_id):
-        """Cancel the unfinished jobs of a batch: [(token, status before)], or None
-        for an unknown batch."""
-        with self._transaction() as conn:
-            if conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone() is None:
-                return None
-            rows = conn.execute("SELECT token, status FROM jobs WHERE batch = ?"
-                                " AND status IN ('queued', 'running')", (batch_id,)).fetchall()
-            conn.execute("UPDATE jobs SET status = 'canceled', finished_at = ?, owner = NULL,"
-                         " lease_until = NULL WHERE batch = ? AND status IN ('queued', 'running')",
-                         (time.time(), batch_id))
-            self._count(conn, finished_canceled=len(rows),
-                        queued=-sum(status == QUEUED for _, status in rows))
-        return rows
-
     def get(self, token):
-        rows = self._read(f"SELECT {self.COLUMNS} FROM jobs WHERE token = ?", (token,))
-        return _job(rows[0]) if rows else None
+        return _job(next(iter(self._read(self.GET_JOB, (token,))), None))
 
-    @staticmethod
-    def _ready(queues, limit=1):
-        """The jobs a worker may take now, in the order it takes them."""
-        among = f" AND queue IN ({','.join('?' * len(queues))})" if queues else ""
-        # INDEXED BY: without statistics SQLite would take the (status, id) index and
-        # sort every queued row for each claim, slower the longer the queue.
-        return (f"FROM jobs INDEXED BY jobs_ready WHERE status = 'queued' AND run_at <= ?"
-                f"{among} ORDER BY priority DESC, run_at, id LIMIT {int(limit)}")
+    def batch(self, batch_id):
+        return _batch(batch_id, self._read(self.GET_BATCH, (batch_id,)), _job)
 
-    def claim(self, owner, lease, queues=None):
-        """Move the next ready job (of `queues`, or any) to running for `owner`, leased
-        for `lease` seconds: highest priority, then earliest run_at, then oldest.
-        Its row, or None."""
-        claimed = self.finish_and_claim(owner, (), 1, lease, queues)[1]
-        return claimed[0] if claimed else None
+    def list(self, status=None, before=None, limit=50, queue=None):
+        rows = self._read(self.LIST if status is None else self.LIST_BY_STATUS, {
+            "status": status, "queue": queue, "limit": limit + 1,
+            "before": LAST_ID if before is None else before})
+        next_before = rows[limit - 1][-1] if len(rows) > limit else None
+        return [_job(row) for row in rows[:limit]], next_before
+
+    def counts(self):
+        ((queued, running),) = self._read(self.COUNTS)
+        return {QUEUED: queued, RUNNING: running}
+
+    def counters(self):
+        return dict(self._read(self.COUNTER_VALUES))
+
+    def next_due(self, queues=None):
+        ((run_at,),) = self._read(self.NEXT_DUE, {"queues": _queues_json(queues)})
+        return None if run_at is None else max(0.0, run_at - time.time())
 
     def finish_and_claim(self, owner, finishes, claims, lease, queues=None):
-        """End several jobs of `owner` and claim up to `claims` more, in one transaction.
-
-        `finishes` are (token, status, result, error). Returns (the tokens finished,
-        the claimed rows in claim order); a job canceled or taken back meanwhile is
-        not among the finished. One commit for many jobs: the workers' group commit.
-        """
-        ready, queues = self._ready(queues, claims), tuple(queues or ())
+        queues = _queues_json(queues)
         if not finishes and (not claims or not self._read(
-                f"SELECT 1 {self._ready(queues)}", (time.time(), *queues))):
+                self.ANY_READY, {"now": time.time(), "queues": queues})):
             return set(), []  # a read takes no write lock
         finished, counts = set(), collections.Counter()
         with self._transaction(durable=False) as conn:
             now = time.time()
-            for token, status, result, error in finishes:
-                if conn.execute(
-                        "UPDATE jobs SET status = ?, finished_at = ?, result = ?, error = ?,"
-                        " owner = NULL, lease_until = NULL"
-                        " WHERE token = ? AND owner = ? AND status = 'running'",
-                        (status, now, result, error, token, owner)).rowcount:
+            for token, attempt, status, result, error in finishes:
+                if conn.execute(self.FINISH, {
+                        "status": status, "now": now, "result": result, "error": error,
+                        "token": token, "owner": owner, "attempt": attempt}).rowcount:
                     finished.add(token)
                     counts["finished_" + status] += 1
-            claimed = [] if not claims else conn.execute(
-                f"UPDATE jobs SET status = 'running', owner = ?, lease_until = ?,"
-                f" started_at = ?, attempts = attempts + 1, progress = NULL"
-                f" WHERE id IN (SELECT id {ready}) RETURNING {self.COLUMNS}",
-                (owner, now + lease, now, now, *queues)).fetchall()
+            claimed = [] if not claims else conn.execute(self.CLAIM, {
+                "owner": owner, "now": now, "lease": lease, "queues": queues,
+                "limit": claims}).fetchall()
             self._count(conn, queued=-len(claimed), **counts)
         claimed = [_job(row) for row in claimed]  # RETURNING has no order of its own
         claimed.sort(key=lambda job: (-job["priority"], job["run_at"], job["created_at"]))
         return finished, claimed
 
-    def next_due(self, queues=None):
-        """Seconds until a queued job (of `queues`) may start: 0 if one may now,
-        None if there is none."""
-        among = f" AND queue IN ({','.join('?' * len(queues))})" if queues else ""
-        ((run_at,),) = self._read(
-            f"SELECT MIN(run_at) FROM jobs INDEXED BY jobs_due WHERE status = 'queued'{among}",
-            tuple(queues or ()))
-        return None if run_at is None else max(0.0, run_at - time.time())
-
-    def retry(self, token, owner, error, delay):
-        """Put a job this owner runs back in the queue to start again in `delay`
-        seconds, keeping `error`; False when it was canceled or taken back."""
+    def retry(self, token, owner, attempt, error, delay):
         with self._transaction() as conn:
-            changed = conn.execute(
-                "UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL,"
-                " progress = NULL, error = ?, run_at = ?, retried = retried + 1"
-                " WHERE token = ? AND owner = ? AND status = 'running'",
-                (error, time.time() + delay, token, owner)).rowcount
-            if changed:
-                self._count(conn, queued=1, retried=1)
+            changed = conn.execute(self.RETRY, {
+                "error": error, "now": time.time(), "delay": delay, "token": token,
+                "owner": owner, "attempt": attempt}).rowcount
+            self._count(conn, queued=changed, retried=changed)
         return bool(changed)
 
-    def finish(self, token, owner, status, result=None, error=None):
-        """End a job this owner runs; False when it was canceled or taken back."""
-        return token in self.finish_and_claim(
-            owner, [(token, status, result, error)], 0, 0)[0]
-
-    def set_progress(self, token, owner, progress):
+    def set_progress(self, token, owner, attempt, progress):
         with self._transaction() as conn:
-            conn.execute("UPDATE jobs SET progress = ? WHERE token = ? AND owner = ?"
-                         " AND status = 'running'", (progress, token, owner))
+            conn.execute(self.SET_PROGRESS, {"progress": progress, "token": token,
+                                             "owner": owner, "attempt": attempt})
+
+    def renew(self, owner, runs, lease):
+        held = set()
+        with self._transaction() as conn:
+            now = time.time()
+            for token, attempt in runs.items():
+                held.update(token for (token,) in conn.execute(self.RENEW, {
+                    "now": now, "lease": lease, "token": token, "owner": owner,
+                    "attempt": attempt}))
+        return held
 
     def cancel(self, token):
-        """Cancel a queued or running job: (job before, job after), None if unknown."""
         with self._transaction() as conn:
-            before = _job(conn.execute(f"SELECT {self.COLUMNS} FROM jobs WHERE token = ?",
-                                       (token,)).fetchone())
+            before = _job(conn.execute(self.GET_JOB, (token,)).fetchone())
             if before is None or before["status"] in FINAL_STATES:
                 return None if before is None else (before, before)
-            after = _job(conn.execute(
-                f"UPDATE jobs SET status = 'canceled', finished_at = ?, owner = NULL,"
-                f" lease_until = NULL WHERE token = ? RETURNING {self.COLUMNS}",
-                (time.time(), token)).fetchone())
-            self._count(conn, finished_canceled=1, queued=-1 if before["status"] == QUEUED else 0)
+            after = _job(conn.execute(self.CANCEL, (time.time(), token)).fetchone())
+            self._count(conn, finished_canceled=1, queued=-(before["status"] == QUEUED))
         return before, after
 
-    def renew(self, owner, tokens, lease):
-        """Extend the leases of these jobs of `owner`; the tokens it still holds."""
-        marks = ",".join("?" * len(tokens))
+    def cancel_batch(self, batch_id):
         with self._transaction() as conn:
-            rows = conn.execute(
-                f"UPDATE jobs SET lease_until = ? WHERE owner = ? AND status = 'running'"
-                f" AND token IN ({marks}) RETURNING token",
-                (time.time() + lease, owner, *tokens)).fetchall()
-        return {token for (token,) in rows}
+            if conn.execute(self.BATCH_EXISTS, (batch_id,)).fetchone() is None:
+                return None
+            rows = conn.execute(self.UNFINISHED_OF_BATCH, (batch_id,)).fetchall()
+            conn.execute(self.CANCEL_BATCH, (time.time(), batch_id))
+            self._count(conn, finished_canceled=len(rows),
+                        queued=-sum(status == QUEUED for _, status in rows))
+        return rows
 
     def release(self, owner):
-        """Put this owner's running jobs back in the queue; their tokens."""
         with self._transaction() as conn:
-            rows = conn.execute(
-                "UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL,"
-                " progress = NULL WHERE owner = ? AND status = 'running' RETURNING token",
-                (owner,)).fetchall()
+            rows = conn.execute(self.RELEASE, (owner,)).fetchall()
             self._count(conn, queued=len(rows))
         return [token for (token,) in rows]
 
     def running_owners(self):
-        rows = self._read("SELECT DISTINCT owner FROM jobs WHERE status = 'running'"
-                          " AND owner IS NOT NULL")
-        return [owner for (owner,) in rows]
+        return [owner for (owner,) in self._read(self.RUNNING_OWNERS)]
 
     def recover(self, max_attempts, lost_owners=()):
-        """Take back running jobs whose lease ran out or whose owner is gone.
-
-        Each goes back to queued, or to failed once started max_attempts times.
-        Returns [(token, new status)].
-        """
-        marks = ",".join("?" * len(lost_owners))
-        lost = f" OR owner IN ({marks})" if lost_owners else ""
-        lost_jobs = f"WHERE status = 'running' AND (lease_until < ?{lost})"
-        now = time.time()
-        if not self._read(f"SELECT 1 FROM jobs {lost_jobs} LIMIT 1", (now, *lost_owners)):
+        params = {"now": time.time(), "lost": json.dumps(list(lost_owners)),
+                  "most": max_attempts}
+        if not self._read(self.ANY_LOST, params):
             return []  # the usual case, and a read takes no write lock
         with self._transaction() as conn:
-            rows = conn.execute(
-                f"UPDATE jobs SET"
-                f" status = CASE WHEN attempts >= ? THEN 'failed' ELSE 'queued' END,"
-                f" finished_at = CASE WHEN attempts >= ? THEN ? ELSE NULL END,"
-                f" error = CASE WHEN attempts >= ? THEN 'worker lost after ' || attempts"
-                f" || ' attempts' ELSE error END,"
-                f" owner = NULL, lease_until = NULL, progress = NULL {lost_jobs}"
-                f" RETURNING token, status",
-                (max_attempts, max_attempts, now, max_attempts, now, *lost_owners)).fetchall()
+            rows = conn.execute(self.RECOVER, params).fetchall()
             failed = sum(status == FAILED for _, status in rows)
             self._count(conn, finished_failed=failed, queued=len(rows) - failed)
         return rows
 
     def purge(self, retention, batch=PURGE_BATCH):
-        """Delete up to `batch` jobs finished over `retention` seconds ago, and as many
-        batches as old whose jobs are all gone (with their idempotency keys); how many."""
         with self._transaction() as conn:
             before = time.time() - retention
-            return conn.execute(
-                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE finished_at < ?"
-                " LIMIT ?)", (before, batch)).rowcount + conn.execute(
-                "DELETE FROM batches WHERE id IN (SELECT id FROM batches AS b"
-                " WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM jobs WHERE batch = b.id)"
-                " LIMIT ?)", (before, batch)).rowcount
-
-    def list(self, status=None, before=None, limit=50, queue=None):
-        """Up to `limit` jobs, newest first, older than job id `before`.
-
-        Returns (jobs, id to pass as `before` for the next page or None).
-        """
-        clause, params = _list_filter("?", status, queue, before)
-        rows = self._read(f"SELECT {self.COLUMNS}, id FROM jobs{clause}"
-                          f" ORDER BY id DESC LIMIT ?", (*params, limit + 1))
-        next_before = rows[limit - 1][-1] if len(rows) > limit else None
-        return [_job(row) for row in rows[:limit]], next_before
-
-    def counts(self):
-        """Jobs by live state: {"queued": n, "running": n}."""
-        ((queued, running),) = self._read(
-            "SELECT (SELECT value FROM counters WHERE name = 'queued'),"
-            " (SELECT COUNT(*) FROM jobs WHERE status = 'running')")
-        return {QUEUED: queued, RUNNING: running}
-
-    def counters(self):
-        return dict(self._read("SELECT name, value FROM counters"))
+            return (conn.execute(self.PURGE_JOBS, (before, batch)).rowcount
+                    + conn.execute(self.PURGE_BATCHES, (before, batch)).rowcount)
 
     def maintain(self):
         """Nothing to do: the claim's queries name their indexes (INDEXED BY)."""
 
-    def listen(self, most=64):
-        """A Listener that notices commits by other processes within a few ms, and
-        counts up to `most` ready jobs then (a process wakes no more workers than it has).
-
-        PRAGMA data_version changes when another connection commits; only then
-        is the store read, so an idle process costs a cheap look every 5 ms.
-        """
+    def listen(self, most):
+        """PRAGMA data_version changes when another connection commits; only then
+        is the store read, so an idle process costs a cheap look every 5 ms."""
         return _SQLiteListener(self, most)
-
-    @staticmethod
-    def _count(conn, **deltas):
-        conn.executemany("UPDATE counters SET value = value + ? WHERE name = ?",
-                         [(n, name) for name, n in deltas.items() if n])
 
 
 class _SQLiteListener(Listener):
@@ -953,46 +1095,44 @@ class _SQLiteListener(Listener):
         self._version = self._canceled = None
 
     def wait(self, timeout):
-        if self._store.path == ":memory:":  # no other process can see this database
+        store = self._store
+        if store.path == ":memory:":  # no other process can see this database
             time.sleep(timeout)
             return 0, False
         deadline = time.monotonic() + timeout
         while True:
             # The store's own connection: its data_version moves only when another
             # connection commits, so this process's own claims and ends wake nobody.
-            ((version,),) = self._store._read("PRAGMA data_version")
+            ((version,),) = store._read(store.DATA_VERSION)
             if version != self._version:
                 self._version = version
-                ((ready,),) = self._store._read(
-                    "SELECT COUNT(*) FROM (SELECT 1 FROM jobs INDEXED BY jobs_due"
-                    " WHERE status = 'queued' AND run_at <= ? LIMIT ?)",
-                    (time.time(), self._most))
-                ((canceled,),) = self._store._read(
-                    "SELECT value FROM counters WHERE name = 'finished_canceled'")
+                ((ready,),) = store._read(store.READY_COUNT, (time.time(), self._most))
+                ((canceled,),) = store._read(store.CANCELED_TOTAL)
                 seen, self._canceled = self._canceled, canceled
                 return ready, seen is not None and canceled != seen
             if time.monotonic() >= deadline:
                 return 0, False
-            time.sleep(self._store.listen_interval)
+            time.sleep(store.listen_interval)
 
 
-def _pg_columns(table=""):
-    """The select list of a job row in PostgreSQL: times as epoch seconds, as SQLite has them."""
-    t = f"{table}." if table else ""
-    epoch = {"created_at", "started_at", "finished_at", "lease_until", "run_at"}
-    return ", ".join(f"extract(epoch FROM {t}{name})::float8 AS {name}" if name in epoch
-                     else f"{t}{name}" for name in JOB_FIELDS)
-
-
-class PostgresStore:
+class PostgresStore(Store):
     """The jobs in PostgreSQL: the only code that touches psycopg.
 
     A psycopg_pool pool per process (made on first use, so a pre-forking host
     never shares it); each public method is one transaction, and every time is
     the database's clock, so hosts with skewed clocks agree on leases. Tables
     are named queue_tool_*, so they can live in an application's database.
+
+    Counters live in shards, one row per (counter, connection), summed on read: no
+    single row that every claim, finish and submit must lock. A statement that
+    changes jobs counts its change in a `counted` CTE of its own: one round trip.
+    Every statement that may wait for several job rows locks them in id order
+    (ORDER BY id FOR UPDATE), so two of them (a finish and a lease renewal, say)
+    can never each hold a row the other wants: no deadlock. Claims never wait
+    (SKIP LOCKED).
     """
 
+    # -- Schema: the tables as they are now, and how an older database gets there.
     VERSION = 3
     SCHEMA = (
         """CREATE TABLE queue_tool_jobs (
@@ -1009,61 +1149,252 @@ class PostgresStore:
             lease_until timestamptz,
             progress double precision,
             result text,
-            error text)""",
-        # The claim's index: only queued rows, in the order they are taken.
-        "CREATE INDEX queue_tool_jobs_queued ON queue_tool_jobs (id) WHERE status = 'queued'",
+            error text,
+            queue text NOT NULL DEFAULT 'default',
+            priority smallint NOT NULL DEFAULT 0,
+            run_at timestamptz NOT NULL DEFAULT now(),
+            retries smallint NOT NULL DEFAULT 0,
+            retried smallint NOT NULL DEFAULT 0,
+            batch text)""",
         "CREATE INDEX queue_tool_jobs_status_id ON queue_tool_jobs (status, id)",
         "CREATE INDEX queue_tool_jobs_running ON queue_tool_jobs (owner) WHERE status = 'running'",
-        ("CREATE INDEX queue_tool_jobs_finished_at ON queue_tool_jobs (finished_at)"
-         " WHERE finished_at IS NOT NULL"),
-        # Counters in shards, one per connection (by backend pid), summed on
-        # read: no single row that every claim, finish and submit must lock.
+        """CREATE INDEX queue_tool_jobs_finished_at ON queue_tool_jobs (finished_at)
+            WHERE finished_at IS NOT NULL""",
+        # The claim's order over only the queued rows, and their next start.
+        """CREATE INDEX queue_tool_jobs_ready ON queue_tool_jobs (priority DESC, run_at, id)
+            WHERE status = 'queued'""",
+        "CREATE INDEX queue_tool_jobs_due ON queue_tool_jobs (run_at) WHERE status = 'queued'",
+        """CREATE INDEX queue_tool_jobs_batch ON queue_tool_jobs (batch, id)
+            WHERE batch IS NOT NULL""",
         """CREATE TABLE queue_tool_counters (
             name text NOT NULL,
             shard integer NOT NULL,
             value bigint NOT NULL,
             PRIMARY KEY (name, shard))""",
-    )
-    # (v, statements): what takes a version v-1 database to version v, in order.
-    # A new database is made as version 1, then upgraded like any other.
-    UPGRADES = (
-        (2, (("ALTER TABLE queue_tool_jobs ADD COLUMN queue text NOT NULL DEFAULT 'default',"
-              " ADD COLUMN priority smallint NOT NULL DEFAULT 0, ADD COLUMN run_at timestamptz,"
-              " ADD COLUMN retries smallint NOT NULL DEFAULT 0,"
-              " ADD COLUMN retried smallint NOT NULL DEFAULT 0"),
-             "UPDATE queue_tool_jobs SET run_at = created_at",
-             ("ALTER TABLE queue_tool_jobs ALTER COLUMN run_at SET DEFAULT now(),"
-              " ALTER COLUMN run_at SET NOT NULL"),
-             # The claim's order over only the queued rows, and their next start.
-             "DROP INDEX queue_tool_jobs_queued",
-             ("CREATE INDEX queue_tool_jobs_ready ON queue_tool_jobs (priority DESC, run_at, id)"
-              " WHERE status = 'queued'"),
-             ("CREATE INDEX queue_tool_jobs_due ON queue_tool_jobs (run_at)"
-              " WHERE status = 'queued'"))),
         # Batches, and the idempotency keys and first answers of their submits.
-        (3, (("CREATE TABLE queue_tool_batches (id text PRIMARY KEY,"
-              " created_at timestamptz NOT NULL DEFAULT now(), total integer NOT NULL,"
-              " idempotency_key text UNIQUE, fingerprint text, response text)"),
+        """CREATE TABLE queue_tool_batches (
+            id text PRIMARY KEY,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            total integer NOT NULL,
+            idempotency_key text UNIQUE,
+            fingerprint text,
+            response text)""",
+        """CREATE INDEX queue_tool_batches_created_at ON queue_tool_batches (created_at)""",
+    )
+    # (v, statements): what takes a version v-1 database to version v, in order; the
+    # result is SCHEMA, which a test checks.
+    UPGRADES = (
+        (2, ("""ALTER TABLE queue_tool_jobs ADD COLUMN queue text NOT NULL DEFAULT 'default',
+                 ADD COLUMN priority smallint NOT NULL DEFAULT 0,
+                 ADD COLUMN run_at timestamptz,
+                 ADD COLUMN retries smallint NOT NULL DEFAULT 0,
+                 ADD COLUMN retried smallint NOT NULL DEFAULT 0""",
+             "UPDATE queue_tool_jobs SET run_at = created_at",
+             """ALTER TABLE queue_tool_jobs ALTER COLUMN run_at SET DEFAULT now(),
+                 ALTER COLUMN run_at SET NOT NULL""",
+             "DROP INDEX queue_tool_jobs_queued",
+             """CREATE INDEX queue_tool_jobs_ready ON queue_tool_jobs (priority DESC, run_at, id)
+                 WHERE status = 'queued'""",
+             """CREATE INDEX queue_tool_jobs_due ON queue_tool_jobs (run_at)
+                 WHERE status = 'queued'""")),
+        (3, ("""CREATE TABLE queue_tool_batches (
+                 id text PRIMARY KEY,
+                 created_at timestamptz NOT NULL DEFAULT now(),
+                 total integer NOT NULL,
+                 idempotency_key text UNIQUE,
+                 fingerprint text,
+                 response text)""",
              "CREATE INDEX queue_tool_batches_created_at ON queue_tool_batches (created_at)",
              "ALTER TABLE queue_tool_jobs ADD COLUMN batch text",
-             ("CREATE INDEX queue_tool_jobs_batch ON queue_tool_jobs (batch, id)"
-              " WHERE batch IS NOT NULL"))),
+             """CREATE INDEX queue_tool_jobs_batch ON queue_tool_jobs (batch, id)
+                 WHERE batch IS NOT NULL""")),
     )
-    CHANNEL = "queue_tool"
-    # Every statement that may wait for several job rows locks them in id order, so two
-    # of them (a finish and a lease renewal, say) can never each hold a row the other
-    # wants: no deadlock. Claims never wait (SKIP LOCKED).
-    IN_ORDER = "ORDER BY id FOR UPDATE"
-    LOCK_KEY = 0x7175657565  # an advisory lock that serialises schema set-up
-    COLUMNS = _pg_columns()
-    SHARDS = 64
-    # Adds the (name, delta) rows of a query to this connection's counter shard,
-    # as a CTE, so that a change and its count can be one statement: one round
-    # trip. Sorted by name, so that concurrent counts lock rows in one order.
-    COUNT = ("counted AS (INSERT INTO queue_tool_counters (name, shard, value)"
-             f" SELECT name, pg_backend_pid() %% {SHARDS}, delta FROM ({{}}) AS d (name, delta)"
-             " WHERE delta <> 0 ORDER BY name ON CONFLICT (name, shard)"
-             " DO UPDATE SET value = queue_tool_counters.value + EXCLUDED.value)")
+    # Processes starting together set the schema up one at a time.
+    LOCK_SCHEMA = f"SELECT pg_advisory_xact_lock({0x7175657565})"
+    SCHEMA_TABLE = "CREATE TABLE IF NOT EXISTS queue_tool_schema (version integer NOT NULL)"
+    SCHEMA_VERSION = "SELECT version FROM queue_tool_schema"
+    INSERT_SCHEMA_VERSION = f"INSERT INTO queue_tool_schema (version) VALUES ({VERSION})"
+    SET_SCHEMA_VERSION = f"UPDATE queue_tool_schema SET version = {VERSION}"
+    ADD_COUNTERS = """INSERT INTO queue_tool_counters (name, shard, value)
+        SELECT unnest(%(names)s::text[]), 0, 0 ON CONFLICT DO NOTHING"""
+    # Fresh statistics, so that the planner walks the claim's partial index in order
+    # instead of sorting every queued row: a queue that grew faster than autovacuum
+    # looks (once a minute) would otherwise make each claim slower than the last.
+    ANALYZE = "ANALYZE queue_tool_jobs"
+
+    # -- Submitting. The batch (and its key) first: a concurrent submit with the same
+    # key waits on the unique index until this one commits or rolls back.
+    INSERT_BATCH = """INSERT INTO queue_tool_batches (id, total, idempotency_key, fingerprint,
+            response)
+        VALUES (%s, %s, %s, %s, %s)
+        ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"""
+    BATCH_OF_KEY = """SELECT fingerprint, response FROM queue_tool_batches
+        WHERE idempotency_key = %s"""
+    QUEUED_GAUGE = """SELECT coalesce(sum(value), 0) FROM queue_tool_counters
+        WHERE name = 'queued'"""
+    INSERT_JOBS = """INSERT INTO queue_tool_jobs (token, item, valor, run_at, priority, queue,
+            retries, batch, status)
+        SELECT token, item, valor, now() + delay * interval '1 second', priority, queue,
+            retries, %(batch)s, 'queued'
+        FROM unnest(%(tokens)s::text[], %(items)s::text[], %(valors)s::numeric[],
+            %(delays)s::float8[], %(priorities)s::smallint[], %(queues)s::text[],
+            %(retries)s::smallint[]) WITH ORDINALITY
+            AS j (token, item, valor, delay, priority, queue, retries, n)
+        ORDER BY n"""
+    COUNT = """INSERT INTO queue_tool_counters AS c (name, shard, value)
+        SELECT name, mod(pg_backend_pid(), 64), delta
+        FROM unnest(%(names)s::text[], %(deltas)s::bigint[]) AS d (name, delta)
+        WHERE delta <> 0 ORDER BY name
+        ON CONFLICT (name, shard) DO UPDATE SET value = c.value + EXCLUDED.value"""
+    NOTIFY = "SELECT pg_notify('queue_tool', %s)"
+
+    # -- Reading jobs and batches: times as epoch seconds, as SQLite has them.
+    COLUMNS = """token, item, valor, status,
+        extract(epoch FROM created_at)::float8 AS created_at,
+        extract(epoch FROM started_at)::float8 AS started_at,
+        extract(epoch FROM finished_at)::float8 AS finished_at,
+        attempts, owner, extract(epoch FROM lease_until)::float8 AS lease_until,
+        progress, result, error, queue, priority, extract(epoch FROM run_at)::float8 AS run_at,
+        retries, retried, batch"""
+    GET_JOB = f"SELECT {COLUMNS} FROM queue_tool_jobs WHERE token = %s"
+    GET_BATCH = f"""SELECT extract(epoch FROM b.created_at)::float8, b.total, j.*
+        FROM queue_tool_batches AS b
+        LEFT JOIN LATERAL (SELECT {COLUMNS} FROM queue_tool_jobs WHERE batch = b.id ORDER BY id)
+            AS j ON true
+        WHERE b.id = %s"""
+    LIST = f"""SELECT {COLUMNS}, id FROM queue_tool_jobs
+        WHERE id < %(before)s AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+        ORDER BY id DESC LIMIT %(limit)s"""
+    LIST_BY_STATUS = f"""SELECT {COLUMNS}, id FROM queue_tool_jobs
+        WHERE status = %(status)s AND id < %(before)s
+          AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+        ORDER BY id DESC LIMIT %(limit)s"""
+    COUNTS = """SELECT (SELECT coalesce(sum(value), 0) FROM queue_tool_counters
+            WHERE name = 'queued'),
+        (SELECT count(*) FROM queue_tool_jobs WHERE status = 'running')"""
+    COUNTER_VALUES = "SELECT name, sum(value) FROM queue_tool_counters GROUP BY name"
+
+    # -- Claiming and ending runs. The claim chooses its jobs in a MATERIALIZED CTE:
+    # as `id IN (SELECT ... SKIP LOCKED)` the planner may run the subquery again for
+    # each row it updates, and each run skips other rows, so one claim could take
+    # (and lose) far more jobs than asked.
+    NEXT_DUE = """SELECT extract(epoch FROM min(run_at) - now())::float8 FROM queue_tool_jobs
+        WHERE status = 'queued' AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s))"""
+    CLAIM = f"""WITH next AS MATERIALIZED (
+            SELECT id FROM queue_tool_jobs
+            WHERE status = 'queued' AND run_at <= now()
+              AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s))
+            ORDER BY priority DESC, run_at, id LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED),
+        job AS (
+            UPDATE queue_tool_jobs AS j SET status = 'running', owner = %(owner)s,
+                lease_until = now() + %(lease)s * interval '1 second', started_at = now(),
+                attempts = j.attempts + 1, progress = NULL
+            FROM next WHERE j.id = next.id
+            RETURNING {COLUMNS}),
+        counted AS (
+            INSERT INTO queue_tool_counters AS c (name, shard, value)
+            SELECT 'queued', mod(pg_backend_pid(), 64), -count(*) FROM job HAVING count(*) > 0
+            ON CONFLICT (name, shard) DO UPDATE SET value = c.value + EXCLUDED.value)
+        SELECT * FROM job ORDER BY priority DESC, run_at, created_at"""
+    FINISH = """WITH mine AS MATERIALIZED (
+            SELECT j.id, f.status, f.result, f.error
+            FROM queue_tool_jobs AS j
+            JOIN unnest(%(tokens)s::text[], %(attempts)s::integer[], %(statuses)s::text[],
+                %(results)s::text[], %(errors)s::text[])
+                AS f (token, attempt, status, result, error)
+                ON j.token = f.token AND j.attempts = f.attempt
+            WHERE j.owner = %(owner)s AND j.status = 'running'
+            ORDER BY j.id FOR UPDATE OF j),
+        done AS (
+            UPDATE queue_tool_jobs AS j SET status = mine.status, finished_at = now(),
+                result = mine.result, error = mine.error, owner = NULL, lease_until = NULL
+            FROM mine WHERE j.id = mine.id
+            RETURNING j.token, j.status),
+        counted AS (
+            INSERT INTO queue_tool_counters AS c (name, shard, value)
+            SELECT 'finished_' || status, mod(pg_backend_pid(), 64), count(*)
+            FROM done GROUP BY status ORDER BY 1
+            ON CONFLICT (name, shard) DO UPDATE SET value = c.value + EXCLUDED.value)
+        SELECT token FROM done"""
+    RETRY = """WITH job AS (
+            UPDATE queue_tool_jobs SET status = 'queued', owner = NULL, lease_until = NULL,
+                progress = NULL, error = %(error)s,
+                run_at = now() + %(delay)s * interval '1 second', retried = retried + 1
+            WHERE token = %(token)s AND owner = %(owner)s AND attempts = %(attempt)s
+              AND status = 'running'
+            RETURNING token),
+        counted AS (
+            INSERT INTO queue_tool_counters AS c (name, shard, value)
+            SELECT name, mod(pg_backend_pid(), 64), 1
+            FROM job CROSS JOIN (VALUES ('queued'), ('retried')) AS n (name) ORDER BY name
+            ON CONFLICT (name, shard) DO UPDATE SET value = c.value + EXCLUDED.value)
+        SELECT token, pg_notify('queue_tool', 'submitted:1') FROM job"""
+    SET_PROGRESS = """UPDATE queue_tool_jobs SET progress = %(progress)s
+        WHERE token = %(token)s AND owner = %(owner)s AND attempts = %(attempt)s
+          AND status = 'running'"""
+    RENEW = """WITH mine AS MATERIALIZED (
+            SELECT j.id FROM queue_tool_jobs AS j
+            JOIN unnest(%(tokens)s::text[], %(attempts)s::integer[]) AS r (token, attempt)
+                ON j.token = r.token AND j.attempts = r.attempt
+            WHERE j.owner = %(owner)s AND j.status = 'running'
+            ORDER BY j.id FOR UPDATE OF j)
+        UPDATE queue_tool_jobs AS j SET lease_until = now() + %(lease)s * interval '1 second'
+        FROM mine WHERE j.id = mine.id
+        RETURNING j.token"""
+
+    # -- Canceling.
+    LOCK_JOB = f"SELECT {COLUMNS} FROM queue_tool_jobs WHERE token = %s FOR UPDATE"
+    CANCEL = f"""UPDATE queue_tool_jobs SET status = 'canceled', finished_at = now(),
+            owner = NULL, lease_until = NULL
+        WHERE token = %s RETURNING {COLUMNS}"""
+    BATCH_EXISTS = "SELECT 1 FROM queue_tool_batches WHERE id = %s"
+    CANCEL_BATCH = """UPDATE queue_tool_jobs AS j SET status = 'canceled', finished_at = now(),
+            owner = NULL, lease_until = NULL
+        FROM (SELECT id, status FROM queue_tool_jobs
+              WHERE batch = %s AND status IN ('queued', 'running')
+              ORDER BY id FOR UPDATE) AS old
+        WHERE j.id = old.id
+        RETURNING j.token, old.status"""
+
+    # -- Taking jobs back: a shutdown, lost leases, dead owners.
+    RELEASE = """WITH mine AS MATERIALIZED (
+            SELECT id FROM queue_tool_jobs WHERE owner = %s AND status = 'running'
+            ORDER BY id FOR UPDATE)
+        UPDATE queue_tool_jobs AS j SET status = 'queued', owner = NULL, lease_until = NULL,
+            progress = NULL
+        FROM mine WHERE j.id = mine.id
+        RETURNING j.token"""
+    RUNNING_OWNERS = """SELECT DISTINCT owner FROM queue_tool_jobs
+        WHERE status = 'running' AND owner IS NOT NULL"""
+    ANY_LOST = """SELECT 1 FROM queue_tool_jobs
+        WHERE status = 'running' AND (lease_until < now() OR owner = ANY(%(lost)s::text[]))
+        LIMIT 1"""
+    RECOVER = """WITH lost AS MATERIALIZED (
+            SELECT id FROM queue_tool_jobs
+            WHERE status = 'running' AND (lease_until < now() OR owner = ANY(%(lost)s::text[]))
+            ORDER BY id FOR UPDATE)
+        UPDATE queue_tool_jobs AS j SET
+            status = CASE WHEN attempts >= %(most)s THEN 'failed' ELSE 'queued' END,
+            finished_at = CASE WHEN attempts >= %(most)s THEN now() END,
+            error = CASE WHEN attempts >= %(most)s
+                    THEN 'worker lost after ' || attempts || ' attempts' ELSE error END,
+            owner = NULL, lease_until = NULL, progress = NULL
+        FROM lost WHERE j.id = lost.id
+        RETURNING j.token, j.status"""
+
+    # -- Retention.
+    PURGE_JOBS = """DELETE FROM queue_tool_jobs WHERE id IN (
+        SELECT id FROM queue_tool_jobs
+        WHERE finished_at < now() - %s * interval '1 second' LIMIT %s)"""
+    PURGE_BATCHES = """DELETE FROM queue_tool_batches WHERE id IN (
+        SELECT id FROM queue_tool_batches AS b
+        WHERE created_at < now() - %s * interval '1 second'
+          AND NOT EXISTS (SELECT 1 FROM queue_tool_jobs WHERE batch = b.id)
+        LIMIT %s)"""
+
+    # -- The listener's own session.
+    LISTEN = "LISTEN queue_tool"
 
     def __init__(self, url, pool_size=24, connect_timeout=5):
         try:
@@ -1073,7 +1404,7 @@ class PostgresStore:
             raise SettingsError("db: a PostgreSQL URL needs psycopg and psycopg_pool:"
                                 " pip install 'queue_tool[postgres]'") from None
         self._psycopg, self._psycopg_pool = psycopg, psycopg_pool
-        self.url, self.display = url, redact(url)
+        self.url, self._shown = url, redact(url)
         self._secrets = _passwords(url)
         self.pool_size, self.connect_timeout = pool_size, connect_timeout
         self._lock = threading.Lock()  # guards self._pool, self._pid, self._closed
@@ -1085,40 +1416,28 @@ class PostgresStore:
                     self._migrate(conn)
                 conn.execute(self.ANALYZE)
         except StoreError as exc:
-            raise StoreError(f"cannot use database {self.display}: {exc}") from None
+            raise StoreError(f"cannot use database {self._shown}: {exc}") from None
         _fork_sensitive.add(self)
-
-    # Fresh statistics, so that the planner walks the claim's partial index in order
-    # instead of sorting every queued row: a queue that grew faster than autovacuum
-    # looks (once a minute) would otherwise make each claim slower than the last.
-    ANALYZE = "ANALYZE queue_tool_jobs"
-
-    def maintain(self):
-        """Refresh the planner's statistics of the jobs table (the housekeeper, each minute)."""
-        self._read(self.ANALYZE)
 
     def _connect(self):
         return self._psycopg.connect(self.url, autocommit=True,
                                      connect_timeout=self.connect_timeout)
 
     def _migrate(self, conn):
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK_KEY,))
-        conn.execute("CREATE TABLE IF NOT EXISTS queue_tool_schema (version integer NOT NULL)")
-        row = conn.execute("SELECT version FROM queue_tool_schema").fetchone()
+        conn.execute(self.LOCK_SCHEMA)
+        conn.execute(self.SCHEMA_TABLE)
+        row = conn.execute(self.SCHEMA_VERSION).fetchone()
         version = 0 if row is None else row[0]
         if version > self.VERSION:
             raise StoreError(f"its schema version {version} is newer than this queue_tool"
                              f" {__version__} knows ({self.VERSION}); upgrade queue_tool")
-        if version == 0:
-            for statement in self.SCHEMA:
+        for statement in (*self.SCHEMA, self.INSERT_SCHEMA_VERSION) if version == 0 else ():
+            conn.execute(statement)
+        for step, statements in self.UPGRADES if version else ():
+            for statement in statements if step > version else ():
                 conn.execute(statement)
-            conn.execute("INSERT INTO queue_tool_schema (version) VALUES (0)")
-        for step, statements in self.UPGRADES:
-            for statement in statements if step > max(version, 1) else ():
-                conn.execute(statement)
-        conn.execute("UPDATE queue_tool_schema SET version = %s", (self.VERSION,))
-        conn.execute("INSERT INTO queue_tool_counters (name, shard, value)"
-                     " SELECT unnest(%s::text[]), 0, 0 ON CONFLICT DO NOTHING", (list(COUNTERS),))
+        conn.execute(self.SET_SCHEMA_VERSION)
+        conn.execute(self.ADD_COUNTERS, {"names": list(COUNTERS)})
 
     @contextlib.contextmanager
     def _errors(self):
@@ -1174,8 +1493,13 @@ class PostgresStore:
                     conn.rollback()
             raise
 
-    def _read(self, sql, params=()):
-        """Rows of one statement, which is its own transaction (autocommit)."""
+    def _read(self, sql, params=None):
+        """Rows of one query."""
+        with self._errors(), self._pool_here().connection() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def _write(self, sql, params=None):
+        """Rows of one statement that changes something, its own transaction (autocommit)."""
         with self._errors(), self._pool_here().connection() as conn:
             cursor = conn.execute(sql, params)
             return cursor.fetchall() if cursor.description else []
@@ -1190,80 +1514,58 @@ class PostgresStore:
 
     def _count(self, conn, **deltas):
         if any(deltas.values()):
-            conn.execute(f"WITH {self.COUNT.format('SELECT * FROM unnest(%s::text[], %s::bigint[])')}"
-                         " SELECT 1", (list(deltas), list(deltas.values())))
-
-    def _notify(self, conn, message):
-        conn.execute("SELECT pg_notify(%s, %s)", (self.CHANNEL, message))
+            conn.execute(self.COUNT, {"names": list(deltas), "deltas": list(deltas.values())})
 
     # Each method below is one transaction.
 
     def submit(self, jobs, invalid, max_queued, batch=None, key=None):
         jobs = [NewJob(*job) for job in jobs]
         with self._transaction() as conn:
-            # The batch (and its key) first: a concurrent submit with the same key
-            # waits here on the unique index until this one commits or rolls back.
             taken = batch is None or conn.execute(
-                "INSERT INTO queue_tool_batches (id, total, idempotency_key, fingerprint,"
-                " response) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (idempotency_key)"
-                " DO NOTHING RETURNING id",
-                (batch, len(jobs), *(key or (None, None, None)))).fetchone()
+                self.INSERT_BATCH, (batch, len(jobs), *(key or (None, None, None)))).fetchone()
             if not taken:
-                return tuple(conn.execute("SELECT fingerprint, response FROM queue_tool_batches"
-                                          " WHERE idempotency_key = %s", (key[0],)).fetchone())
+                return tuple(conn.execute(self.BATCH_OF_KEY, (key[0],)).fetchone())
             if jobs:
-                queued = self._queued(conn)
+                (queued,) = conn.execute(self.QUEUED_GAUGE).fetchone()
                 if queued + len(jobs) > max_queued:
                     raise QueueFull(f"{queued} jobs are queued; the limit is {max_queued}")
-                columns = list(zip(*jobs)) + [[batch] * len(jobs)]
-                columns[NewJob._fields.index("valor")] = [
-                    decimal.Decimal(repr(valor)) for valor in columns[2]]
-                conn.execute(
-                    "INSERT INTO queue_tool_jobs (token, item, valor, run_at, priority, queue,"
-                    " retries, batch, status) SELECT token, item, valor,"
-                    " now() + delay * interval '1 second', priority, queue, retries, batch,"
-                    " 'queued' FROM unnest(%s::text[], %s::text[], %s::numeric[],"
-                    " %s::float8[], %s::smallint[], %s::text[], %s::smallint[], %s::text[])"
-                    " WITH ORDINALITY AS j (token, item, valor, delay, priority, queue, retries,"
-                    " batch, n) ORDER BY n", [list(column) for column in columns])
-                self._notify(conn, f"submitted:{len(jobs)}")
+                # One Python type per array: psycopg types a list by its items, and
+                # refuses one that mixes them (an int delay beside a float one).
+                conn.execute(self.INSERT_JOBS, {
+                    "batch": batch, "tokens": [job.token for job in jobs],
+                    "items": [job.item for job in jobs],
+                    "valors": [decimal.Decimal(repr(job.valor)) for job in jobs],
+                    "delays": [float(job.delay) for job in jobs],
+                    "priorities": [int(job.priority) for job in jobs],
+                    "queues": [job.queue for job in jobs],
+                    "retries": [int(job.retries) for job in jobs]})
+                conn.execute(self.NOTIFY, (f"submitted:{len(jobs)}",))
             self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs))
+        return None
 
     def get(self, token):
-        rows = self._read(f"SELECT {self.COLUMNS} FROM queue_tool_jobs WHERE token = %s",
-                          (token,))
-        return self._job(rows[0]) if rows else None
+        return self._job(next(iter(self._read(self.GET_JOB, (token,))), None))
 
-    @staticmethod
-    def _queued(conn):
-        (queued,) = conn.execute("SELECT coalesce(sum(value), 0) FROM queue_tool_counters"
-                                 " WHERE name = 'queued'").fetchone()
-        return int(queued)
+    def batch(self, batch_id):
+        return _batch(batch_id, self._read(self.GET_BATCH, (batch_id,)), self._job)
 
-    def _claim_sql(self, queues, limit):
-        """One statement that claims up to `limit` ready jobs and counts them.
+    def list(self, status=None, before=None, limit=50, queue=None):
+        rows = self._read(self.LIST if status is None else self.LIST_BY_STATUS, {
+            "status": status, "queue": queue, "limit": limit + 1,
+            "before": LAST_ID if before is None else before})
+        next_before = rows[limit - 1][-1] if len(rows) > limit else None
+        return [self._job(row) for row in rows[:limit]], next_before
 
-        SKIP LOCKED: concurrent claims pass over each other's rows instead of
-        queueing behind them, and the partial index holds only queued rows. The
-        choice is a MATERIALIZED CTE: as `id IN (SELECT ... SKIP LOCKED)` the
-        planner may run the subquery again for each row it updates, and each run
-        skips other rows, so one claim could take (and lose) far more than `limit`.
-        Parameters: the queues (when given), owner, lease, "queued".
-        """
-        among = " AND queue = ANY(%s)" if queues else ""
-        return (f"WITH next AS MATERIALIZED (SELECT id FROM queue_tool_jobs"
-                f" WHERE status = 'queued' AND run_at <= now(){among}"
-                f" ORDER BY priority DESC, run_at, id LIMIT {int(limit)} FOR UPDATE SKIP LOCKED),"
-                f" job AS (UPDATE queue_tool_jobs AS j SET status = 'running', owner = %s,"
-                f" lease_until = now() + %s * interval '1 second', started_at = now(),"
-                f" attempts = j.attempts + 1, progress = NULL FROM next WHERE j.id = next.id"
-                f" RETURNING {_pg_columns('j')}),"
-                f" {self.COUNT.format('SELECT %s::text, -count(*) FROM job')}"
-                f" SELECT * FROM job ORDER BY priority DESC, run_at, created_at")
+    def counts(self):
+        ((queued, running),) = self._read(self.COUNTS)
+        return {QUEUED: int(queued), RUNNING: running}
 
-    def claim(self, owner, lease, queues=None):
-        claimed = self.finish_and_claim(owner, (), 1, lease, queues)[1]
-        return claimed[0] if claimed else None
+    def counters(self):
+        return {name: int(value) for name, value in self._read(self.COUNTER_VALUES)}
+
+    def next_due(self, queues=None):
+        ((seconds,),) = self._read(self.NEXT_DUE, {"queues": list(queues) if queues else None})
+        return None if seconds is None else max(0.0, seconds)
 
     def finish_and_claim(self, owner, finishes, claims, lease, queues=None):
         done = taken = None
@@ -1277,180 +1579,96 @@ class PostgresStore:
                 # only runs the job again, so the commit does not wait for the WAL flush.
                 conn.execute("SET LOCAL synchronous_commit = off")
                 if finishes:
-                    tokens, statuses, results, errors = (list(c) for c in zip(*finishes))
-                    counted = self.COUNT.format(
-                        "SELECT 'finished_' || status, count(*) FROM done GROUP BY status")
-                    done = conn.execute(
-                        f"WITH mine AS MATERIALIZED (SELECT j.id, f.status, f.result, f.error"
-                        f" FROM queue_tool_jobs AS j JOIN unnest(%s::text[], %s::text[],"
-                        f" %s::text[], %s::text[]) AS f (token, status, result, error)"
-                        f" ON j.token = f.token WHERE j.owner = %s AND j.status = 'running'"
-                        f" {self.IN_ORDER} OF j), done AS (UPDATE queue_tool_jobs AS j"
-                        f" SET status = mine.status, finished_at = now(), result = mine.result,"
-                        f" error = mine.error, owner = NULL, lease_until = NULL FROM mine"
-                        f" WHERE j.id = mine.id RETURNING j.token, j.status),"
-                        f" {counted} SELECT token FROM done",
-                        (tokens, statuses, results, errors, owner))
+                    tokens, attempts, statuses, results, errors = (
+                        list(column) for column in zip(*finishes))
+                    done = conn.execute(self.FINISH, {
+                        "tokens": tokens, "attempts": attempts, "statuses": statuses,
+                        "results": results, "errors": errors, "owner": owner})
                 if claims:
-                    taken = conn.execute(
-                        self._claim_sql(queues, claims),
-                        (*([list(queues)] if queues else []), owner, lease, "queued"))
+                    taken = conn.execute(self.CLAIM, {
+                        "queues": list(queues) if queues else None, "limit": claims,
+                        "owner": owner, "lease": lease})
                 conn.execute("COMMIT")
             finished = {token for (token,) in done.fetchall()} if done else set()
             claimed = [self._job(row) for row in taken.fetchall()] if taken else []
         return finished, claimed
 
-    def next_due(self, queues=None):
-        among = " AND queue = ANY(%s)" if queues else ""
-        ((seconds,),) = self._read(
-            f"SELECT extract(epoch FROM min(run_at) - now())::float8 FROM queue_tool_jobs"
-            f" WHERE status = 'queued'{among}", [list(queues)] if queues else None)
-        return None if seconds is None else max(0.0, seconds)
+    def retry(self, token, owner, attempt, error, delay):
+        return bool(self._write(self.RETRY, {"error": error, "delay": delay, "token": token,
+                                             "owner": owner, "attempt": attempt}))
 
-    def retry(self, token, owner, error, delay):
-        rows = self._read(
-            f"WITH job AS (UPDATE queue_tool_jobs SET status = 'queued', owner = NULL,"
-            f" lease_until = NULL, progress = NULL, error = %s,"
-            f" run_at = now() + %s * interval '1 second', retried = retried + 1"
-            f" WHERE token = %s AND owner = %s AND status = 'running' RETURNING token),"
-            f" {self.COUNT.format('SELECT unnest(%s::text[]), count(*) FROM job')}"
-            f" SELECT token, pg_notify(%s, %s) FROM job",
-            (error, delay, token, owner, ["queued", "retried"], self.CHANNEL, "submitted:1"))
-        return bool(rows)
+    def set_progress(self, token, owner, attempt, progress):
+        self._write(self.SET_PROGRESS, {"progress": progress, "token": token, "owner": owner,
+                                        "attempt": attempt})
 
-    def finish(self, token, owner, status, result=None, error=None):
-        return token in self.finish_and_claim(
-            owner, [(token, status, result, error)], 0, 0)[0]
-
-    def set_progress(self, token, owner, progress):
-        self._read("UPDATE queue_tool_jobs SET progress = %s WHERE token = %s"
-                   " AND owner = %s AND status = 'running'", (progress, token, owner))
+    def renew(self, owner, runs, lease):
+        rows = self._write(self.RENEW, {"tokens": list(runs), "attempts": list(runs.values()),
+                                        "owner": owner, "lease": lease})
+        return {token for (token,) in rows}
 
     def cancel(self, token):
         with self._transaction() as conn:
-            before = self._job(conn.execute(
-                f"SELECT {self.COLUMNS} FROM queue_tool_jobs WHERE token = %s FOR UPDATE",
-                (token,)).fetchone())
+            before = self._job(conn.execute(self.LOCK_JOB, (token,)).fetchone())
             if before is None or before["status"] in FINAL_STATES:
                 return None if before is None else (before, before)
-            after = self._job(conn.execute(
-                f"UPDATE queue_tool_jobs SET status = 'canceled', finished_at = now(),"
-                f" owner = NULL, lease_until = NULL WHERE token = %s RETURNING {self.COLUMNS}",
-                (token,)).fetchone())
-            self._count(conn, finished_canceled=1, queued=-1 if before["status"] == QUEUED else 0)
+            after = self._job(conn.execute(self.CANCEL, (token,)).fetchone())
+            self._count(conn, finished_canceled=1, queued=-(before["status"] == QUEUED))
             if before["status"] == RUNNING:
-                self._notify(conn, "canceled")
+                conn.execute(self.NOTIFY, ("canceled",))
         return before, after
 
-    def renew(self, owner, tokens, lease):
-        rows = self._read(
-            f"WITH mine AS MATERIALIZED (SELECT id FROM queue_tool_jobs WHERE owner = %s"
-            f" AND status = 'running' AND token = ANY(%s) {self.IN_ORDER})"
-            f" UPDATE queue_tool_jobs AS j SET lease_until = now() + %s * interval '1 second'"
-            f" FROM mine WHERE j.id = mine.id RETURNING j.token",
-            (owner, list(tokens), lease))
-        return {token for (token,) in rows}
+    def cancel_batch(self, batch_id):
+        with self._transaction() as conn:
+            if conn.execute(self.BATCH_EXISTS, (batch_id,)).fetchone() is None:
+                return None
+            rows = conn.execute(self.CANCEL_BATCH, (batch_id,)).fetchall()
+            self._count(conn, finished_canceled=len(rows),
+                        queued=-sum(status == QUEUED for _, status in rows))
+            if any(status == RUNNING for _, status in rows):
+                conn.execute(self.NOTIFY, ("canceled",))
+        return rows
 
     def release(self, owner):
         with self._transaction() as conn:
-            rows = conn.execute(
-                f"WITH mine AS MATERIALIZED (SELECT id FROM queue_tool_jobs WHERE owner = %s"
-                f" AND status = 'running' {self.IN_ORDER}) UPDATE queue_tool_jobs AS j"
-                f" SET status = 'queued', owner = NULL, lease_until = NULL, progress = NULL"
-                f" FROM mine WHERE j.id = mine.id RETURNING j.token", (owner,)).fetchall()
+            rows = conn.execute(self.RELEASE, (owner,)).fetchall()
             self._count(conn, queued=len(rows))
             if rows:
-                self._notify(conn, f"submitted:{len(rows)}")
+                conn.execute(self.NOTIFY, (f"submitted:{len(rows)}",))
         return [token for (token,) in rows]
 
     def running_owners(self):
-        rows = self._read("SELECT DISTINCT owner FROM queue_tool_jobs WHERE status = 'running'"
-                          " AND owner IS NOT NULL")
-        return [owner for (owner,) in rows]
+        return [owner for (owner,) in self._read(self.RUNNING_OWNERS)]
 
     def recover(self, max_attempts, lost_owners=()):
-        lost_jobs = "WHERE status = 'running' AND (lease_until < now() OR owner = ANY(%s))"
-        lost = list(lost_owners)
-        if not self._read(f"SELECT 1 FROM queue_tool_jobs {lost_jobs} LIMIT 1", (lost,)):
+        params = {"lost": list(lost_owners), "most": max_attempts}
+        if not self._read(self.ANY_LOST, params):
             return []
         with self._transaction() as conn:
-            rows = conn.execute(
-                f"WITH lost AS MATERIALIZED (SELECT id FROM queue_tool_jobs {lost_jobs}"
-                f" {self.IN_ORDER}) UPDATE queue_tool_jobs AS j SET"
-                f" status = CASE WHEN attempts >= %s THEN 'failed' ELSE 'queued' END,"
-                f" finished_at = CASE WHEN attempts >= %s THEN now() END,"
-                f" error = CASE WHEN attempts >= %s THEN 'worker lost after ' || attempts"
-                f" || ' attempts' ELSE error END,"
-                f" owner = NULL, lease_until = NULL, progress = NULL FROM lost"
-                f" WHERE j.id = lost.id RETURNING j.token, j.status",
-                (lost, max_attempts, max_attempts, max_attempts)).fetchall()
+            rows = conn.execute(self.RECOVER, params).fetchall()
             failed = sum(status == FAILED for _, status in rows)
             self._count(conn, finished_failed=failed, queued=len(rows) - failed)
             if len(rows) > failed:
-                self._notify(conn, f"submitted:{len(rows) - failed}")
+                conn.execute(self.NOTIFY, (f"submitted:{len(rows) - failed}",))
         return rows
 
     def purge(self, retention, batch=PURGE_BATCH):
         with self._transaction() as conn:
-            return conn.execute(
-                "DELETE FROM queue_tool_jobs WHERE id IN (SELECT id FROM queue_tool_jobs"
-                " WHERE finished_at < now() - %s * interval '1 second' LIMIT %s)",
-                (retention, batch)).rowcount + conn.execute(
-                "DELETE FROM queue_tool_batches WHERE id IN (SELECT id FROM queue_tool_batches"
-                " AS b WHERE created_at < now() - %s * interval '1 second' AND NOT EXISTS"
-                " (SELECT 1 FROM queue_tool_jobs WHERE batch = b.id) LIMIT %s)",
-                (retention, batch)).rowcount
+            return (conn.execute(self.PURGE_JOBS, (retention, batch)).rowcount
+                    + conn.execute(self.PURGE_BATCHES, (retention, batch)).rowcount)
 
-    def batch(self, batch_id):
-        rows = self._read(
-            f"SELECT extract(epoch FROM b.created_at)::float8, b.total, {_pg_columns('j')}"
-            f" FROM queue_tool_batches AS b LEFT JOIN queue_tool_jobs AS j ON j.batch = b.id"
-            f" WHERE b.id = %s ORDER BY j.id", (batch_id,))
-        return _batch(batch_id, rows, self._job)
+    def maintain(self):
+        """Refresh the planner's statistics of the jobs table."""
+        self._write(self.ANALYZE)
 
-    def cancel_batch(self, batch_id):
-        with self._transaction() as conn:
-            if conn.execute("SELECT 1 FROM queue_tool_batches WHERE id = %s",
-                            (batch_id,)).fetchone() is None:
-                return None
-            rows = conn.execute(
-                "UPDATE queue_tool_jobs AS j SET status = 'canceled', finished_at = now(),"
-                f" owner = NULL, lease_until = NULL FROM (SELECT id, status FROM queue_tool_jobs"
-                f" WHERE batch = %s AND status IN ('queued', 'running') {self.IN_ORDER}) AS old"
-                " WHERE j.id = old.id RETURNING j.token, old.status", (batch_id,)).fetchall()
-            self._count(conn, finished_canceled=len(rows),
-                        queued=-sum(status == QUEUED for _, status in rows))
-            if any(status == RUNNING for _, status in rows):
-                self._notify(conn, "canceled")
-        return rows
-
-    def list(self, status=None, before=None, limit=50, queue=None):
-        clause, params = _list_filter("%s", status, queue, before)
-        rows = self._read(f"SELECT {self.COLUMNS}, id FROM queue_tool_jobs{clause}"
-                          f" ORDER BY id DESC LIMIT %s", (*params, limit + 1))
-        next_before = rows[limit - 1][-1] if len(rows) > limit else None
-        return [self._job(row) for row in rows[:limit]], next_before
-
-    def counts(self):
-        ((queued, running),) = self._read(
-            "SELECT (SELECT coalesce(sum(value), 0) FROM queue_tool_counters"
-            " WHERE name = 'queued'),"
-            " (SELECT count(*) FROM queue_tool_jobs WHERE status = 'running')")
-        return {QUEUED: int(queued), RUNNING: running}
-
-    def counters(self):
-        return {name: int(value) for name, value in self._read(
-            "SELECT name, sum(value) FROM queue_tool_counters GROUP BY name")}
-
-    def listen(self, most=64):
-        """A Listener on a dedicated connection: LISTEN, woken by the NOTIFY that
-        submits, cancels and requeues send inside their transactions."""
-        return _PostgresListener(self)
+    def listen(self, most):
+        """LISTEN on a dedicated connection, woken by the NOTIFY that submits,
+        cancels and requeues send inside their transactions."""
+        return _PostgresListener(self, most)
 
 
 class _PostgresListener(Listener):
-    def __init__(self, store):
-        self._store, self._conn = store, None
+    def __init__(self, store, most):
+        self._store, self._most, self._conn = store, most, None
 
     def wait(self, timeout):
         store = self._store
@@ -1458,7 +1676,7 @@ class _PostgresListener(Listener):
             with store._errors():
                 if self._conn is None:
                     self._conn = store._connect()
-                    self._conn.execute(f"LISTEN {store.CHANNEL}")
+                    self._conn.execute(store.LISTEN)
                     return 1, True  # notifications may have been missed meanwhile
                 waiting, canceled = 0, False
                 # One packet may carry several notifications; all are taken.
@@ -1466,7 +1684,7 @@ class _PostgresListener(Listener):
                     kind, _, count = notice.payload.partition(":")
                     waiting += int(count) if kind == "submitted" else 0
                     canceled = canceled or kind == "canceled"
-                return waiting, canceled
+                return min(waiting, self._most), canceled
         except StoreError:
             self.close()
             raise
@@ -1510,7 +1728,6 @@ class Job:
         self.token, self.item, self.valor = row["token"], row["item"], row["valor"]
         self.attempts, self.queue, self.priority = row["attempts"], row["queue"], row["priority"]
         self._retries, self._retried = row["retries"], row["retried"]  # limit, made
-        self._recording = False  # its end was handed to the committer (Runner._commit)
         self.canceled = threading.Event()
 
     def set_progress(self, fraction):
@@ -1518,7 +1735,7 @@ class Job:
         fraction = float(fraction)
         if not math.isfinite(fraction):
             raise ValueError(f"progress must be a finite number, not {fraction!r}")
-        self._runner.store.set_progress(self.token, self._runner.owner,
+        self._runner.store.set_progress(self.token, self._runner.owner, self.attempts,
                                         min(1.0, max(0.0, fraction)))
 
     def __repr__(self):
@@ -1531,12 +1748,12 @@ def wait_valor(job):
 
 
 class _Commit:
-    """A worker's request to the committer: a job's end to record, and/or a claim."""
+    """A worker's request to the committer: a run's end to record, and/or a claim."""
 
     __slots__ = ("claim", "done", "error", "finish", "finished", "row")
 
     def __init__(self, finish, claim):
-        self.finish, self.claim = finish, claim  # finish: (token, status, result, error)
+        self.finish, self.claim = finish, claim  # finish: (token, attempt, status, result, error)
         self.done = threading.Event()
         self.finished, self.row, self.error = False, None, None
 
@@ -1552,6 +1769,7 @@ class Runner:
     purge_interval = 60.0
     listen_timeout = 0.5  # longest a listener blocks, so it sees a stop soon
     commit_window = 0.002  # longest the committer waits for running jobs to end
+    stop_wait = 5.0  # longest stop() waits for a transaction under way before releasing
 
     def __init__(self, store, process=wait_valor, workers=16, lease=30.0, max_attempts=3,
                  retention=7 * 86400.0, grace=10.0, queues=None, retry_delay=1.0,
@@ -1567,20 +1785,22 @@ class Runner:
     def _after_fork(self):
         # In a forked child the parent's threads are gone: start afresh.
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        # All below guarded by self._lock.
+        self._wake = threading.Condition(self._lock)  # idle workers wait here
+        self._committer_wake = threading.Condition(self._lock)  # the committer waits here
+        self._stopping = threading.Event()
+        self.owner = None      # this process's name in the store, set by start()
+        # Guarded by self._lock (start() reads _pid without it, then again with it):
+        self._pid = None       # the process whose threads these are
+        self._threads = []
+        self._committer = None
         self._live = {}        # token -> (Job, Event set when it ends)
         self._wakeups = 0      # jobs announced that no idle worker has looked for yet
-        self._threads = []
-        self._pid = None       # the process whose threads these are
-        self._stopping = threading.Event()
         self._store_down = False  # claims are failing: an outage is being logged
         self._commits = []     # _Commit requests waiting for the committer
+        self._committing = False  # the committer takes requests (until stop() ends it)
         self._working = 0      # worker threads not yet ended
-        self._busy = 0         # jobs claimed here whose end is not yet asked to be recorded
+        self._busy = 0         # jobs claimed here whose run has not ended (_run settles it)
         self._typical = 1.0    # seconds a job runs here: a moving average
-        self._committer_wake = threading.Condition(self._lock)
-        self.owner = None
 
     # Starting and stopping.
 
@@ -1598,9 +1818,10 @@ class Runner:
                                         name=f"queue_tool-worker-{n}", daemon=True)
                        for n in range(self.workers)]
             if self.workers:
-                threads.append(threading.Thread(target=self._commit_loop,
-                                                name="queue_tool-committer", daemon=True))
-            self._working = self.workers
+                self._committer = threading.Thread(target=self._commit_loop,
+                                                   name="queue_tool-committer", daemon=True)
+                threads.append(self._committer)
+            self._working, self._committing = self.workers, bool(self.workers)
             threads.append(threading.Thread(target=self._housekeep, args=(stopping,),
                                             name="queue_tool-housekeeper", daemon=True))
             if self.workers:
@@ -1625,7 +1846,7 @@ class Runner:
                 return []
             self._stopping.set()
             self._wake.notify_all()
-            threads = list(self._threads)
+            threads = [thread for thread in self._threads if thread is not self._committer]
         deadline = time.monotonic() + grace
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -1633,6 +1854,10 @@ class Runner:
             live = list(self._live.values())
         for job, _ in live:
             job.canceled.set()  # the default processor returns at once
+        if not self._stop_committer():
+            log.error("a claim or an end was still being recorded after %gs; running jobs"
+                      " come back when their leases run out", self.stop_wait)
+            return []
         try:
             requeued = self.store.release(self.owner)
         except StoreError as exc:
@@ -1642,6 +1867,19 @@ class Runner:
         for token in requeued:
             log.info("job %s requeued at shutdown", token)
         return requeued
+
+    def _stop_committer(self):
+        """End the committer once it has recorded what it was asked: True when it has.
+
+        Only then may stop() put running jobs back: a claim still under way would
+        otherwise take a job after the release, and hold it until its lease ran out.
+        """
+        with self._lock:
+            committer, self._committing = self._committer, False
+            self._committer_wake.notify()
+        if committer is not None:
+            committer.join(self.stop_wait)
+        return committer is None or not committer.is_alive()
 
     # Telling workers and waiters.
 
@@ -1654,16 +1892,38 @@ class Runner:
             self._wakeups = min(self._wakeups + count, self.workers)
             self._wake.notify(count)
 
-    def cancel_local(self, token):
-        """Tell a job running here that it was canceled; False if not here.
+    def cancel(self, token):
+        """Cancel a queued or running job (see Store.cancel) and stop it if it runs
+        here; a process elsewhere hears of it from the store."""
+        outcome = self.store.cancel(token)
+        if outcome is not None and outcome[0]["status"] not in FINAL_STATES:
+            if outcome[0]["status"] == RUNNING:
+                self.cancel_local(token)
+            log.info("job %s canceled", token)
+        return outcome
+
+    def cancel_batch(self, batch_id):
+        """Cancel a batch's unfinished jobs (see Store.cancel_batch), as cancel() does."""
+        canceled = self.store.cancel_batch(batch_id)
+        if canceled is not None:
+            for token, status in canceled:
+                if status == RUNNING:
+                    self.cancel_local(token)
+            log.info("batch %s canceled: %d unfinished jobs", batch_id, len(canceled))
+        return canceled
+
+    def cancel_local(self, token, attempt=None):
+        """Tell a job running here (that run of it, if `attempt` is given) that it
+        was canceled; False if not here.
 
         The job is over for its waiters even if the processor ignores the cancel
         event and runs on: they are woken, and the entry is dropped at once.
         """
         with self._lock:
-            entry = self._live.pop(token, None)
-        if entry is None:
-            return False
+            entry = self._live.get(token)
+            if entry is None or attempt not in (None, entry[0].attempts):
+                return False
+            del self._live[token]
         job, ended = entry
         job.canceled.set()
         ended.set()
@@ -1719,11 +1979,11 @@ class Runner:
         finally:
             with self._lock:
                 self._working -= 1
-                self._committer_wake.notify()  # the last one out lets the committer go
+                self._committer_wake.notify()  # one worker fewer for the commit window
 
     def _claim_and_run(self, stopping):
         row = None  # a job claimed with the last one's end, to run next
-        while not stopping.is_set():
+        while row is not None or not stopping.is_set():
             if row is None:
                 try:
                     row = self._commit(claim=True)[1]
@@ -1744,10 +2004,6 @@ class Runner:
                             self._wake.wait(None if due is None else max(due, 0.002))
                         self._wakeups = max(self._wakeups - 1, 0)
                     continue
-            if stopping.is_set():
-                with self._lock:
-                    self._busy -= 1
-                break  # stop() puts the job just claimed back in the queue
             row = self._run(row)
 
     def _commit(self, finish=None, claim=False, ran=None):
@@ -1759,54 +2015,83 @@ class Runner:
         """
         request = _Commit(finish, claim)
         with self._lock:
+            if not self._committing:
+                raise StoreError("the workers are stopping: nothing more is recorded")
             self._commits.append(request)
             if finish:
-                self._busy -= 1  # in the same breath: the window never misses this end
                 self._typical += (ran - self._typical) / 16
             self._committer_wake.notify()
-        request.done.wait()
+        request.done.wait()  # the committer answers every request it was given
         if request.error is not None:
             raise request.error
         return request.finished, request.row
 
     def _commit_loop(self):
-        """The committer thread: one transaction for every request waiting, until the
-        last worker has ended (stop() waits for it like for any thread)."""
-        while True:
+        """The committer thread: one transaction for every request waiting, until
+        stop() ends it. Every request it takes gets an answer, an error if anything
+        failed (the worker's job then comes back by its lease, as after any failed
+        commit), so no worker can wait for ever; the thread itself goes on."""
+        try:
+            while (batch := self._next_commits()) is not None:
+                error = StoreError("the committer stopped")
+                try:
+                    claims = [request for request in batch if request.claim]
+                    finished, rows = self.store.finish_and_claim(
+                        self.owner, [request.finish for request in batch if request.finish],
+                        len(claims), self.lease, self.queues)
+                    self._hand_out(batch, claims, finished, rows)
+                except StoreError as exc:
+                    error = exc
+                except Exception as exc:  # logged; every waiter hears of it
+                    log.exception("recording ends and claims failed")
+                    error = StoreError(f"{type(exc).__name__}: {exc}")
+                finally:
+                    for request in batch:
+                        if not request.done.is_set():
+                            request.row, request.error = None, error
+                            request.done.set()
+        finally:
             with self._lock:
-                while not self._commits:
-                    if self._working == 0:
-                        return  # no worker is left to ask
-                    self._committer_wake.wait()
-                # A short group-commit window: when jobs here take less than the window,
-                # those still running will end within moments, and a transaction costs
-                # nearly the same for 16 ends as for 8. An idle service (nobody busy)
-                # or one of longer jobs commits at once.
-                deadline = time.monotonic() + self.commit_window
-                while (self._busy and len(self._commits) < self._working
-                       and self._typical < self.commit_window):
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._committer_wake.wait(remaining)
-                batch, self._commits = self._commits, []
-            claims = [request for request in batch if request.claim]
-            try:
-                finished, rows = self.store.finish_and_claim(
-                    self.owner, [request.finish for request in batch if request.finish],
-                    len(claims), self.lease, self.queues)
-            except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
-                for request in batch:
-                    request.error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
-                    request.done.set()
-                continue
-            for request, row in zip(claims, rows, strict=False):  # never more rows than asked
-                request.row = row
-            with self._lock:
-                self._busy += len(rows)  # before any of them can end
-            for request in batch:
-                request.finished = bool(request.finish) and request.finish[0] in finished
+                self._committing = False
+                left, self._commits = self._commits, []
+            for request in left:
+                request.error = StoreError("the committer stopped")
                 request.done.set()
+
+    def _next_commits(self):
+        """The requests for the next transaction, or None once stop() ended the
+        committer and none is left.
+
+        A short group-commit window: when jobs here take less than the window,
+        those still running will end within moments, and a transaction costs
+        nearly the same for 16 ends as for 8. An idle service (nothing running) or
+        one of longer jobs commits at once.
+        """
+        with self._lock:
+            while not self._commits:
+                if not self._committing:
+                    return None
+                self._committer_wake.wait()
+            deadline = time.monotonic() + self.commit_window
+            while (self._typical < self.commit_window and len(self._commits) < self._working
+                   and self._busy > sum(bool(request.finish) for request in self._commits)):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._committer_wake.wait(remaining)
+            batch, self._commits = self._commits, []
+        return batch
+
+    def _hand_out(self, batch, claims, finished, rows):
+        """Give each request its answer from the committer's transaction."""
+        for request, row in zip(claims, rows, strict=False):  # never more rows than asked
+            request.row = row
+        for request in batch:
+            request.finished = bool(request.finish) and request.finish[0] in finished
+        with self._lock:
+            self._busy += len(rows)  # before any of them can end
+        for request in batch:
+            request.done.set()
 
     def _store_failed(self, exc):
         """Log an outage once, not once a second for every worker."""
@@ -1824,20 +2109,29 @@ class Runner:
 
     def _run(self, row):
         """Run one claimed job, holding it in the live map while it runs; the row
-        of the next job, claimed as this one's end was recorded, or None."""
+        of the next job, claimed as this one's end was recorded, or None.
+
+        Every job claimed here ends here, once, whatever happens: the one place the
+        busy count goes down. A job claimed as the workers stop is not run: stop()
+        puts it back in the queue.
+        """
         job, ended = Job(self, row), threading.Event()
         entry = (job, ended)
         with self._lock:
+            # An older run of this job here lost its lease (an outage, say), and the
+            # job was claimed again: the old run holds it no more, so it is told to stop.
+            displaced = self._live.get(job.token)
             self._live[job.token] = entry
+        if displaced is not None:
+            displaced[0].canceled.set()
         try:
-            return self._execute(job)
+            return None if self._stopping.is_set() else self._execute(job)
         finally:  # whatever the processor raised: a job not live here is not renewed
             with self._lock:
                 if self._live.get(job.token) is entry:  # not dropped by a cancel
                     del self._live[job.token]
-                if not job._recording:  # no end for the committer to wait for
-                    self._busy -= 1
-                    self._committer_wake.notify()
+                self._busy -= 1
+                self._committer_wake.notify()
             ended.set()
 
     def _execute(self, job):
@@ -1858,12 +2152,12 @@ class Runner:
         try:
             if status == FAILED and job._retried < job._retries:
                 delay = self.backoff(job._retried + 1) if delay is None else delay
-                if self.store.retry(job.token, self.owner, error, min(delay, self.max_delay)):
+                if self.store.retry(job.token, self.owner, job.attempts, error,
+                                    min(delay, self.max_delay)):
                     log.info("job %s failed (attempt %d); retry %d of %d in %.3fs", job.token,
                              job.attempts, job._retried + 1, job._retries, delay)
                 return None
-            job._recording = True
-            finished, row = self._commit((job.token, status, result, error),
+            finished, row = self._commit((job.token, job.attempts, status, result, error),
                                          claim=not self._stopping.is_set(),
                                          ran=time.monotonic() - started)
         except StoreError as exc:
@@ -1915,11 +2209,11 @@ class Runner:
     def _renew_leases(self):
         """Renew the leases of the jobs live here; stop those canceled elsewhere."""
         with self._lock:
-            live = set(self._live)
-        if live:  # only these: a job whose thread died must lose its lease
-            held = self.store.renew(self.owner, live, self.lease)
-            for token in live - held:  # canceled (or taken back) elsewhere
-                self.cancel_local(token)
+            runs = {token: job.attempts for token, (job, _) in self._live.items()}
+        if runs:  # only these: a job whose thread died must lose its lease
+            held = self.store.renew(self.owner, runs, self.lease)
+            for token in runs.keys() - held:  # canceled (or taken back) elsewhere
+                self.cancel_local(token, runs[token])
 
     def _listen(self, stopping):
         """Wake idle workers as soon as another process queues jobs, and stop the
@@ -1936,7 +2230,7 @@ class Runner:
                         log.warning("listening for other processes failed, retrying: %s", exc)
                     continue
                 if waiting:
-                    self.notify_submitted(min(waiting, self.workers))
+                    self.notify_submitted(waiting)
         finally:
             listener.close()
 
@@ -2553,6 +2847,18 @@ def error_payload(error, message):
     return {"message": message, "error": error}
 
 
+def error_response(error):
+    """(status, headers, body) of an ApiError."""
+    return (error.status, [("Content-Type", "application/json"), *error.headers],
+            json_body(error_payload(error.error, error.message)))
+
+
+def store_unavailable():
+    """The answer while the store cannot be used: the client should try again soon."""
+    return ApiError(503, "store_unavailable", "the job store cannot be used",
+                    [("Retry-After", "1")])
+
+
 def respond(start_response, status, headers, body):
     """Send one response with the headers every response carries."""
     headers = [*headers, ("Content-Length", str(len(body))),
@@ -2767,12 +3073,10 @@ class App:
                 self._authorize(environ)
             status, headers, body = handler(environ, *args)
         except ApiError as exc:
-            status, headers = exc.status, [("Content-Type", "application/json"), *exc.headers]
-            body = json_body(error_payload(exc.error, exc.message))
+            status, headers, body = error_response(exc)
         except StoreError as exc:
             log.error("%s %s: the store failed: %s", method, path, exc)
-            status, headers = 503, [("Content-Type", "application/json"), ("Retry-After", "1")]
-            body = json_body(error_payload("store_unavailable", "the job store cannot be used"))
+            status, headers, body = error_response(store_unavailable())
         except Exception as exc:
             status, headers = 500, [("Content-Type", "application/json")]
             payload = error_payload("internal_error", "the server failed; see its log")
@@ -2899,13 +3203,10 @@ class App:
         for index, entry in enumerate(batch):
             item, error = check_item(entry, self.validator, self.fast_check)
             if error is None:
-                token = secrets.token_hex(16)
-                jobs.append(NewJob(
-                    token, item, entry["valor"], entry.get("delay", 0),
-                    int(entry.get("priority", 0)), entry.get("queue", DEFAULT_QUEUE),
-                    int(entry.get("retries", self.settings.retries))))
-                results.append({"hash": token, "index": index, "item": item,
-                                "status": QUEUED, "check": f"{prefix}/check/{token}"})
+                job = NewJob.from_item(entry, self.settings.retries)
+                jobs.append(job)
+                results.append({"hash": job.token, "index": index, "item": item,
+                                "status": QUEUED, "check": f"{prefix}/check/{job.token}"})
             else:
                 results.append({"hash": INVALID_MARKER, "index": index, "item": item,
                                 "error": error})
@@ -2962,27 +3263,19 @@ class App:
 
     def delete_batch(self, environ, batch_id):
         """Cancel a batch's unfinished jobs: 200 with the batch, or 404."""
-        canceled = self.store.cancel_batch(batch_id)
-        if canceled is None:
+        if self.runner.cancel_batch(batch_id) is None:
             raise ApiError(404, "not_found", "no batch has this id")
-        for token, status in canceled:
-            if status == RUNNING:
-                self.runner.cancel_local(token)  # elsewhere: the store's wake-up tells it
-        log.info("batch %s canceled: %d unfinished jobs", batch_id, len(canceled))
         return self._json(200, batch_view(self.store.batch(batch_id), time.time()))
 
     def delete_check(self, environ, token):
         """Cancel a queued or running job: 200, 404 or 409."""
-        outcome = self.store.cancel(token)
+        outcome = self.runner.cancel(token)
         if outcome is None:
             raise ApiError(404, "not_found", "no job has this token")
         before, after = outcome
         if before["status"] in FINAL_STATES:
             raise ApiError(409, "already_finished",
                            f"the job is already {before['status']}")
-        if before["status"] == RUNNING:
-            self.runner.cancel_local(token)  # elsewhere its owner notices on renewal
-        log.info("job %s canceled", token)
         return self._job_response(200, after)
 
     def get_jobs(self, environ):
@@ -3110,13 +3403,9 @@ class EnvApp:
         app = self._app or self._build()
         if app is not None:
             return app(environ, start_response)
-        if self._error is None:
-            body = json_body(error_payload("store_unavailable", "the job store cannot be used"))
-            return respond(start_response, 503, [("Content-Type", "application/json"),
-                                                 ("Retry-After", "1")], body)
-        body = json_body(error_payload("misconfigured",
-                                       f"the service is misconfigured: {self._error}"))
-        return respond(start_response, 500, [("Content-Type", "application/json")], body)
+        error = store_unavailable() if self._error is None else ApiError(
+            500, "misconfigured", f"the service is misconfigured: {self._error}")
+        return respond(start_response, *error_response(error))
 
     def start(self):
         """Start the worker threads now (e.g. from a gunicorn post_fork hook)."""

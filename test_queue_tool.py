@@ -754,17 +754,23 @@ def test_jobs_limit_500_is_allowed(client):
 def test_listing_and_claiming_use_indexes(app, tmp_path):
     store = queue_tool.SQLiteStore
     connection = sqlite3.connect(tmp_path / "q.sqlite3")
-    plans = {
-        "claim": (f"SELECT id {store._ready(None, 8)}", (5,)),
-        "claim in queues": (f"SELECT id {store._ready(('a', 'b'))}", (5, "a", "b")),
-        "next due": ("SELECT MIN(run_at) FROM jobs INDEXED BY jobs_due WHERE status = 'queued'",
-                     ()),
-        "list": ("SELECT id FROM jobs WHERE status = 'done' AND id < 5 ORDER BY id DESC LIMIT 9",
-                 ()),
-        "purge": ("SELECT id FROM jobs WHERE finished_at < 5 LIMIT 500", ()),
-        "check": ("SELECT * FROM jobs WHERE token = 'x'", ()),
-        "expired": ("SELECT id FROM jobs WHERE status = 'running' AND lease_until < 5", ()),
-        "batch": ("SELECT id FROM jobs WHERE batch = 'x' ORDER BY id", ()),
+    claim = {"owner": "o", "now": 5, "lease": 1, "queues": None, "limit": 8}
+    listing = {"status": "done", "before": 5, "queue": None, "limit": 9}
+    lost = {"now": 5, "lost": '["gone"]', "most": 3}
+    plans = {  # the store's own statements, as it runs them
+        "claim": (store.CLAIM, claim),
+        "claim in queues": (store.CLAIM, {**claim, "queues": '["a", "b"]'}),
+        "ready": (store.ANY_READY, {"now": 5, "queues": None}),
+        "next due": (store.NEXT_DUE, {"queues": '["a"]'}),
+        "list": (store.LIST_BY_STATUS, listing),
+        "list all": (store.LIST, {**listing, "queue": "a"}),
+        "purge": (store.PURGE_JOBS, (5, 500)),
+        "check": (store.GET_JOB, ("x",)),
+        "expired": (store.ANY_LOST, lost),
+        "recover": (store.RECOVER, lost),
+        "batch": (store.GET_BATCH, ("x",)),
+        "batch jobs": (store.UNFINISHED_OF_BATCH, ("x",)),
+        "listener": (store.READY_COUNT, (5, 16)),
     }
     for name, (query, params) in plans.items():
         steps = [row[-1] for row in connection.execute("EXPLAIN QUERY PLAN " + query, params)]
@@ -820,7 +826,7 @@ def test_job_lost_max_attempts_times_fails(make, db):
     store = queue_tool.open_store(db)
     store.submit([("a" * 32, "a", 1)], 0, 10)
     for attempt in range(1, 4):
-        row = store.claim("elsewhere:1:x", -1)  # a lease already run out
+        row = claim(store, "elsewhere:1:x", -1)  # a lease already run out
         assert row["attempts"] == attempt
         recovered = store.recover(max_attempts=3)
         assert recovered == [("a" * 32, "queued" if attempt < 3 else "failed")]
@@ -839,7 +845,7 @@ def test_jobs_of_a_dead_process_on_this_host_are_recovered_at_once(make, db):
     store = queue_tool.open_store(db)
     store.submit([("b" * 32, "b", 0)], 0, 10)
     owner = f"{queue_tool.socket.gethostname()}:{dead}:feed"
-    store.claim(owner, 3600)  # a lease far from running out
+    claim(store, owner, 3600)  # a lease far from running out
     store.close()
     client = webtest.TestApp(make(workers=1))
     view = client.get("/check/" + "b" * 32 + "?wait=10", status=200).json
@@ -851,7 +857,7 @@ def test_live_owner_keeps_its_job_until_the_lease_runs_out(make, db):
     store = queue_tool.open_store(db)
     store.submit([("c" * 32, "c", 0)], 0, 10)
     owner = f"{queue_tool.socket.gethostname()}:{os.getpid()}:other"  # alive: this process
-    store.claim(owner, 3600)
+    claim(store, owner, 3600)
     store.close()
     built = make(workers=1)
     built.start()
@@ -888,8 +894,8 @@ def test_purge_works_in_small_batches(db):
     store.submit(jobs, 0, 10_000)
     owner = "here:1:x"
     for _ in jobs:
-        row = store.claim(owner, 60)
-        store.finish(row["token"], owner, "done")
+        row = claim(store, owner, 60)
+        finish(store, row["token"], owner, "done")
     assert store.purge(-50) == 500  # finished before "50 s from now": all of them
     runner = queue_tool.Runner(store, workers=0, retention=-50)
     assert runner.purge() == 700
@@ -1898,9 +1904,9 @@ def test_store_claims_by_priority_then_run_at_then_age(store):
                   queue_tool.NewJob(d, "d", 0, delay=3600, priority=10),
                   queue_tool.NewJob(e, "e", 0, priority=-1)], 0, 10)
     assert store.next_due(["x"]) is None and store.next_due() == 0
-    order = [store.claim("me:1:x", 60)["token"] for _ in range(4)]
+    order = [claim(store, "me:1:x", 60)["token"] for _ in range(4)]
     assert order == [b, c, a, e]  # d waits for its time whatever its priority
-    assert store.claim("me:1:x", 60) is None
+    assert claim(store, "me:1:x", 60) is None
     assert 3590 < store.next_due() <= 3600
     assert store.get(d)["status"] == "queued"
 
@@ -1911,9 +1917,9 @@ def test_store_claims_only_the_queues_asked_for(store):
     store.submit([queue_tool.NewJob(b, "b", 0, queue="b"), queue_tool.NewJob(a, "a", 0, queue="a")],
                  0, 10)
     assert store.next_due(["c"]) is None and store.next_due(["a"]) == 0
-    assert store.claim("me:1:x", 60, ["c"]) is None
-    assert store.claim("me:1:x", 60, ["a"])["token"] == a
-    assert store.claim("me:1:x", 60, ["a", "b"])["token"] == b
+    assert claim(store, "me:1:x", 60, ["c"]) is None
+    assert claim(store, "me:1:x", 60, ["a"])["token"] == a
+    assert claim(store, "me:1:x", 60, ["a", "b"])["token"] == b
     assert [job["token"] for job in store.list(queue="a")[0]] == [a]
 
 
@@ -1921,14 +1927,14 @@ def test_store_claims_only_the_queues_asked_for(store):
 def test_store_retry_requeues_for_later_and_counts(store):
     token = hexes("r")[0]
     store.submit([queue_tool.NewJob(token, "r", 0, retries=2)], 0, 10)
-    store.claim("me:1:x", 60)
-    assert not store.retry(token, "other:1:x", "boom", 60)
-    assert store.retry(token, "me:1:x", "boom", 60)
+    claim(store, "me:1:x", 60)
+    assert not store.retry(token, "other:1:x", 1, "boom", 60)
+    assert store.retry(token, "me:1:x", 1, "boom", 60)
     row = store.get(token)
     assert (row["status"], row["error"], row["retried"], row["owner"]) == (
         "queued", "boom", 1, None)
     assert 55 < row["run_at"] - time.time() < 65
-    assert store.claim("me:1:x", 60) is None  # not before its time
+    assert claim(store, "me:1:x", 60) is None  # not before its time
     assert store.counters()["retried"] == 1 and store.counts()["queued"] == 1
 
 
@@ -2080,10 +2086,28 @@ def test_bad_queues_setting_is_refused(tmp_path, value):
         queue_tool.make_app(db=tmp_path / "q.sqlite3", queues=value)
 
 
+# The PostgreSQL schema of queue_tool's version 1, as its store created it.
+SCHEMA_POSTGRES_1 = (
+    """CREATE TABLE queue_tool_jobs (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, token text NOT NULL UNIQUE,
+        item text NOT NULL, valor numeric NOT NULL, status text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(), started_at timestamptz,
+        finished_at timestamptz, attempts integer NOT NULL DEFAULT 0, owner text,
+        lease_until timestamptz, progress double precision, result text, error text)""",
+    "CREATE INDEX queue_tool_jobs_queued ON queue_tool_jobs (id) WHERE status = 'queued'",
+    "CREATE INDEX queue_tool_jobs_status_id ON queue_tool_jobs (status, id)",
+    "CREATE INDEX queue_tool_jobs_running ON queue_tool_jobs (owner) WHERE status = 'running'",
+    ("CREATE INDEX queue_tool_jobs_finished_at ON queue_tool_jobs (finished_at)"
+     " WHERE finished_at IS NOT NULL"),
+    """CREATE TABLE queue_tool_counters (name text NOT NULL, shard integer NOT NULL,
+        value bigint NOT NULL, PRIMARY KEY (name, shard))""",
+)
+
+
 def test_postgres_database_of_version_1_is_upgraded_with_its_jobs(db_postgres, make):
     import psycopg
     with psycopg.connect(db_postgres, autocommit=True) as connection:
-        for statement in queue_tool.PostgresStore.SCHEMA:
+        for statement in SCHEMA_POSTGRES_1:
             connection.execute(statement)
         connection.execute("CREATE TABLE queue_tool_schema (version integer NOT NULL)")
         connection.execute("INSERT INTO queue_tool_schema VALUES (1)")
@@ -2561,6 +2585,19 @@ def hexes(*names):
     return [(name * 32)[:32] for name in names]
 
 
+def claim(store, owner, lease, queues=None):
+    """One job claimed for `owner` as a worker claims it, or None."""
+    claimed = store.finish_and_claim(owner, (), 1, lease, queues)[1]
+    return claimed[0] if claimed else None
+
+
+def finish(store, token, owner, status, result=None, error=None):
+    """End `owner`'s run of the job as a worker ends it: whether it was recorded."""
+    row = store.get(token)
+    ends = [(token, row["attempts"], status, result, error)]
+    return token in store.finish_and_claim(owner, ends, 0, 0)[0]
+
+
 @both_stores
 def test_store_submit_keeps_each_job_as_given(store):
     a, b, c = hexes("a", "b", "c")
@@ -2593,9 +2630,9 @@ def test_store_submit_past_max_queued_stores_nothing(store):
 def test_store_claims_oldest_first_with_a_lease(store):
     tokens = hexes(*"edcba")
     store.submit([(token, token[0], 0) for token in tokens], 0, 100)
-    claimed = [store.claim("me:1:x", 60) for _ in tokens]
+    claimed = [claim(store, "me:1:x", 60) for _ in tokens]
     assert [row["token"] for row in claimed] == tokens
-    assert store.claim("me:1:x", 60) is None
+    assert claim(store, "me:1:x", 60) is None
     row = claimed[0]
     assert (row["status"], row["owner"], row["attempts"]) == ("running", "me:1:x", 1)
     assert 50 < row["lease_until"] - row["started_at"] < 70
@@ -2611,7 +2648,7 @@ def test_store_claims_each_job_once_under_concurrent_claimers(db):
     taken = collections.Counter()
 
     def claim_all(claimer, owner):
-        while (row := claimer.claim(owner, 60)) is not None:
+        while (row := claim(claimer, owner, 60)) is not None:
             taken[row["token"]] += 1
     threads = [threading.Thread(target=claim_all, args=(stores[n % 3], f"o:{n}:x"))
                for n in range(9)]
@@ -2651,12 +2688,12 @@ def test_store_claims_of_many_at_once_take_no_more_than_asked(db):
 def test_store_finish_is_for_the_owner_of_a_running_job(store):
     done, failed = hexes("d", "f")
     store.submit([(done, "d", 0), (failed, "f", 0)], 0, 10)
-    store.claim("me:1:x", 60)
-    store.claim("me:1:x", 60)
-    assert not store.finish(done, "someone:2:y", "done")
-    assert store.finish(done, "me:1:x", "done", result='{"n":1}')
-    assert not store.finish(done, "me:1:x", "failed")  # already final
-    assert store.finish(failed, "me:1:x", "failed", error="boom")
+    claim(store, "me:1:x", 60)
+    claim(store, "me:1:x", 60)
+    assert not finish(store, done, "someone:2:y", "done")
+    assert finish(store, done, "me:1:x", "done", result='{"n":1}')
+    assert not finish(store, done, "me:1:x", "failed")  # already final
+    assert finish(store, failed, "me:1:x", "failed", error="boom")
     row = store.get(done)
     assert (row["status"], row["result"], row["owner"], row["lease_until"]) == (
         "done", '{"n":1}', None, None)
@@ -2670,10 +2707,10 @@ def test_store_finish_is_for_the_owner_of_a_running_job(store):
 def test_store_progress_is_set_only_by_the_owner(store):
     token = hexes("p")[0]
     store.submit([(token, "p", 1)], 0, 10)
-    store.claim("me:1:x", 60)
-    store.set_progress(token, "other:1:x", 0.9)
+    claim(store, "me:1:x", 60)
+    store.set_progress(token, "other:1:x", 1, 0.9)
     assert store.get(token)["progress"] is None
-    store.set_progress(token, "me:1:x", 0.25)
+    store.set_progress(token, "me:1:x", 1, 0.25)
     assert store.get(token)["progress"] == 0.25
 
 
@@ -2681,7 +2718,7 @@ def test_store_progress_is_set_only_by_the_owner(store):
 def test_store_cancel_ends_queued_and_running_jobs_once(store):
     queued, running = hexes("q", "r")
     store.submit([(running, "r", 1), (queued, "q", 1)], 0, 10)
-    store.claim("me:1:x", 60)
+    claim(store, "me:1:x", 60)
     before, after = store.cancel(running)
     assert (before["status"], after["status"], after["owner"]) == ("running", "canceled", None)
     before, after = store.cancel(queued)
@@ -2692,27 +2729,27 @@ def test_store_cancel_ends_queued_and_running_jobs_once(store):
     assert store.cancel(UNKNOWN_TOKEN) is None
     assert store.counters()["finished_canceled"] == 2
     assert store.counts() == {"queued": 0, "running": 0}
-    assert not store.finish(running, "me:1:x", "done")  # the cancel decided it
+    assert not finish(store, running, "me:1:x", "done")  # the cancel decided it
 
 
 @both_stores
 def test_store_renew_extends_the_leases_still_held(store):
     kept, canceled = hexes("k", "c")
     store.submit([(kept, "k", 1), (canceled, "c", 1)], 0, 10)
-    first = store.claim("me:1:x", 1)
-    store.claim("me:1:x", 1)
+    first = claim(store, "me:1:x", 1)
+    claim(store, "me:1:x", 1)
     store.cancel(canceled)
-    assert store.renew("me:1:x", {kept, canceled}, 600) == {kept}
+    assert store.renew("me:1:x", {kept: 1, canceled: 1}, 600) == {kept}
     assert store.get(kept)["lease_until"] > first["lease_until"] + 500
-    assert store.renew("other:1:x", {kept}, 600) == set()
+    assert store.renew("other:1:x", {kept: 1}, 600) == set()
 
 
 @both_stores
 def test_store_release_puts_an_owners_jobs_back(store):
     mine, theirs = hexes("m", "t")
     store.submit([(mine, "m", 1), (theirs, "t", 1)], 0, 10)
-    store.claim("me:1:x", 60)
-    store.claim("them:1:x", 60)
+    claim(store, "me:1:x", 60)
+    claim(store, "them:1:x", 60)
     assert store.release("me:1:x") == [mine]
     row = store.get(mine)
     assert (row["status"], row["owner"], row["attempts"]) == ("queued", None, 1)
@@ -2724,9 +2761,9 @@ def test_store_release_puts_an_owners_jobs_back(store):
 def test_store_recover_takes_back_expired_and_lost_jobs(store):
     expired, lost, alive = hexes("e", "l", "a")
     store.submit([(expired, "e", 1), (lost, "l", 1), (alive, "a", 1)], 0, 10)
-    store.claim("slow:1:x", -1)
-    store.claim("gone:1:x", 600)
-    store.claim("alive:1:x", 600)
+    claim(store, "slow:1:x", -1)
+    claim(store, "gone:1:x", 600)
+    claim(store, "alive:1:x", 600)
     recovered = store.recover(max_attempts=3, lost_owners=["gone:1:x"])
     assert sorted(recovered) == sorted([(expired, "queued"), (lost, "queued")])
     assert store.get(alive)["status"] == "running"
@@ -2738,7 +2775,7 @@ def test_store_recover_takes_back_expired_and_lost_jobs(store):
 def test_store_lists_newest_first_in_pages(store):
     tokens = [f"{n:032x}" for n in range(7)]
     store.submit([(token, f"j{n}", 0) for n, token in enumerate(tokens)], 0, 100)
-    store.claim("me:1:x", 60)
+    claim(store, "me:1:x", 60)
     page, before = store.list(limit=3)
     assert [job["token"] for job in page] == tokens[6:3:-1]
     page, before = store.list(before=before, limit=3)
@@ -2752,14 +2789,14 @@ def test_store_lists_newest_first_in_pages(store):
 def test_store_maintain_keeps_claims_on_their_index(store):
     store.submit([(f"{n:032x}", "x", 0) for n in range(300)], 0, 1000)
     store.maintain()  # PostgreSQL: fresh statistics; SQLite: its queries name their index
-    assert [store.claim("me:1:x", 60)["token"] for _ in range(3)] == [
+    assert [claim(store, "me:1:x", 60)["token"] for _ in range(3)] == [
         f"{n:032x}" for n in range(3)]
 
 
 @both_stores
 def test_store_listener_hears_other_processes_submit_and_cancel(db):
     here, there = queue_tool.open_store(db), queue_tool.open_store(db)
-    listener = here.listen()
+    listener = here.listen(64)
     deadline = time.monotonic() + 10
 
     def hear(want):
@@ -2772,7 +2809,7 @@ def test_store_listener_hears_other_processes_submit_and_cancel(db):
     token = hexes("w")[0]
     there.submit([(token, "w", 1)], 0, 10)
     assert hear(lambda waiting, canceled: waiting >= 1)
-    there.claim("me:1:x", 60)
+    claim(there, "me:1:x", 60)
     there.cancel(token)
     assert hear(lambda waiting, canceled: canceled)
     listener.close()
@@ -2784,7 +2821,7 @@ def test_store_listener_hears_other_processes_submit_and_cancel(db):
 def test_store_refuses_every_call_once_closed(store):
     store.close()
     for call_it in (lambda: store.get(UNKNOWN_TOKEN), lambda: store.submit([], 1, 10),
-                    lambda: store.claim("me:1:x", 60), store.counters):
+                    lambda: claim(store, "me:1:x", 60), store.counters):
         with pytest.raises(queue_tool.StoreError, match="closed"):
             call_it()
 
@@ -2898,11 +2935,11 @@ def test_postgres_failed_group_commit_records_nothing_and_the_pool_carries_on(
         _, (first, _second) = store.finish_and_claim("owner", [], 2, 30)
         with pytest.raises(queue_tool.StoreError, match="operator does not exist"):
             # The end goes out first; the claim then fails (queues of the wrong type).
-            store.finish_and_claim("owner", [(first["token"], "done", None, None)], 1, 30,
+            store.finish_and_claim("owner", [(first["token"], 1, "done", None, None)], 1, 30,
                                    queues=[1])
         assert store.get(first["token"])["status"] == "running"  # the end was rolled back
         finished, claimed = store.finish_and_claim(
-            "owner", [(first["token"], "done", None, None)], 1, 30)
+            "owner", [(first["token"], 1, "done", None, None)], 1, 30)
         assert finished == {first["token"]} and [job["token"] for job in claimed] == ["t2"]
         assert store.counters()["finished_done"] == 1
         assert "rolling back" not in caplog.text  # not left for the pool to clean up
@@ -2934,8 +2971,8 @@ def test_postgres_ends_renewals_and_batch_cancels_never_deadlock(db_postgres):
             shuffled = random.Random(round_).sample(tokens, len(tokens))
             threads = [
                 guarded(lambda s=shuffled: store.finish_and_claim(
-                    "owner", [(t, "done", None, None) for t in s[:30]], 0, 30)),
-                guarded(lambda t=tokens: store.renew("owner", t[::-1], 30)),
+                    "owner", [(t, 1, "done", None, None) for t in s[:30]], 0, 30)),
+                guarded(lambda t=tokens: store.renew("owner", dict.fromkeys(t[::-1], 1), 30)),
                 guarded(lambda b=batch: store.cancel_batch(b))]
             for thread in threads:
                 thread.start()
