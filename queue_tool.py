@@ -729,12 +729,8 @@ class SQLiteStore(Store):
              "ALTER TABLE jobs ADD COLUMN retried INTEGER NOT NULL DEFAULT 0",
              "CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, id) WHERE status = 'queued'",
              "CREATE INDEX jobs_due ON jobs (run_at) WHERE status = 'queued'")),
-        (3, ("""CREATE TABLE batches (
-                 id TEXT PRIMARY KEY,
-                 created_at REAL NOT NULL,
-                 total INTEGER NOT NULL,
-                 idempotency_key TEXT UNIQUE,
-                 fingerprint TEXT,
+        (3, ("""CREATE TABLE batches (id TEXT PRIMARY KEY, created_at REAL NOT NULL,
+                 total INTEGER NOT NULL, idempotency_key TEXT UNIQUE, fingerprint TEXT,
                  response TEXT)""",
              "CREATE INDEX batches_created_at ON batches (created_at)",
              "ALTER TABLE jobs ADD COLUMN batch TEXT",
@@ -1197,13 +1193,9 @@ class PostgresStore(Store):
                  WHERE status = 'queued'""",
              """CREATE INDEX queue_tool_jobs_due ON queue_tool_jobs (run_at)
                  WHERE status = 'queued'""")),
-        (3, ("""CREATE TABLE queue_tool_batches (
-                 id text PRIMARY KEY,
-                 created_at timestamptz NOT NULL DEFAULT now(),
-                 total integer NOT NULL,
-                 idempotency_key text UNIQUE,
-                 fingerprint text,
-                 response text)""",
+        (3, ("""CREATE TABLE queue_tool_batches (id text PRIMARY KEY,
+                 created_at timestamptz NOT NULL DEFAULT now(), total integer NOT NULL,
+                 idempotency_key text UNIQUE, fingerprint text, response text)""",
              "CREATE INDEX queue_tool_batches_created_at ON queue_tool_batches (created_at)",
              "ALTER TABLE queue_tool_jobs ADD COLUMN batch text",
              """CREATE INDEX queue_tool_jobs_batch ON queue_tool_jobs (batch, id)
@@ -1789,7 +1781,8 @@ class Runner:
         self._committer_wake = threading.Condition(self._lock)  # the committer waits here
         self._stopping = threading.Event()
         self.owner = None      # this process's name in the store, set by start()
-        # Guarded by self._lock (start() reads _pid without it, then again with it):
+        # Guarded by self._lock. Read without it: _pid by start() (then again with it),
+        # _store_down by the workers (a stale value only delays a log line).
         self._pid = None       # the process whose threads these are
         self._threads = []
         self._committer = None
@@ -2267,449 +2260,29 @@ def _owner_is_gone(owner):
     return False
 
 
-# -- Dashboard ---------------------------------------------------------------
-
-# The page at GET /: inline CSS and JavaScript, no external asset. Every job field
-# is rendered with textContent, never as HTML, and the Content-Security-Policy
-# admits only the inline blocks carrying this response's nonce.
-DASHBOARD_HTML = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>queue_tool</title>
-<link rel="icon" href="data:,">
-<style nonce="__NONCE__">
-:root { --fg: #1d232a; --muted: #5d6873; --line: #d8dee4; --bg: #f6f8fa; --accent: #0a58ca;
-  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--fg); }
-body { margin: 0 auto; max-width: 1100px; padding: 12px 16px 40px; background: #fff; }
-header { display: flex; align-items: baseline; gap: 12px; flex-wrap: wrap; }
-h1 { font-size: 1.4rem; margin: 8px 0; } h2 { font-size: 1.1rem; margin: 22px 0 8px; }
-.muted { color: var(--muted); } .error { color: #a4161a; }
-section { border-top: 1px solid var(--line); }
-#counts { display: grid; grid-template-columns: repeat(auto-fit, minmax(130px, 1fr)); gap: 8px;
-  border: 0; margin-top: 8px; }
-.count { background: var(--bg); border: 1px solid var(--line); border-radius: 8px; padding: 8px 10px; }
-.count strong { display: block; font-size: 1.5rem; }
-.badge { display: inline-block; padding: 1px 8px; border-radius: 999px; font-size: .85rem;
-  font-weight: 600; border: 1px solid transparent; white-space: nowrap; }
-.badge.queued { background: #eef1f4; color: #38424c; border-color: #c9d1d9; }
-.badge.running { background: #ddeeff; color: #0b4a9c; border-color: #9cc5f5; }
-.badge.done { background: #dcf5e3; color: #11622d; border-color: #8fd3a5; }
-.badge.failed { background: #fde2e1; color: #8a1414; border-color: #f1a3a0; }
-.badge.canceled { background: #fff1d6; color: #7a4b00; border-color: #eac37a; }
-button { font: inherit; padding: 4px 10px; border: 1px solid var(--line); border-radius: 6px;
-  background: #fff; cursor: pointer; } button:hover { border-color: var(--accent); }
-button.primary { background: var(--accent); border-color: var(--accent); color: #fff; }
-input, select, textarea { font: inherit; padding: 4px 6px; border: 1px solid var(--line);
-  border-radius: 6px; box-sizing: border-box; }
-.row { display: flex; gap: 6px; margin-bottom: 6px; }
-#chart { width: 100%; height: 150px; background: var(--bg); border: 1px solid var(--line);
-  border-radius: 8px; display: block; }
-#chart .axis { stroke: var(--line); } #chart polyline { fill: none; stroke-width: 2; }
-#chart .finished { stroke: #11622d; } #chart .queued { stroke: var(--accent); }
-.key { display: inline-block; width: 14px; height: 4px; vertical-align: middle; }
-.key.finished { background: #11622d; } .key.queued { background: var(--accent); }
-.legend { display: flex; gap: 18px; flex-wrap: wrap; margin: 6px 0; }
-#detail { background: var(--bg); border: 1px solid var(--line); border-radius: 8px;
-  padding: 4px 12px 10px; margin-top: 14px; }
-#detail dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 6px 0; }
-#detail dt { color: var(--muted); } #detail dd { margin: 0; overflow-wrap: anywhere; }
-#detail pre { margin: 0; white-space: pre-wrap; font-family: ui-monospace, monospace; }
-#detail-jobs li { margin: 2px 0; } tr.clickable { cursor: pointer; }
-tr.clickable:hover td { background: var(--bg); }
-fieldset { border: 1px solid var(--line); border-radius: 8px; display: flex; flex-wrap: wrap;
-  gap: 8px 14px; margin: 8px 0; } fieldset input { width: 7em; }
-.row .item { flex: 1 1 auto; min-width: 0; } .row .valor { width: 7.5em; }
-textarea { width: 100%; font-family: ui-monospace, monospace; }
-.actions { display: flex; gap: 8px; flex-wrap: wrap; margin: 8px 0; }
-#results { padding-left: 1.4em; } #results li { margin: 2px 0; overflow-wrap: anywhere; }
-table { width: 100%; border-collapse: collapse; }
-th, td { text-align: left; padding: 6px; border-bottom: 1px solid var(--line); vertical-align: top; }
-td.item { overflow-wrap: anywhere; max-width: 28em; min-width: 9em; }
-code { font-family: ui-monospace, monospace; font-size: .9em; }
-progress { width: 7em; vertical-align: middle; }
-.toolbar { display: flex; gap: 8px; align-items: center; flex-wrap: wrap; }
-@media (max-width: 700px) {
-  thead { display: none; }
-  table, tbody, tr, td { display: block; width: 100%; box-sizing: border-box; }
-  tr { border: 1px solid var(--line); border-radius: 8px; margin-bottom: 8px; padding: 4px; }
-  td { border: 0; padding: 3px 6px; } td:empty { display: none; }
-  td[data-label]::before { content: attr(data-label) ": "; color: var(--muted); }
-}
-</style>
-</head>
-<body data-base="__BASE__">
-<header><h1>queue_tool</h1><span id="status" class="muted">connecting</span></header>
-<form id="key-form" hidden>
-  <p>This service needs its API key to list, submit and cancel jobs.</p>
-  <div class="actions"><input id="key" type="password" autocomplete="off" aria-label="API key"
-    placeholder="API key"><button class="primary">Use key</button></div>
-</form>
-<section id="counts" aria-label="Jobs by status">
-  <div class="count"><span class="badge queued">Na fila</span><strong id="n-queued">-</strong>queued now</div>
-  <div class="count"><span class="badge running">Em processamento</span><strong id="n-running">-</strong>running now</div>
-  <div class="count"><span class="badge done">Finalizado</span><strong id="n-done">-</strong>done, all time</div>
-  <div class="count"><span class="badge failed">Falhou</span><strong id="n-failed">-</strong>failed, all time</div>
-  <div class="count"><span class="badge canceled">Cancelado</span><strong id="n-canceled">-</strong>canceled, all time</div>
-  <div class="count"><span class="muted">workers</span><strong id="n-workers">-</strong>in this process</div>
-</section>
-<section id="activity" aria-label="Activity over the last five minutes">
-  <h2>Last five minutes</h2>
-  <svg id="chart" viewBox="0 0 600 150" preserveAspectRatio="none" role="img"
-    aria-label="jobs finished per second and jobs queued, each second">
-    <line class="axis" x1="0" y1="140" x2="600" y2="140"></line>
-    <polyline id="line-finished" class="finished" points=""></polyline>
-    <polyline id="line-queued" class="queued" points=""></polyline>
-  </svg>
-  <div class="legend">
-    <span><span class="key finished"></span> finished per second: <strong id="rate-now">-</strong>
-      (peak <span id="rate-max">-</span>)</span>
-    <span><span class="key queued"></span> queued: <strong id="depth-now">-</strong>
-      (peak <span id="depth-max">-</span>)</span>
-  </div>
-</section>
-<section>
-  <h2>Submit a batch</h2>
-  <form id="batch-form">
-    <div id="rows"></div>
-    <div class="actions"><button type="button" id="add-row">Add item</button></div>
-    <fieldset id="options"><legend>Options for every item above (all optional)</legend>
-      <label>Delay (s) <input id="opt-delay" type="number" min="0" step="any"></label>
-      <label>Priority <input id="opt-priority" type="number" min="-10" max="10" step="1"
-        placeholder="0"></label>
-      <label>Queue <input id="opt-queue" placeholder="default" autocomplete="off"></label>
-      <label>Retries <input id="opt-retries" type="number" min="0" max="25" step="1"></label>
-    </fieldset>
-    <details><summary>or paste a JSON array</summary>
-      <textarea id="batch-json" rows="4" aria-label="batch as JSON"
-        placeholder='[{"item": "Teste", "valor": 1}]'></textarea></details>
-    <div class="actions"><button class="primary" id="send">Submit</button></div>
-  </form>
-  <ol id="results" aria-live="polite"></ol>
-</section>
-<section id="detail" hidden aria-live="polite">
-  <div class="toolbar"><h2 id="detail-title">Job</h2>
-    <button type="button" id="detail-close">Close</button></div>
-  <dl id="detail-fields"></dl>
-  <ol id="detail-jobs"></ol>
-</section>
-<section>
-  <h2>Latest jobs</h2>
-  <div class="toolbar">
-    <label>Status <select id="filter"><option value="">all</option><option>queued</option>
-      <option>running</option><option>done</option><option>failed</option><option>canceled</option>
-    </select></label>
-    <button type="button" id="newest">Newest</button>
-    <button type="button" id="next">Next page</button>
-    <span id="jobs-note" class="muted"></span>
-  </div>
-  <table><thead><tr><th>Token</th><th>Item</th><th>Valor</th><th>Status</th><th>Queue</th>
-    <th>Priority</th><th>Attempts</th><th>Starts</th><th>Finished</th>
-    <th>Progress</th><th></th></tr></thead><tbody id="jobs"></tbody></table>
-</section>
-<script nonce="__NONCE__">
-"use strict";
-const base = document.body.dataset.base;
-const $ = (id) => document.getElementById(id);
-let key = sessionStorage.getItem("queue_tool.key") || "";
-let before = null, next = null, busy = false;
-
-function el(tag, text, className) {
-  const node = document.createElement(tag);
-  if (text !== undefined && text !== null) node.textContent = String(text);
-  if (className) node.className = className;
-  return node;
-}
-async function api(method, path, body) {
-  const headers = {};
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  if (key) headers["Authorization"] = "Bearer " + key;
-  const response = await fetch(base + path, {method, headers, body, cache: "no-store"});
-  const text = await response.text();
-  let data = text;
-  try { data = JSON.parse(text); } catch (e) { /* /metrics is text */ }
-  if (response.status === 401) $("key-form").hidden = false;
-  return {status: response.status, data};
-}
-function when(iso) { return iso ? new Date(iso).toLocaleString() : ""; }
-
-async function refreshCounts() {
-  const health = await api("GET", "/health");
-  if (health.status === 200) {
-    for (const name of ["queued", "running", "workers"]) $("n-" + name).textContent = health.data[name];
-  }
-  const metrics = await api("GET", "/metrics");
-  let finished = null;
-  if (metrics.status === 200) {
-    finished = 0;
-    for (const state of ["done", "failed", "canceled"]) {
-      const match = metrics.data.match(new RegExp('^queue_tool_jobs_finished_total\\\\{status="' + state + '"\\\\} (\\\\d+)$', "m"));
-      if (match) { $("n-" + state).textContent = match[1]; finished += Number(match[1]); }
-    }
-  }
-  sample(health.status === 200 ? health.data.queued : null, finished);
-}
-
-// The chart: one sample a second for five minutes, from what /health and /metrics
-// already say. Each line has its own scale, its peak named in the legend.
-const samples = [];
-let lastFinished = null, lastTime = null;
-function sample(queued, finished) {
-  const now = performance.now() / 1000;
-  let rate = null;
-  if (finished !== null && lastFinished !== null && now > lastTime) {
-    rate = Math.max(0, (finished - lastFinished) / (now - lastTime));
-  }
-  if (finished !== null) { lastFinished = finished; lastTime = now; }
-  samples.push({rate, queued});
-  if (samples.length > 300) samples.shift();
-  drawChart();
-}
-function points(values) {
-  const known = values.filter((v) => v !== null), peak = Math.max(0, ...known);
-  const out = [];
-  values.forEach((v, i) => {
-    if (v === null) return;
-    const x = 600 - (values.length - 1 - i) * 2, y = 140 - (peak ? v / peak : 0) * 125;
-    out.push(x.toFixed(1) + "," + y.toFixed(1));
-  });
-  return {points: out.join(" "), peak, now: known.length ? known[known.length - 1] : null};
-}
-function drawChart() {
-  const rate = points(samples.map((s) => s.rate)), depth = points(samples.map((s) => s.queued));
-  $("line-finished").setAttribute("points", rate.points);
-  $("line-queued").setAttribute("points", depth.points);
-  $("rate-now").textContent = rate.now === null ? "-" : rate.now.toFixed(1);
-  $("rate-max").textContent = rate.peak.toFixed(1);
-  $("depth-now").textContent = depth.now === null ? "-" : depth.now;
-  $("depth-max").textContent = depth.peak;
-}
-
-// The detail panel: every field of one job, or a batch with its jobs.
-let shown = null;  // {kind: "job" | "batch", id}
-function field(list, name, value) {
-  const text = value !== null && typeof value === "object" ? JSON.stringify(value, null, 2) : String(value);
-  list.append(el("dt", name));
-  const dd = el("dd");
-  dd.append(typeof value === "object" && value !== null ? el("pre", text) : text);
-  list.append(dd);
-}
-async function showDetail(kind, id) {
-  shown = {kind, id};
-  const answer = await api("GET", (kind === "job" ? "/check/" : "/batch/") + id);
-  if (!shown || shown.id !== id) return;
-  const list = $("detail-fields"), jobs = $("detail-jobs");
-  list.replaceChildren(); jobs.replaceChildren();
-  $("detail").hidden = false;
-  if (answer.status !== 200) {
-    $("detail-title").textContent = kind === "job" ? "Job" : "Batch";
-    field(list, "error", answer.data.message || answer.status);
-    return;
-  }
-  const data = answer.data;
-  shown.final = kind === "job" ? ["done", "failed", "canceled"].includes(data.status) : data.finished;
-  if (kind === "job") {
-    $("detail-title").textContent = "Job " + data.hash;
-    for (const [name, value] of Object.entries(data)) field(list, name, value);
-    if (data.batch) {
-      const open = el("button", "Show its batch");
-      open.type = "button";
-      open.addEventListener("click", () => showDetail("batch", data.batch));
-      jobs.append(el("li")); jobs.lastChild.append(open);
-    }
-    return;
-  }
-  $("detail-title").textContent = "Batch " + data.batch;
-  for (const name of ["created_at", "total", "finished"]) field(list, name, data[name]);
-  field(list, "counts", Object.entries(data.counts).map(([s, n]) => s + " " + n).join(" \u00b7 "));
-  for (const job of data.jobs) {
-    const line = el("li"), open = el("button", job.hash.slice(0, 8) + "\u2026");
-    open.type = "button"; open.title = "show job " + job.hash;
-    open.addEventListener("click", () => showDetail("job", job.hash));
-    line.append(open, " ", el("span", job.item), " ", el("span", job.message, "badge " + job.status));
-    jobs.append(line);
-  }
-}
-
-function jobRow(job) {
-  const row = el("tr", undefined, "clickable");
-  row.dataset.token = job.hash;
-  row.title = "show every field of this job";
-  row.addEventListener("click", (event) => {
-    if (!event.target.closest("button")) showDetail("job", job.hash);
-  });
-  const cell = (label, content, className) => {
-    const td = el("td", undefined, className);
-    if (label) td.dataset.label = label;
-    if (content instanceof Node) td.append(content); else td.textContent = content;
-    row.append(td);
-    return td;
-  };
-  const copy = el("button", job.hash.slice(0, 8) + "\\u2026");
-  copy.type = "button"; copy.title = "copy " + job.hash;
-  copy.addEventListener("click", async () => {
-    try { await navigator.clipboard.writeText(job.hash); copy.textContent = "copied"; }
-    catch (e) { copy.textContent = job.hash; }
-  });
-  cell("Token", copy);
-  cell("Item", job.item, "item");
-  cell("Valor", job.valor);
-  cell("Status", el("span", job.message, "badge " + job.status)).title = job.status;
-  cell("Queue", job.queue);
-  cell("Priority", job.priority);
-  cell("Attempts", job.attempts);
-  // A queued job says when it may start: at once, or later (a delay, a retry's wait).
-  const starts = job.status === "queued" ? Date.parse(job.run_at) : NaN;
-  cell("Starts", starts > Date.now() ? "at " + when(job.run_at) : (job.status === "queued" ? "now" : ""));
-  cell("Finished", when(job.finished_at));
-  const progress = cell("Progress", "");
-  if (job.status === "running") {
-    const bar = el("progress");
-    bar.max = 1; bar.value = job.progress;
-    progress.append(bar, " " + Math.round(job.progress * 100) + "%");
-  }
-  const actions = cell("", "");
-  if (job.status === "queued" || job.status === "running") {
-    const cancel = el("button", "Cancel");
-    cancel.type = "button";
-    cancel.addEventListener("click", async () => {
-      cancel.disabled = true;
-      await api("DELETE", "/check/" + job.hash);
-      refresh();
-    });
-    actions.append(cancel);
-    if (job.error) actions.append(" ", el("span", "retry after: " + job.error, "error"));
-  } else if (job.status === "failed") {
-    actions.append(el("span", job.error, "error"));
-  }
-  return row;
-}
-
-async function refreshJobs() {
-  const query = new URLSearchParams({limit: "20"});
-  if ($("filter").value) query.set("status", $("filter").value);
-  if (before) query.set("before", before);
-  const page = await api("GET", "/jobs?" + query);
-  const body = $("jobs");
-  if (page.status !== 200) {
-    body.replaceChildren();
-    $("jobs-note").textContent = page.status === 401 ? "The API key is needed to list jobs." : page.data.message;
-    return;
-  }
-  next = page.data.next;
-  $("next").disabled = !next;
-  $("newest").disabled = !before;
-  $("jobs-note").textContent = page.data.jobs.length ? "" : "No jobs here yet.";
-  body.replaceChildren(...page.data.jobs.map(jobRow));
-}
-
-async function refresh() {
-  if (busy) return;
-  busy = true;
-  try {
-    await Promise.all([refreshCounts(), refreshJobs(),
-                       shown && !shown.final ? showDetail(shown.kind, shown.id) : null]);
-    $("status").textContent = "live, updated " + new Date().toLocaleTimeString();
-  } catch (e) {
-    $("status").textContent = "cannot reach the service";
-  } finally {
-    busy = false;
-  }
-}
-
-function addRow() {
-  const row = el("div", undefined, "row");
-  const item = el("input", undefined, "item");
-  item.placeholder = "item"; item.setAttribute("aria-label", "item");
-  const valor = el("input", undefined, "valor");
-  valor.type = "number"; valor.step = "any"; valor.min = "0"; valor.placeholder = "valor (s)";
-  valor.setAttribute("aria-label", "valor in seconds");
-  const remove = el("button", "\\u2715");
-  remove.type = "button"; remove.title = "remove this item";
-  remove.addEventListener("click", () => row.remove());
-  row.append(item, valor, remove);
-  $("rows").append(row);
-}
-
-function batchBody() {
-  const pasted = $("batch-json").value.trim();
-  if (pasted) return pasted;
-  const batch = [];
-  for (const row of $("rows").querySelectorAll(".row")) {
-    const item = row.querySelector(".item").value, valor = row.querySelector(".valor").value;
-    if (!item && !valor) continue;
-    const entry = {item};
-    if (valor !== "") entry.valor = Number(valor);
-    for (const name of ["delay", "priority", "queue", "retries"]) {
-      const value = $("opt-" + name).value.trim();
-      if (value !== "") entry[name] = name === "queue" ? value : Number(value);
-    }
-    batch.push(entry);
-  }
-  return JSON.stringify(batch);
-}
-
-$("batch-form").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const results = $("results");
-  const answer = await api("POST", "/api", batchBody());
-  results.replaceChildren();
-  if (answer.status !== 202) {
-    results.append(el("li", answer.data.message || answer.status, "error"));
-    return;
-  }
-  for (const entry of answer.data.processing_items) {
-    const line = el("li");
-    line.append(el("code", "#" + entry.index), " ", el("span", entry.item === null ? "(no item)" : entry.item), " ");
-    if (entry.error) line.append(el("span", "invalid: " + entry.error, "error"));
-    else line.append(el("span", entry.status, "badge queued"), " ", el("code", entry.hash));
-    results.append(line);
-  }
-  const batch = el("li", "batch "), open = el("button", "Show this batch");
-  open.type = "button"; open.id = "show-batch";
-  open.addEventListener("click", () => showDetail("batch", answer.data.batch));
-  batch.append(el("code", answer.data.batch), " ", open);
-  results.append(batch);
-  refresh();
-});
-$("key-form").addEventListener("submit", (event) => {
-  event.preventDefault();
-  key = $("key").value;
-  sessionStorage.setItem("queue_tool.key", key);
-  $("key-form").hidden = true;
-  refresh();
-});
-$("add-row").addEventListener("click", addRow);
-$("detail-close").addEventListener("click", () => { shown = null; $("detail").hidden = true; });
-$("filter").addEventListener("change", () => { before = null; refresh(); });
-$("next").addEventListener("click", () => { before = next; refresh(); });
-$("newest").addEventListener("click", () => { before = null; refresh(); });
-addRow(); addRow();
-refresh();
-setInterval(refresh, 1000);
-</script>
-</body>
-</html>
-"""
-
-
 # -- WSGI app ----------------------------------------------------------------
 
 MESSAGES = {QUEUED: "Na fila", RUNNING: "Em processamento", DONE: "Finalizado",
             FAILED: "Falhou", CANCELED: "Cancelado"}
 ACCEPTED_MESSAGE = "Itens recebidos para processamento"
 INVALID_MARKER = "INVALID_JOB_REQUEST"
-TOKEN_RE = re.compile(r"[0-9a-f]{32}\Z")
+# Patterns as JSON Schema (ECMA-262) writes them: the OpenAPI document shows these,
+# and the App matches the same text (see ecma_regex).
+TOKEN_PATTERN = "^[0-9a-f]{32}$"  # a job's token, and a batch's id
+IDEMPOTENCY_KEY_PATTERN = "^[\\x20-\\x7e]{1,255}$"
+TOKEN_RE = ecma_regex(TOKEN_PATTERN)
 DIGITS_RE = re.compile(r"[0-9]+\Z")
 SECONDS_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
 CURSOR_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
-IDEMPOTENCY_KEY_RE = re.compile(r"[\x20-\x7e]{1,255}\Z")
+IDEMPOTENCY_KEY_RE = ecma_regex(IDEMPOTENCY_KEY_PATTERN)
 MAX_DEPTH = 32  # nesting levels of a body; the top-level array is level 1
 MAX_WAIT = 30.0
 MAX_LIMIT = 50, 500  # default and largest page size of GET /jobs
 QUEUE_FULL_RETRY_AFTER = 5
 STATUS_LINES = {code.value: f"{code.value} {code.phrase}" for code in http.HTTPStatus}
+# The routes that need the API key when one is set, named as in the OpenAPI document.
+GUARDED = frozenset({("POST", "/api"), ("DELETE", "/check/{token}"), ("DELETE", "/batch/{id}"),
+                     ("GET", "/jobs"), ("GET", "/metrics")})
 
 
 def iso_time(timestamp):
@@ -2884,28 +2457,24 @@ def openapi_document(schema, settings):
     job = {"$ref": "#/components/schemas/Job"}
     poll = {"Retry-After": "present while the job is not final: seconds to wait"}
     bad = {"400": reply("malformed request (see error)", error)}
-    locked = {"401": reply("missing or wrong API key", error)} if settings.api_key else {}
-    security = [{"bearer": []}] if settings.api_key else []
     token = {"name": "token", "in": "path", "required": True,
-             "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+             "schema": {"type": "string", "pattern": TOKEN_PATTERN}}
     not_found = {"404": reply("no job has this token", error)}
     batch_id = {"name": "id", "in": "path", "required": True,
-                "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+                "schema": {"type": "string", "pattern": TOKEN_PATTERN}}
     no_batch = {"404": reply("no batch has this id", error)}
     wait = {"name": "wait", "in": "query", "required": False,
             "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT}}
     batch = {"$ref": "#/components/schemas/Batch"}
     replayed = "true when this is the kept answer to an earlier request with this key"
 
-    def operation(summary, parameters=(), *, responses, guarded=False, **extra):
-        op = {"summary": summary, "responses": {**responses, **(locked if guarded else {})}}
+    def operation(summary, parameters=(), *, responses, **extra):
+        op = {"summary": summary, "responses": responses}
         if parameters:
             op["parameters"] = list(parameters)
-        if guarded and security:
-            op["security"] = security
         return {**op, **extra}
 
-    return {
+    document = {
         "openapi": "3.1.0",
         "info": {"title": "queue_tool", "version": __version__,
                  "description": "A tiny durable job queue."},
@@ -2913,9 +2482,9 @@ def openapi_document(schema, settings):
             "/api": {"post": operation(
                 "Submit a batch of items", [{
                     "name": "Idempotency-Key", "in": "header", "required": False,
-                    "schema": {"type": "string", "pattern": "^[\\x20-\\x7e]{1,255}$"},
+                    "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
                     "description": "a retry with the same key and body gets the first"
-                                   " answer and queues nothing"}], guarded=True,
+                                   " answer and queues nothing"}],
                 requestBody={"required": True, "content": {"application/json": {
                     "schema": {"type": "array", "minItems": 1,
                                "maxItems": settings.max_items, "items": schema}}}},
@@ -2935,17 +2504,14 @@ def openapi_document(schema, settings):
                         "Retry-After": "present while a job is not final: seconds to wait"}),
                         **bad, **no_batch}),
                 "delete": operation(
-                    "Cancel a batch's unfinished jobs", [batch_id], guarded=True,
+                    "Cancel a batch's unfinished jobs", [batch_id],
                     responses={"200": reply("the batch", batch), **no_batch})},
             "/check/{token}": {
                 "get": operation(
-                    "Follow a job", [token, {
-                        "name": "wait", "in": "query", "required": False,
-                        "schema": {"type": "number", "exclusiveMinimum": 0,
-                                   "maximum": MAX_WAIT}}],
+                    "Follow a job", [token, wait],
                     responses={"200": reply("the job", job, poll), **bad, **not_found}),
                 "delete": operation(
-                    "Cancel a queued or running job", [token], guarded=True,
+                    "Cancel a queued or running job", [token],
                     responses={"200": reply("the canceled job", job), **not_found,
                                "409": reply("the job is already final", error)})},
             "/jobs": {"get": operation(
@@ -2958,7 +2524,6 @@ def openapi_document(schema, settings):
                      "description": "the `next` cursor of the previous page"},
                     {"name": "queue", "in": "query",
                      "schema": {"type": "string", "pattern": QUEUE_PATTERN}}],
-                guarded=True,
                 responses={"200": reply("a page of jobs", {
                     "type": "object", "required": ["jobs", "next"],
                     "properties": {"jobs": {"type": "array", "items": job},
@@ -2970,7 +2535,7 @@ def openapi_document(schema, settings):
                         "queued": {"type": "integer"}, "running": {"type": "integer"}}}),
                 "503": reply("the store cannot be read", error)})},
             "/metrics": {"get": operation(
-                "Prometheus metrics", guarded=True, responses={"200": {
+                "Prometheus metrics", responses={"200": {
                     "description": "the Prometheus text format",
                     "content": {"text/plain": {"schema": {"type": "string"}}}}})},
             "/": {"get": operation("The dashboard: a live page for operators", responses={
@@ -3022,6 +2587,12 @@ def openapi_document(schema, settings):
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+    for path, methods in document["paths"].items():
+        for method, op in methods.items():
+            if settings.api_key and (method.upper(), path) in GUARDED:
+                op["responses"]["401"] = reply("missing or wrong API key", error)
+                op["security"] = [{"bearer": []}]
+    return document
 
 
 class App:
@@ -3042,15 +2613,13 @@ class App:
         self._routes = {
             "/": {"GET": self.get_dashboard},
             "/api": {"POST": self.post_api},
-            "/check/": {"GET": self.get_check, "DELETE": self.delete_check},
-            "/batch/": {"GET": self.get_batch, "DELETE": self.delete_batch},
+            "/check/{token}": {"GET": self.get_check, "DELETE": self.delete_check},
+            "/batch/{id}": {"GET": self.get_batch, "DELETE": self.delete_batch},
             "/jobs": {"GET": self.get_jobs},
             "/health": {"GET": self.get_health},
             "/metrics": {"GET": self.get_metrics},
             "/openapi.json": {"GET": self.get_openapi},
         }
-        self._guarded = {self.post_api, self.delete_check, self.delete_batch, self.get_jobs,
-                         self.get_metrics}
         self._openapi = None
 
     def start(self):
@@ -3068,8 +2637,8 @@ class App:
         path = environ.get("PATH_INFO") or "/"
         try:
             self.runner.start()
-            handler, args = self._route(method, path)
-            if handler in self._guarded:
+            handler, args, guarded = self._route(method, path)
+            if guarded:
                 self._authorize(environ)
             status, headers, body = handler(environ, *args)
         except ApiError as exc:
@@ -3091,23 +2660,26 @@ class App:
         return [b""] if method == "HEAD" else response
 
     def _route(self, method, path):
-        """The handler for a request and its arguments; 404 or 405 otherwise."""
+        """(the handler for a request, its arguments, whether it needs the API key);
+        404 or 405 otherwise."""
         args = ()
-        for prefix, what in (("/check/", "job has this token"), ("/batch/", "batch has this id")):
+        for prefix, route, what in (("/check/", "/check/{token}", "job has this token"),
+                                    ("/batch/", "/batch/{id}", "batch has this id")):
             if path.startswith(prefix):
-                name, path = path[len(prefix):], prefix
+                name, path = path[len(prefix):], route
                 if not TOKEN_RE.match(name):
                     raise ApiError(404, "not_found", f"no {what}")
                 args = (name,)
         methods = self._routes.get(path)
         if methods is None:
             raise ApiError(404, "not_found", f"there is nothing at {path}")
-        handler = methods.get("GET" if method == "HEAD" else method)
+        verb = "GET" if method == "HEAD" else method
+        handler = methods.get(verb)
         if handler is None:
             allowed = [*methods, "HEAD"] if "GET" in methods else list(methods)
             raise ApiError(405, "method_not_allowed", f"{path} does not take {method}",
                            [("Allow", ", ".join(allowed))])
-        return handler, args
+        return handler, args, (verb, path) in GUARDED
 
     def _authorize(self, environ):
         if self._api_key is None:
@@ -3571,7 +3143,7 @@ class Client:
                 return value
 
 
-# -- Command line ------------------------------------------------------------
+# -- Built-in server ---------------------------------------------------------
 
 class ThreadingWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
     """wsgiref's server with a thread per connection, so one long poll blocks no one."""
@@ -3694,6 +3266,8 @@ class RequestHandler(wsgiref.simple_server.WSGIRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)  # App logs each request
 
 
+# -- Command line ------------------------------------------------------------
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="queue_tool", description="A tiny durable job-queue service.",
@@ -3809,5 +3383,435 @@ def _stop(service):
     log.info("stopped; %d unfinished jobs put back in the queue", len(requeued))
 
 
+# -- The page ----------------------------------------------------------------
+
+# The page at GET /: inline CSS and JavaScript, no external asset. Every job field
+# is rendered with textContent, never as HTML, and the Content-Security-Policy
+# admits only the inline blocks carrying this response's nonce.
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>queue_tool</title>
+<link rel="icon" href="data:,">
+<style nonce="__NONCE__">
+:root { --fg: #1d232a; --muted: #5d6873; --line: #d8dee4; --bg: #f6f8fa; --accent: #0a58ca;
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--fg); }
+body { margin: 0 auto; max-width: 1100px; padding: 12px 16px 40px; background: #fff; }
+header { display: flex; align-items: baseline; gap: 12px; flex-wrap: wrap; }
+h1 { font-size: 1.4rem; margin: 8px 0; } h2 { font-size: 1.1rem; margin: 22px 0 8px; }
+.muted { color: var(--muted); } .error { color: #a4161a; }
+section { border-top: 1px solid var(--line); }
+#counts { display: grid; grid-template-columns: repeat(auto-fit, minmax(130px, 1fr)); gap: 8px;
+  border: 0; margin-top: 8px; }
+.count { background: var(--bg); border: 1px solid var(--line); border-radius: 8px; padding: 8px 10px; }
+.count strong { display: block; font-size: 1.5rem; }
+.badge { display: inline-block; padding: 1px 8px; border-radius: 999px; font-size: .85rem;
+  font-weight: 600; border: 1px solid transparent; white-space: nowrap; }
+.badge.queued { background: #eef1f4; color: #38424c; border-color: #c9d1d9; }
+.badge.running { background: #ddeeff; color: #0b4a9c; border-color: #9cc5f5; }
+.badge.done { background: #dcf5e3; color: #11622d; border-color: #8fd3a5; }
+.badge.failed { background: #fde2e1; color: #8a1414; border-color: #f1a3a0; }
+.badge.canceled { background: #fff1d6; color: #7a4b00; border-color: #eac37a; }
+button { font: inherit; padding: 4px 10px; border: 1px solid var(--line); border-radius: 6px;
+  background: #fff; cursor: pointer; } button:hover { border-color: var(--accent); }
+button.primary { background: var(--accent); border-color: var(--accent); color: #fff; }
+input, select, textarea { font: inherit; padding: 4px 6px; border: 1px solid var(--line);
+  border-radius: 6px; box-sizing: border-box; }
+.row { display: flex; gap: 6px; margin-bottom: 6px; }
+#chart { width: 100%; height: 150px; background: var(--bg); border: 1px solid var(--line);
+  border-radius: 8px; display: block; }
+#chart .axis { stroke: var(--line); } #chart polyline { fill: none; stroke-width: 2; }
+#chart .finished { stroke: #11622d; } #chart .queued { stroke: var(--accent); }
+.key { display: inline-block; width: 14px; height: 4px; vertical-align: middle; }
+.key.finished { background: #11622d; } .key.queued { background: var(--accent); }
+.legend { display: flex; gap: 18px; flex-wrap: wrap; margin: 6px 0; }
+#detail { background: var(--bg); border: 1px solid var(--line); border-radius: 8px;
+  padding: 4px 12px 10px; margin-top: 14px; }
+#detail dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 6px 0; }
+#detail dt { color: var(--muted); } #detail dd { margin: 0; overflow-wrap: anywhere; }
+#detail pre { margin: 0; white-space: pre-wrap; font-family: ui-monospace, monospace; }
+#detail-jobs li { margin: 2px 0; } tr.clickable { cursor: pointer; }
+tr.clickable:hover td { background: var(--bg); }
+fieldset { border: 1px solid var(--line); border-radius: 8px; display: flex; flex-wrap: wrap;
+  gap: 8px 14px; margin: 8px 0; } fieldset input { width: 7em; }
+.row .item { flex: 1 1 auto; min-width: 0; } .row .valor { width: 7.5em; }
+textarea { width: 100%; font-family: ui-monospace, monospace; }
+.actions { display: flex; gap: 8px; flex-wrap: wrap; margin: 8px 0; }
+#results { padding-left: 1.4em; } #results li { margin: 2px 0; overflow-wrap: anywhere; }
+table { width: 100%; border-collapse: collapse; }
+th, td { text-align: left; padding: 6px; border-bottom: 1px solid var(--line); vertical-align: top; }
+td.item { overflow-wrap: anywhere; max-width: 28em; min-width: 9em; }
+code { font-family: ui-monospace, monospace; font-size: .9em; }
+progress { width: 7em; vertical-align: middle; }
+.toolbar { display: flex; gap: 8px; align-items: center; flex-wrap: wrap; }
+@media (max-width: 700px) {
+  thead { display: none; }
+  table, tbody, tr, td { display: block; width: 100%; box-sizing: border-box; }
+  tr { border: 1px solid var(--line); border-radius: 8px; margin-bottom: 8px; padding: 4px; }
+  td { border: 0; padding: 3px 6px; } td:empty { display: none; }
+  td[data-label]::before { content: attr(data-label) ": "; color: var(--muted); }
+}
+</style>
+</head>
+<body data-base="__BASE__">
+<header><h1>queue_tool</h1><span id="status" class="muted">connecting</span></header>
+<form id="key-form" hidden>
+  <p>This service needs its API key to list, submit and cancel jobs.</p>
+  <div class="actions"><input id="key" type="password" autocomplete="off" aria-label="API key"
+    placeholder="API key"><button class="primary">Use key</button></div>
+</form>
+<section id="counts" aria-label="Jobs by status">
+  <div class="count"><span class="badge queued">Na fila</span><strong id="n-queued">-</strong>queued now</div>
+  <div class="count"><span class="badge running">Em processamento</span><strong id="n-running">-</strong>running now</div>
+  <div class="count"><span class="badge done">Finalizado</span><strong id="n-done">-</strong>done, all time</div>
+  <div class="count"><span class="badge failed">Falhou</span><strong id="n-failed">-</strong>failed, all time</div>
+  <div class="count"><span class="badge canceled">Cancelado</span><strong id="n-canceled">-</strong>canceled, all time</div>
+  <div class="count"><span class="muted">workers</span><strong id="n-workers">-</strong>in this process</div>
+</section>
+<section id="activity" aria-label="Activity over the last five minutes">
+  <h2>Last five minutes</h2>
+  <svg id="chart" viewBox="0 0 600 150" preserveAspectRatio="none" role="img"
+    aria-label="jobs finished per second and jobs queued, each second">
+    <line class="axis" x1="0" y1="140" x2="600" y2="140"></line>
+    <polyline id="line-finished" class="finished" points=""></polyline>
+    <polyline id="line-queued" class="queued" points=""></polyline>
+  </svg>
+  <div class="legend">
+    <span><span class="key finished"></span> finished per second: <strong id="rate-now">-</strong>
+      (peak <span id="rate-max">-</span>)</span>
+    <span><span class="key queued"></span> queued: <strong id="depth-now">-</strong>
+      (peak <span id="depth-max">-</span>)</span>
+  </div>
+</section>
+<section>
+  <h2>Submit a batch</h2>
+  <form id="batch-form">
+    <div id="rows"></div>
+    <div class="actions"><button type="button" id="add-row">Add item</button></div>
+    <fieldset id="options"><legend>Options for every item above (all optional)</legend>
+      <label>Delay (s) <input id="opt-delay" type="number" min="0" step="any"></label>
+      <label>Priority <input id="opt-priority" type="number" min="-10" max="10" step="1"
+        placeholder="0"></label>
+      <label>Queue <input id="opt-queue" placeholder="default" autocomplete="off"></label>
+      <label>Retries <input id="opt-retries" type="number" min="0" max="25" step="1"></label>
+    </fieldset>
+    <details><summary>or paste a JSON array</summary>
+      <textarea id="batch-json" rows="4" aria-label="batch as JSON"
+        placeholder='[{"item": "Teste", "valor": 1}]'></textarea></details>
+    <div class="actions"><button class="primary" id="send">Submit</button></div>
+  </form>
+  <ol id="results" aria-live="polite"></ol>
+</section>
+<section id="detail" hidden aria-live="polite">
+  <div class="toolbar"><h2 id="detail-title">Job</h2>
+    <button type="button" id="detail-close">Close</button></div>
+  <dl id="detail-fields"></dl>
+  <ol id="detail-jobs"></ol>
+</section>
+<section>
+  <h2>Latest jobs</h2>
+  <div class="toolbar">
+    <label>Status <select id="filter"><option value="">all</option><option>queued</option>
+      <option>running</option><option>done</option><option>failed</option><option>canceled</option>
+    </select></label>
+    <button type="button" id="newest">Newest</button>
+    <button type="button" id="next">Next page</button>
+    <span id="jobs-note" class="muted"></span>
+  </div>
+  <table><thead><tr><th>Token</th><th>Item</th><th>Valor</th><th>Status</th><th>Queue</th>
+    <th>Priority</th><th>Attempts</th><th>Starts</th><th>Finished</th>
+    <th>Progress</th><th></th></tr></thead><tbody id="jobs"></tbody></table>
+</section>
+<script nonce="__NONCE__">
+"use strict";
+const base = document.body.dataset.base;
+const $ = (id) => document.getElementById(id);
+let key = sessionStorage.getItem("queue_tool.key") || "";
+let before = null, next = null, busy = false;
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+async function api(method, path, body) {
+  const headers = {};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (key) headers["Authorization"] = "Bearer " + key;
+  const response = await fetch(base + path, {method, headers, body, cache: "no-store"});
+  const text = await response.text();
+  let data = text;
+  try { data = JSON.parse(text); } catch (e) { /* /metrics is text */ }
+  if (response.status === 401) $("key-form").hidden = false;
+  return {status: response.status, data};
+}
+function when(iso) { return iso ? new Date(iso).toLocaleString() : ""; }
+
+async function refreshCounts() {
+  const health = await api("GET", "/health");
+  if (health.status === 200) {
+    for (const name of ["queued", "running", "workers"]) $("n-" + name).textContent = health.data[name];
+  }
+  const metrics = await api("GET", "/metrics");
+  let finished = null;
+  if (metrics.status === 200) {
+    finished = 0;
+    for (const state of ["done", "failed", "canceled"]) {
+      const match = metrics.data.match(new RegExp('^queue_tool_jobs_finished_total\\{status="' + state + '"\\} (\\d+)$', "m"));
+      if (match) { $("n-" + state).textContent = match[1]; finished += Number(match[1]); }
+    }
+  }
+  sample(health.status === 200 ? health.data.queued : null, finished);
+}
+
+// The chart: one sample a second for five minutes, from what /health and /metrics
+// already say. Each line has its own scale, its peak named in the legend.
+const samples = [];
+let lastFinished = null, lastTime = null;
+function sample(queued, finished) {
+  const now = performance.now() / 1000;
+  let rate = null;
+  if (finished !== null && lastFinished !== null && now > lastTime) {
+    rate = Math.max(0, (finished - lastFinished) / (now - lastTime));
+  }
+  if (finished !== null) { lastFinished = finished; lastTime = now; }
+  samples.push({rate, queued});
+  if (samples.length > 300) samples.shift();
+  drawChart();
+}
+function points(values) {
+  const known = values.filter((v) => v !== null), peak = Math.max(0, ...known);
+  const out = [];
+  values.forEach((v, i) => {
+    if (v === null) return;
+    const x = 600 - (values.length - 1 - i) * 2, y = 140 - (peak ? v / peak : 0) * 125;
+    out.push(x.toFixed(1) + "," + y.toFixed(1));
+  });
+  return {points: out.join(" "), peak, now: known.length ? known[known.length - 1] : null};
+}
+function drawChart() {
+  const rate = points(samples.map((s) => s.rate)), depth = points(samples.map((s) => s.queued));
+  $("line-finished").setAttribute("points", rate.points);
+  $("line-queued").setAttribute("points", depth.points);
+  $("rate-now").textContent = rate.now === null ? "-" : rate.now.toFixed(1);
+  $("rate-max").textContent = rate.peak.toFixed(1);
+  $("depth-now").textContent = depth.now === null ? "-" : depth.now;
+  $("depth-max").textContent = depth.peak;
+}
+
+// The detail panel: every field of one job, or a batch with its jobs.
+let shown = null;  // {kind: "job" | "batch", id}
+function field(list, name, value) {
+  const text = value !== null && typeof value === "object" ? JSON.stringify(value, null, 2) : String(value);
+  list.append(el("dt", name));
+  const dd = el("dd");
+  dd.append(typeof value === "object" && value !== null ? el("pre", text) : text);
+  list.append(dd);
+}
+async function showDetail(kind, id) {
+  shown = {kind, id};
+  const answer = await api("GET", (kind === "job" ? "/check/" : "/batch/") + id);
+  if (!shown || shown.id !== id) return;
+  const list = $("detail-fields"), jobs = $("detail-jobs");
+  list.replaceChildren(); jobs.replaceChildren();
+  $("detail").hidden = false;
+  if (answer.status !== 200) {
+    $("detail-title").textContent = kind === "job" ? "Job" : "Batch";
+    field(list, "error", answer.data.message || answer.status);
+    return;
+  }
+  const data = answer.data;
+  shown.final = kind === "job" ? ["done", "failed", "canceled"].includes(data.status) : data.finished;
+  if (kind === "job") {
+    $("detail-title").textContent = "Job " + data.hash;
+    for (const [name, value] of Object.entries(data)) field(list, name, value);
+    if (data.batch) {
+      const open = el("button", "Show its batch");
+      open.type = "button";
+      open.addEventListener("click", () => showDetail("batch", data.batch));
+      jobs.append(el("li")); jobs.lastChild.append(open);
+    }
+    return;
+  }
+  $("detail-title").textContent = "Batch " + data.batch;
+  for (const name of ["created_at", "total", "finished"]) field(list, name, data[name]);
+  field(list, "counts", Object.entries(data.counts).map(([s, n]) => s + " " + n).join(" · "));
+  for (const job of data.jobs) {
+    const line = el("li"), open = el("button", job.hash.slice(0, 8) + "…");
+    open.type = "button"; open.title = "show job " + job.hash;
+    open.addEventListener("click", () => showDetail("job", job.hash));
+    line.append(open, " ", el("span", job.item), " ", el("span", job.message, "badge " + job.status));
+    jobs.append(line);
+  }
+}
+
+function jobRow(job) {
+  const row = el("tr", undefined, "clickable");
+  row.dataset.token = job.hash;
+  row.title = "show every field of this job";
+  row.addEventListener("click", (event) => {
+    if (!event.target.closest("button")) showDetail("job", job.hash);
+  });
+  const cell = (label, content, className) => {
+    const td = el("td", undefined, className);
+    if (label) td.dataset.label = label;
+    if (content instanceof Node) td.append(content); else td.textContent = content;
+    row.append(td);
+    return td;
+  };
+  const copy = el("button", job.hash.slice(0, 8) + "\u2026");
+  copy.type = "button"; copy.title = "copy " + job.hash;
+  copy.addEventListener("click", async () => {
+    try { await navigator.clipboard.writeText(job.hash); copy.textContent = "copied"; }
+    catch (e) { copy.textContent = job.hash; }
+  });
+  cell("Token", copy);
+  cell("Item", job.item, "item");
+  cell("Valor", job.valor);
+  cell("Status", el("span", job.message, "badge " + job.status)).title = job.status;
+  cell("Queue", job.queue);
+  cell("Priority", job.priority);
+  cell("Attempts", job.attempts);
+  // A queued job says when it may start: at once, or later (a delay, a retry's wait).
+  const starts = job.status === "queued" ? Date.parse(job.run_at) : NaN;
+  cell("Starts", starts > Date.now() ? "at " + when(job.run_at) : (job.status === "queued" ? "now" : ""));
+  cell("Finished", when(job.finished_at));
+  const progress = cell("Progress", "");
+  if (job.status === "running") {
+    const bar = el("progress");
+    bar.max = 1; bar.value = job.progress;
+    progress.append(bar, " " + Math.round(job.progress * 100) + "%");
+  }
+  const actions = cell("", "");
+  if (job.status === "queued" || job.status === "running") {
+    const cancel = el("button", "Cancel");
+    cancel.type = "button";
+    cancel.addEventListener("click", async () => {
+      cancel.disabled = true;
+      await api("DELETE", "/check/" + job.hash);
+      refresh();
+    });
+    actions.append(cancel);
+    if (job.error) actions.append(" ", el("span", "retry after: " + job.error, "error"));
+  } else if (job.status === "failed") {
+    actions.append(el("span", job.error, "error"));
+  }
+  return row;
+}
+
+async function refreshJobs() {
+  const query = new URLSearchParams({limit: "20"});
+  if ($("filter").value) query.set("status", $("filter").value);
+  if (before) query.set("before", before);
+  const page = await api("GET", "/jobs?" + query);
+  const body = $("jobs");
+  if (page.status !== 200) {
+    body.replaceChildren();
+    $("jobs-note").textContent = page.status === 401 ? "The API key is needed to list jobs." : page.data.message;
+    return;
+  }
+  next = page.data.next;
+  $("next").disabled = !next;
+  $("newest").disabled = !before;
+  $("jobs-note").textContent = page.data.jobs.length ? "" : "No jobs here yet.";
+  body.replaceChildren(...page.data.jobs.map(jobRow));
+}
+
+async function refresh() {
+  if (busy) return;
+  busy = true;
+  try {
+    await Promise.all([refreshCounts(), refreshJobs(),
+                       shown && !shown.final ? showDetail(shown.kind, shown.id) : null]);
+    $("status").textContent = "live, updated " + new Date().toLocaleTimeString();
+  } catch (e) {
+    $("status").textContent = "cannot reach the service";
+  } finally {
+    busy = false;
+  }
+}
+
+function addRow() {
+  const row = el("div", undefined, "row");
+  const item = el("input", undefined, "item");
+  item.placeholder = "item"; item.setAttribute("aria-label", "item");
+  const valor = el("input", undefined, "valor");
+  valor.type = "number"; valor.step = "any"; valor.min = "0"; valor.placeholder = "valor (s)";
+  valor.setAttribute("aria-label", "valor in seconds");
+  const remove = el("button", "\u2715");
+  remove.type = "button"; remove.title = "remove this item";
+  remove.addEventListener("click", () => row.remove());
+  row.append(item, valor, remove);
+  $("rows").append(row);
+}
+
+function batchBody() {
+  const pasted = $("batch-json").value.trim();
+  if (pasted) return pasted;
+  const batch = [];
+  for (const row of $("rows").querySelectorAll(".row")) {
+    const item = row.querySelector(".item").value, valor = row.querySelector(".valor").value;
+    if (!item && !valor) continue;
+    const entry = {item};
+    if (valor !== "") entry.valor = Number(valor);
+    for (const name of ["delay", "priority", "queue", "retries"]) {
+      const value = $("opt-" + name).value.trim();
+      if (value !== "") entry[name] = name === "queue" ? value : Number(value);
+    }
+    batch.push(entry);
+  }
+  return JSON.stringify(batch);
+}
+
+$("batch-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const results = $("results");
+  const answer = await api("POST", "/api", batchBody());
+  results.replaceChildren();
+  if (answer.status !== 202) {
+    results.append(el("li", answer.data.message || answer.status, "error"));
+    return;
+  }
+  for (const entry of answer.data.processing_items) {
+    const line = el("li");
+    line.append(el("code", "#" + entry.index), " ", el("span", entry.item === null ? "(no item)" : entry.item), " ");
+    if (entry.error) line.append(el("span", "invalid: " + entry.error, "error"));
+    else line.append(el("span", entry.status, "badge queued"), " ", el("code", entry.hash));
+    results.append(line);
+  }
+  const batch = el("li", "batch "), open = el("button", "Show this batch");
+  open.type = "button"; open.id = "show-batch";
+  open.addEventListener("click", () => showDetail("batch", answer.data.batch));
+  batch.append(el("code", answer.data.batch), " ", open);
+  results.append(batch);
+  refresh();
+});
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  key = $("key").value;
+  sessionStorage.setItem("queue_tool.key", key);
+  $("key-form").hidden = true;
+  refresh();
+});
+$("add-row").addEventListener("click", addRow);
+$("detail-close").addEventListener("click", () => { shown = null; $("detail").hidden = true; });
+$("filter").addEventListener("change", () => { before = null; refresh(); });
+$("next").addEventListener("click", () => { before = next; refresh(); });
+$("newest").addEventListener("click", () => { before = null; refresh(); });
+addRow(); addRow();
+refresh();
+setInterval(refresh, 1000);
+</script>
+</body>
+</html>
+"""
+
+
 if __name__ == "__main__":
+    # Run as a script, this module is __main__: a processor's `import queue_tool`
+    # must find it, not load a second copy whose Retry the workers do not know.
+    sys.modules["queue_tool"] = sys.modules[__name__]
     sys.exit(main())

@@ -5,6 +5,7 @@ import contextlib
 import datetime
 import http.client
 import importlib.util
+import inspect
 import io
 import itertools
 import json
@@ -903,6 +904,103 @@ def test_purge_works_in_small_batches(db):
     store.close()
 
 
+@both_stores
+def test_a_run_that_lost_its_job_cannot_end_the_run_that_took_it_back(make):
+    """The process lost its lease (an outage longer than the lease, say), and took the
+    job back in another thread while the first run went on: only the new run ends it."""
+    gates, runs = collections.defaultdict(threading.Event), []
+
+    def process(job):
+        runs.append((job, threading.current_thread().name))
+        gates[job.attempts].wait(30)
+        return f"run {job.attempts}"
+    built = make(process=process, workers=2)
+    commits, original = [], built.runner._commit
+
+    def commit(finish=None, claim=False, ran=None):
+        commits.append(threading.current_thread().name)
+        return original(finish, claim, ran)
+    built.runner._commit = commit
+    client = webtest.TestApp(built)
+    (token,) = tokens_of(submit(client, [{"item": "a", "valor": 1}]))
+    wait_until(lambda: len(runs) == 1, what="the first run")
+    # What any process does with a job whose lease ran out: back to the queue.
+    assert built.store.recover(5, [built.runner.owner]) == [(token, "queued")]
+    built.runner.notify_submitted(1)
+    wait_until(lambda: len(runs) == 2, what="the second run")
+    assert [job.attempts for job, _ in runs] == [1, 2]
+    (first, first_thread), _ = runs
+    assert first.canceled.is_set()  # told that it holds the job no more
+    mark = len(commits)
+    gates[1].set()
+    wait_until(lambda: first_thread in commits[mark:], what="the first run's thread to go on")
+    row = built.store.get(token)
+    assert (row["status"], row["attempts"], row["result"]) == ("running", 2, None)
+    gates[2].set()
+    view = client.get(f"/check/{token}?wait=10", status=200).json
+    assert (view["status"], view["attempts"], view["result"]) == ("done", 2, "run 2")
+
+
+@both_stores
+def test_a_failure_in_the_committer_wakes_its_workers_and_they_carry_on(make, caplog):
+    built = make(workers=2, lease=1)
+    runner, failed = built.runner, []
+    original = runner._hand_out
+
+    def hand_out(batch, claims, finished, rows):
+        if rows and not failed:  # once, after the store claimed a job for nobody
+            failed.append(len(rows))
+            raise RuntimeError("the bookkeeping broke")
+        return original(batch, claims, finished, rows)
+    runner._hand_out = hand_out
+    client = webtest.TestApp(built)
+    (token,) = tokens_of(submit(client, [{"item": "lost", "valor": 0}]))
+    # The job claimed in the failed round comes back when its lease runs out.
+    view = client.get(f"/check/{token}?wait=20", status=200).json
+    assert failed == [1] and (view["status"], view["attempts"]) == ("done", 2)
+    later = tokens_of(submit(client, [{"item": f"then {n}", "valor": 0} for n in range(20)]))
+    for later_token in later:
+        assert client.get(f"/check/{later_token}?wait=10").json["status"] == "done"
+    assert "recording ends and claims failed" in caplog.text
+    assert "the bookkeeping broke" in caplog.text
+    assert runner._committer.is_alive() and runner.alive_workers() == 2
+
+
+@both_stores
+def test_stop_puts_jobs_back_only_after_the_claim_under_way(make):
+    built = make(workers=1)
+    store, order = built.store, []
+    in_flight, hold = threading.Event(), threading.Event()
+    original_claim, original_release = store.finish_and_claim, store.release
+
+    def slow_claim(owner, finishes, claims, lease, queues=None):
+        held = claims and not in_flight.is_set() and store.counts()["queued"]
+        if held:
+            in_flight.set()
+            hold.wait(30)
+        result = original_claim(owner, finishes, claims, lease, queues)
+        if held:
+            order.append("claimed")
+        return result
+
+    def release(owner):
+        order.append("released")
+        return original_release(owner)
+    store.finish_and_claim, store.release = slow_claim, release
+    client = webtest.TestApp(built)
+    (token,) = tokens_of(submit(client, [{"item": "a", "valor": 1}]))
+    assert in_flight.wait(10)
+    stopper = threading.Thread(target=built.runner.stop, kwargs={"grace": 0})
+    stopper.start()
+    stopper.join(0.5)  # time enough to release too early, which it must not
+    assert order == []
+    hold.set()
+    stopper.join(30)
+    assert order == ["claimed", "released"]
+    row = store.get(token)
+    assert (row["status"], row["owner"], row["attempts"]) == ("queued", None, 1)
+
+
 # -- Shutdown --------------------------------------------------------------------------------
 
 @both_stores
@@ -1444,6 +1542,39 @@ def test_openapi_marks_guarded_routes_when_a_key_is_set(keyed, client):
     assert guarded["/api"]["post"]["security"] == [{"bearer": []}]
     assert "security" not in guarded["/health"]["get"]
     assert "security" not in client.get("/openapi.json").json["paths"]["/api"]["post"]
+
+
+def test_openapi_document_says_what_the_app_enforces(keyed):
+    """The document's patterns and guarded routes are the ones the App uses."""
+    document = keyed.get("/openapi.json", status=200).json
+    built = keyed.app
+    for path, methods in document["paths"].items():
+        for method, operation in methods.items():
+            url = path.replace("{token}", UNKNOWN_TOKEN).replace("{id}", UNKNOWN_TOKEN)
+            status = keyed.request(url, method=method.upper(), expect_errors=True).status_int
+            assert (status == 401) == ("security" in operation), (method, path, status)
+    path_patterns = {parameter["schema"]["pattern"] for methods in document["paths"].values()
+                     for operation in methods.values()
+                     for parameter in operation.get("parameters", ()) if parameter["in"] == "path"}
+    (token_pattern,) = path_patterns  # a token and a batch id alike
+    for candidate in [UNKNOWN_TOKEN, "a" * 31, "a" * 33, "A" * 32, UNKNOWN_TOKEN + "\n", "g" * 32]:
+        documented = queue_tool.ecma_regex(token_pattern).search(candidate) is not None
+        status, _, body = call(built, "GET", "/check/" + candidate)
+        # Both answer 404; only a well-formed token gets as far as the store.
+        assert documented == bool(queue_tool.TOKEN_RE.match(candidate)), candidate
+        assert status == 404 and body["error"] == "not_found"
+    (key_parameter,) = document["paths"]["/api"]["post"]["parameters"]
+    key_pattern = queue_tool.ecma_regex(key_parameter["schema"]["pattern"])
+    auth = {"HTTP_AUTHORIZATION": "Bearer s3cret-key", "CONTENT_TYPE": "application/json"}
+    for key in ["k", "x" * 255, "x" * 256, "", "tab\there", "caf\u00e9", "ok key ~", "end\n"]:
+        status, _, body = call(built, "POST", "/api", b"[]", HTTP_IDEMPOTENCY_KEY=key, **auth)
+        refused = body.get("error") == "invalid_idempotency_key"
+        assert refused == (key_pattern.search(key) is None), (key, status, body)
+    waits = [parameter for methods in document["paths"].values()
+             for operation in methods.values() for parameter in operation.get("parameters", ())
+             if parameter["name"] == "wait"]
+    assert len(waits) == 2 and waits[0] == waits[1]
+    assert waits[0]["schema"]["maximum"] == queue_tool.MAX_WAIT
 
 
 # -- Logs ----------------------------------------------------------------------------------
@@ -2124,6 +2255,31 @@ def test_postgres_database_of_version_1_is_upgraded_with_its_jobs(db_postgres, m
     assert scrape(client)["queue_tool_jobs_submitted_total"] == 1
     assert sql(db_postgres, "SELECT version FROM queue_tool_schema") == [
         (queue_tool.PostgresStore.VERSION,)]
+
+
+def seconds_of(iso):
+    return datetime.datetime.fromisoformat(iso).timestamp()
+
+
+@both_stores
+def test_batch_mixing_ints_floats_and_absent_options_is_stored_as_given(make):
+    """psycopg types a list by its items: a batch with `delay` 1.5 beside 2 (or beside
+    none) once answered 503, and clients retried a good request for ever."""
+    client = webtest.TestApp(make(workers=0))
+    batch = [{"item": "a", "valor": 1, "delay": 1.5, "priority": 1, "retries": 2},
+             {"item": "b", "valor": 0.5},
+             {"item": "c", "valor": 2, "delay": 2, "priority": 2.0, "retries": 1.0},
+             {"item": "d", "valor": 0, "delay": 0.5, "priority": -3, "retries": 0},
+             {"item": "e", "valor": 3.25, "delay": 0}]
+    entries = submit(client, batch).json["processing_items"]
+    assert [entry.get("status") for entry in entries] == ["queued"] * len(batch)
+    for entry, item in zip(entries, batch, strict=True):
+        view = client.get(entry["check"], status=200).json
+        assert (view["valor"], type(view["valor"])) == (item["valor"], type(item["valor"]))
+        assert (view["priority"], view["retries"]) == (item.get("priority", 0),
+                                                       item.get("retries", 0))
+        delay = seconds_of(view["run_at"]) - seconds_of(view["created_at"])
+        assert abs(delay - item.get("delay", 0)) < 0.002, (item, view)
 
 
 # -- Idempotent submits and batches ----------------------------------------------------
@@ -2985,6 +3141,87 @@ def test_postgres_ends_renewals_and_batch_cancels_never_deadlock(db_postgres):
         store.close()
 
 
+def test_both_stores_follow_the_one_store_contract():
+    contract = {name: inspect.signature(method) for name, method in vars(queue_tool.Store).items()
+                if callable(method) and not name.startswith("_")}
+    assert {"submit", "finish_and_claim", "renew", "recover", "listen"} <= set(contract)
+    for store in (queue_tool.SQLiteStore, queue_tool.PostgresStore):
+        assert issubclass(store, queue_tool.Store)
+        public = {name for name, value in vars(store).items()
+                  if callable(value) and not name.startswith("_")}
+        assert public == set(contract), store  # nothing more, nothing less
+        for name, signature in contract.items():
+            assert inspect.signature(getattr(store, name)) == signature, (store, name)
+
+
+def schema_of(db):
+    """A store's tables, columns and indexes, as its database describes them."""
+    if is_postgres(db):
+        ((schema,),) = sql(db, "SELECT current_schema()")
+        columns = sql(db, "SELECT table_name, column_name, data_type, is_nullable, column_default,"
+                          " is_identity FROM information_schema.columns"
+                          " WHERE table_schema = current_schema()"
+                          " ORDER BY table_name, ordinal_position")
+        indexes = [(name, definition.replace(f"{schema}.", "")) for name, definition in sql(
+            db, "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema()"
+                " ORDER BY indexname")]
+        return columns, indexes
+    tables = [name for (name,) in sql(db, "SELECT name FROM sqlite_master WHERE type = 'table'"
+                                          " ORDER BY name")]
+    columns = [(table, *column) for table in tables
+               for column in sql(db, f"PRAGMA table_xinfo({table})")]
+    indexes = [(name, table, " ".join((text or "").split())) for name, table, text in sql(
+        db, "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'index' ORDER BY name")]
+    return columns, indexes
+
+
+@both_stores
+def test_an_upgraded_database_has_the_schema_of_a_new_one(db, tmp_path):
+    queue_tool.open_store(db).close()
+    if is_postgres(db):
+        with fresh_schema(POSTGRES) as old:
+            sql(old, "CREATE TABLE queue_tool_schema (version integer NOT NULL)")
+            sql(old, "INSERT INTO queue_tool_schema VALUES (1)")
+            for statement in SCHEMA_POSTGRES_1:
+                sql(old, statement)
+            queue_tool.open_store(old).close()
+            assert schema_of(old) == schema_of(db)
+        return
+    old = tmp_path / "old.sqlite3"
+    for statement in SCHEMA_0_1_0:
+        sql(old, statement)
+    queue_tool.open_store(old).close()
+    assert schema_of(old) == schema_of(db)
+
+
+@both_stores
+def test_store_takes_a_runs_calls_only_from_the_claim_that_started_it(store):
+    """A run is its owner and its attempt: once the job was taken back and claimed
+    again, even by the same owner, the old run's end, retry, progress and renewal
+    change nothing."""
+    token = hexes("f")[0]
+    store.submit([queue_tool.NewJob(token, "f", 1, retries=1)], 0, 10)
+    first = claim(store, "me:1:x", -1)  # a lease already run out: the run lost the job
+    assert store.recover(max_attempts=5) == [(token, "queued")]
+    second = claim(store, "me:1:x", 60)  # the same process takes it again
+    assert (first["attempts"], second["attempts"]) == (1, 2)
+    assert store.renew("me:1:x", {token: 1}, 600) == set()
+    store.set_progress(token, "me:1:x", 1, 0.5)
+    assert not store.retry(token, "me:1:x", 1, "stale", 0)
+    assert store.finish_and_claim("me:1:x", [(token, 1, "done", '"old"', None)], 0, 0) == (
+        set(), [])
+    row = store.get(token)
+    assert (row["status"], row["attempts"], row["progress"], row["result"]) == (
+        "running", 2, None, None)
+    assert store.renew("me:1:x", {token: 2}, 600) == {token}
+    store.set_progress(token, "me:1:x", 2, 0.75)
+    assert store.finish_and_claim("me:1:x", [(token, 2, "done", '"new"', None)], 0, 0)[0] == {
+        token}
+    row = store.get(token)
+    assert (row["status"], row["result"], row["progress"]) == ("done", '"new"', 0.75)
+    assert (store.counters()["finished_done"], store.counters()["retried"]) == (1, 0)
+
+
 # -- Settings and the module-level app --------------------------------------------------
 
 @pytest.mark.parametrize("settings", [
@@ -3155,6 +3392,42 @@ def test_bad_process_setting_is_refused(tmp_path, tasks, spec, says):
     assert response.json["error"] == "misconfigured" and says in response.json["message"]
 
 
+PROCESSOR_THAT_RETRIES = """
+import sys
+
+import queue_tool
+
+
+def work(job):
+    if job.attempts == 1:
+        raise queue_tool.Retry(delay=1.0)
+    running = sys.modules["__main__"]
+    return {"same_module": getattr(running, "Retry", None) is queue_tool.Retry}
+"""
+
+
+@pytest.mark.parametrize("start", [["queue_tool.py"], ["-m", "queue_tool"]])
+def test_processor_that_imports_queue_tool_sees_the_running_module(tmp_path, start):
+    """Run as a script the module is __main__: `import queue_tool` in a processor must
+    not load a second copy, whose Retry the workers would not know."""
+    (tmp_path / "retrying.py").write_text(PROCESSOR_THAT_RETRIES)
+    script = [str(HERE / start[0])] if start[0].endswith(".py") else start
+    command = [sys.executable, *script, "--host", "127.0.0.1", "--port", "0", "--db",
+               str(tmp_path / "q.sqlite3"), "--workers", "1", "--process", "retrying:work",
+               "--retries", "1", "--retry-delay", "0.2"]
+    server = Server(tmp_path, command, env={**os.environ, "PYTHONPATH": str(HERE)})
+    try:
+        status, body = server.request("POST", "/api", [{"item": "a", "valor": 0}])
+        token = body["processing_items"][0]["hash"]
+        status, view = server.request("GET", f"/check/{token}?wait=20")
+        assert (status, view["status"], view["attempts"]) == (200, "done", 2)
+        assert view["result"] == {"same_module": True}
+        # The retry came after the processor's 1 s, not after --retry-delay's 0.2 s.
+        assert seconds_of(view["run_at"]) - seconds_of(view["created_at"]) >= 0.999
+    finally:
+        assert server.stop() == 0
+
+
 # -- PostgreSQL: set-up, secrets, outages, several machines -------------------------------
 
 def test_postgres_url_without_the_driver_names_the_extra(tmp_path):
@@ -3169,6 +3442,7 @@ def test_postgres_url_without_the_driver_names_the_extra(tmp_path):
 
 
 def test_unreachable_postgres_at_start_is_one_line_and_exit_2(capsys):
+    pytest.importorskip("psycopg", reason="needs psycopg (pip install -e '.[test]')")
     url = "postgresql://someone:hunter2@127.0.0.1:1/jobs"  # nothing listens on port 1
     assert queue_tool.main(["--port", "0", "--db", url]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
