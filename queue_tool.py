@@ -120,6 +120,8 @@ class Settings:
     retries: int = 0
     retry_delay: float = 1
     max_delay: float = 30 * 86400
+    pooler: str = "none"  # what stands between us and PostgreSQL: see POOLERS
+    listen_db: str = None  # the listener's own PostgreSQL URL; None: the db URL
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -127,6 +129,8 @@ class Settings:
             _check_setting(field.name, value)
             if field.name == "db":
                 object.__setattr__(self, "db", os.fspath(value))
+        if not is_postgres_url(self.db) and (self.listen_db or self.pooler != "none"):
+            raise SettingsError("listen_db and pooler are for a PostgreSQL db")
 
     def __repr__(self):
         # Neither the API key nor a database password ever reaches a log.
@@ -184,7 +188,15 @@ SETTING_HELP = {
     "retries": "retries of a job whose processor raised, when the item sets none",
     "retry_delay": "seconds before the first retry; each next one waits twice as long",
     "max_delay": "largest accepted delay of an item, in seconds",
+    "pooler": "what db goes through: none, session (a session-mode pool: the same) or"
+              " transaction (PgBouncer's transaction mode, most managed pools)",
+    "listen_db": "PostgreSQL URL of the listener's own session, direct or a session-mode"
+                 " pool (default: the db URL)",
 }
+# A direct connection and a session-mode pool keep a server session per client: the
+# store prepares its statements there. Behind a transaction-mode pool it prepares
+# none, and LISTENs only on listen_db.
+POOLERS = ("none", "session", "transaction")
 
 # Bounds (inclusive) of the numeric settings; a lease must also be above 0.
 _MINIMUM = {"port": 0, "workers": 0, "max_valor": 0, "max_items": 1, "max_body": 1,
@@ -214,6 +226,12 @@ def _check_setting(name, value):
     elif name == "process":
         if value is not None and (not isinstance(value, str) or not PROCESS_RE.match(value)):
             raise SettingsError(f"process must be module:function, not {value!r}")
+    elif name == "pooler":
+        if value not in POOLERS:
+            raise SettingsError(f"pooler must be one of {', '.join(POOLERS)}, not {value!r}")
+    elif name == "listen_db":
+        if value is not None and not is_postgres_url(value):
+            raise SettingsError("listen_db must be a postgresql:// URL")
     elif name == "queues":
         if value is not None and (not isinstance(value, str) or not all(
                 QUEUE_RE.match(queue) for queue in value.split(","))):
@@ -258,7 +276,7 @@ def parse_setting(name, text):
         except ValueError:
             word = "a whole number" if kind is int else "a number"
             raise SettingsError(f"{name} must be {word}, not {text!r}") from None
-    return text if text or name not in ("api_key", "process", "queues") else None
+    return text if text or name not in ("api_key", "process", "queues", "listen_db") else None
 
 
 def settings_from_env(environ=None, **overrides):
@@ -655,13 +673,24 @@ class Listener:
         pass
 
 
-def open_store(db, workers=16):
+class _NoListener(Listener):
+    """For a store no other process can reach: nothing to hear, only the poll."""
+
+    def wait(self, timeout):
+        time.sleep(timeout)
+        return 0, False
+
+
+def open_store(db, workers=16, pooler="none", listen_db=None):
     """The store `db` names: a postgresql:// URL, else an SQLite path or :memory:.
 
     A PostgreSQL pool holds a connection for each worker thread, and a few for
-    requests and housekeeping.
+    requests and housekeeping; `pooler` and `listen_db` are the settings.
     """
-    return PostgresStore(db, pool_size=workers + 8) if is_postgres_url(db) else SQLiteStore(db)
+    if not is_postgres_url(db):
+        return SQLiteStore(db)
+    return PostgresStore(db, pool_size=workers + 8, pooled=pooler == "transaction",
+                         listen_url=listen_db)
 
 
 class SQLiteStore(Store):
@@ -1084,6 +1113,8 @@ class SQLiteStore(Store):
     def listen(self, most):
         """PRAGMA data_version changes when another connection commits; only then
         is the store read, so an idle process costs a cheap look every 5 ms."""
+        if self.path == ":memory:":  # no other process can see this database
+            return _NoListener()
         return _SQLiteListener(self, most)
 
 
@@ -1094,9 +1125,6 @@ class _SQLiteListener(Listener):
 
     def wait(self, timeout):
         store = self._store
-        if store.path == ":memory:":  # no other process can see this database
-            time.sleep(timeout)
-            return 0, False
         deadline = time.monotonic() + timeout
         while True:
             # The store's own connection: its data_version moves only when another
@@ -1393,7 +1421,7 @@ class PostgresStore(Store):
     # -- The listener's own session.
     LISTEN = "LISTEN queue_tool"
 
-    def __init__(self, url, pool_size=24, connect_timeout=5):
+    def __init__(self, url, pool_size=24, connect_timeout=5, pooled=False, listen_url=None):
         try:
             import psycopg
             import psycopg_pool
@@ -1402,8 +1430,14 @@ class PostgresStore(Store):
                                 " pip install 'queue_tool[postgres]'") from None
         self._psycopg, self._psycopg_pool = psycopg, psycopg_pool
         self.url, self._shown = url, redact(url)
-        self._secrets = _passwords(url)
+        self._secrets = sorted({*_passwords(url), *_passwords(listen_url or url)},
+                               key=len, reverse=True)
         self.pool_size, self.connect_timeout = pool_size, connect_timeout
+        # Behind a transaction-mode pool the next transaction may run on another
+        # server session: no statement is prepared (psycopg would, after 5 runs).
+        self.pooled, self.listen_url = pooled, listen_url
+        self._connection_options = {"autocommit": True, "connect_timeout": connect_timeout,
+                                    **({"prepare_threshold": None} if pooled else {})}
         self._lock = threading.Lock()  # guards self._pool, self._pid, self._closed
         self._pool = self._pid = None
         self._closed = False
@@ -1416,9 +1450,8 @@ class PostgresStore(Store):
             raise StoreError(f"cannot use database {self._shown}: {exc}") from None
         _fork_sensitive.add(self)
 
-    def _connect(self):
-        return self._psycopg.connect(self.url, autocommit=True,
-                                     connect_timeout=self.connect_timeout)
+    def _connect(self, url=None):
+        return self._psycopg.connect(url or self.url, **self._connection_options)
 
     def _migrate(self, conn):
         conn.execute(self.LOCK_SCHEMA)
@@ -1457,8 +1490,7 @@ class PostgresStore(Store):
                 # the next request instead of backing off for minutes.
                 self._pool = self._psycopg_pool.ConnectionPool(
                     self.url, min_size=1, max_size=self.pool_size, open=True, timeout=5,
-                    reconnect_timeout=2, name="queue_tool",
-                    kwargs={"autocommit": True, "connect_timeout": self.connect_timeout})
+                    reconnect_timeout=2, name="queue_tool", kwargs=self._connection_options)
                 self._pid = os.getpid()
             return self._pool
 
@@ -1658,8 +1690,15 @@ class PostgresStore(Store):
         self._write(self.ANALYZE)
 
     def listen(self, most):
-        """LISTEN on a dedicated connection, woken by the NOTIFY that submits,
-        cancels and requeues send inside their transactions."""
+        """LISTEN on a dedicated connection (to listen_url when given), woken by the
+        NOTIFY that submits, cancels and requeues send inside their transactions.
+        Through a transaction-mode pool without listen_url a LISTEN would be lost
+        with its server session: none is made, and the poll is the only wake-up."""
+        if self.pooled and self.listen_url is None:
+            log.warning("no LISTEN through a transaction-mode pool: jobs queued by other"
+                        " processes wait for the poll (once a second); set listen_db to a"
+                        " direct URL or a session-mode pool")
+            return _NoListener()
         return _PostgresListener(self, most)
 
 
@@ -1672,7 +1711,7 @@ class _PostgresListener(Listener):
         try:
             with store._errors():
                 if self._conn is None:
-                    self._conn = store._connect()
+                    self._conn = store._connect(store.listen_url)
                     self._conn.execute(store.LISTEN)
                     return 1, True  # notifications may have been missed meanwhile
                 waiting, canceled = 0, False
@@ -2220,7 +2259,7 @@ class Runner:
     def _listen(self, stopping):
         """Wake idle workers as soon as another process queues jobs, and stop the
         jobs canceled there, instead of waiting for the housekeeper's next look."""
-        listener = self.store.listen(self.workers)
+        listener, deaf = self.store.listen(self.workers), False
         try:
             while not stopping.is_set():
                 try:
@@ -2228,9 +2267,14 @@ class Runner:
                     if canceled:
                         self._renew_leases()
                 except StoreError as exc:
-                    if not stopping.wait(self.poll_interval):
-                        log.warning("listening for other processes failed, retrying: %s", exc)
+                    if not stopping.wait(self.poll_interval) and not deaf:
+                        log.warning("listening for other processes failed: wake-ups wait"
+                                    " for the poll (once a second) until it works: %s", exc)
+                    deaf = True
                     continue
+                if deaf:
+                    log.info("listening for other processes works again")
+                    deaf = False
                 if waiting:
                     self.notify_submitted(waiting)
         finally:
@@ -2945,7 +2989,7 @@ def make_app(settings=None, process=None, **overrides):
         settings, **overrides)
     if process is None:
         process = wait_valor if settings.process is None else load_process(settings.process)
-    store = open_store(settings.db, settings.workers)
+    store = open_store(settings.db, settings.workers, settings.pooler, settings.listen_db)
     runner = Runner(store, process, workers=settings.workers,
                     lease=settings.lease, max_attempts=settings.max_attempts,
                     retention=settings.retention, grace=settings.grace,

@@ -91,9 +91,14 @@ def fresh_schema(server):
 
 @pytest.fixture
 def db(request, tmp_path):
-    """Where a test's store lives: an SQLite file, or (param "postgres") a fresh schema."""
-    if getattr(request, "param", "sqlite") == "sqlite":
+    """Where a test's store lives: an SQLite file, or (param "postgres") a fresh schema,
+    or (param "pgbouncer") a fresh database through a transaction-mode PgBouncer."""
+    kind = getattr(request, "param", "sqlite")
+    if kind == "sqlite":
         yield tmp_path / "q.sqlite3"
+    elif kind == "pgbouncer":
+        pool = request.getfixturevalue("pgbouncer_transaction")
+        yield pool.url(request.getfixturevalue("fresh_database"))
     else:
         with fresh_schema(request.getfixturevalue("postgres")) as url:
             yield url
@@ -108,6 +113,8 @@ def db_postgres(postgres):
 
 # Runs a test once on each store; without it a test's `db` is an SQLite file.
 both_stores = pytest.mark.parametrize("db", ["sqlite", "postgres"], indirect=True)
+# The store suite runs on each store, and once more through a transaction-mode pool.
+store_suite = pytest.mark.parametrize("db", ["sqlite", "postgres", "pgbouncer"], indirect=True)
 
 
 def is_postgres(db):
@@ -2028,7 +2035,7 @@ def test_max_delay_setting_moves_the_limit(make):
     assert document["components"]["schemas"]["Item"]["properties"]["delay"]["maximum"] == 60
 
 
-@both_stores
+@store_suite
 def test_store_claims_by_priority_then_run_at_then_age(store):
     a, b, c, d, e = hexes(*"abcde")
     store.submit([queue_tool.NewJob(a, "a", 0), queue_tool.NewJob(b, "b", 0, priority=5),
@@ -2043,7 +2050,7 @@ def test_store_claims_by_priority_then_run_at_then_age(store):
     assert store.get(d)["status"] == "queued"
 
 
-@both_stores
+@store_suite
 def test_store_claims_only_the_queues_asked_for(store):
     a, b = hexes("a", "b")
     store.submit([queue_tool.NewJob(b, "b", 0, queue="b"), queue_tool.NewJob(a, "a", 0, queue="a")],
@@ -2055,7 +2062,7 @@ def test_store_claims_only_the_queues_asked_for(store):
     assert [job["token"] for job in store.list(queue="a")[0]] == [a]
 
 
-@both_stores
+@store_suite
 def test_store_retry_requeues_for_later_and_counts(store):
     token = hexes("r")[0]
     store.submit([queue_tool.NewJob(token, "r", 0, retries=2)], 0, 10)
@@ -2258,10 +2265,6 @@ def test_postgres_database_of_version_1_is_upgraded_with_its_jobs(db_postgres, m
         (queue_tool.PostgresStore.VERSION,)]
 
 
-def seconds_of(iso):
-    return datetime.datetime.fromisoformat(iso).timestamp()
-
-
 @both_stores
 def test_batch_mixing_ints_floats_and_absent_options_is_stored_as_given(make):
     """psycopg types a list by its items: a batch with `delay` 1.5 beside 2 (or beside
@@ -2279,7 +2282,7 @@ def test_batch_mixing_ints_floats_and_absent_options_is_stored_as_given(make):
         assert (view["valor"], type(view["valor"])) == (item["valor"], type(item["valor"]))
         assert (view["priority"], view["retries"]) == (item.get("priority", 0),
                                                        item.get("retries", 0))
-        delay = seconds_of(view["run_at"]) - seconds_of(view["created_at"])
+        delay = iso_seconds(view["run_at"]) - iso_seconds(view["created_at"])
         assert abs(delay - item.get("delay", 0)) < 0.002, (item, view)
 
 
@@ -2732,8 +2735,10 @@ def test_memory_db_keeps_jobs_for_the_life_of_the_app(make):
 # -- Stores: one suite, run on both ----------------------------------------------------
 
 @pytest.fixture
-def store(db):
-    opened = queue_tool.open_store(db)
+def store(request, db):
+    callspec = getattr(request.node, "callspec", None)
+    pooled = callspec is not None and callspec.params.get("db") == "pgbouncer"
+    opened = queue_tool.open_store(db, pooler="transaction" if pooled else "none")
     yield opened
     opened.close()
 
@@ -2755,7 +2760,7 @@ def finish(store, token, owner, status, result=None, error=None):
     return token in store.finish_and_claim(owner, ends, 0, 0)[0]
 
 
-@both_stores
+@store_suite
 def test_store_submit_keeps_each_job_as_given(store):
     a, b, c = hexes("a", "b", "c")
     before = time.time()
@@ -2774,7 +2779,7 @@ def test_store_submit_keeps_each_job_as_given(store):
                                 "queued": 3}
 
 
-@both_stores
+@store_suite
 def test_store_submit_past_max_queued_stores_nothing(store):
     store.submit([(hexes("a")[0], "a", 0)], 0, 2)
     with pytest.raises(queue_tool.QueueFull):
@@ -2783,7 +2788,7 @@ def test_store_submit_past_max_queued_stores_nothing(store):
     assert store.counters()["invalid"] == 0 and store.counts()["queued"] == 1
 
 
-@both_stores
+@store_suite
 def test_store_claims_oldest_first_with_a_lease(store):
     tokens = hexes(*"edcba")
     store.submit([(token, token[0], 0) for token in tokens], 0, 100)
@@ -2841,7 +2846,7 @@ def test_store_claims_of_many_at_once_take_no_more_than_asked(db):
         opened.close()
 
 
-@both_stores
+@store_suite
 def test_store_finish_is_for_the_owner_of_a_running_job(store):
     done, failed = hexes("d", "f")
     store.submit([(done, "d", 0), (failed, "f", 0)], 0, 10)
@@ -2860,7 +2865,7 @@ def test_store_finish_is_for_the_owner_of_a_running_job(store):
     assert (counters["finished_done"], counters["finished_failed"]) == (1, 1)
 
 
-@both_stores
+@store_suite
 def test_store_progress_is_set_only_by_the_owner(store):
     token = hexes("p")[0]
     store.submit([(token, "p", 1)], 0, 10)
@@ -2871,7 +2876,7 @@ def test_store_progress_is_set_only_by_the_owner(store):
     assert store.get(token)["progress"] == 0.25
 
 
-@both_stores
+@store_suite
 def test_store_cancel_ends_queued_and_running_jobs_once(store):
     queued, running = hexes("q", "r")
     store.submit([(running, "r", 1), (queued, "q", 1)], 0, 10)
@@ -2889,7 +2894,7 @@ def test_store_cancel_ends_queued_and_running_jobs_once(store):
     assert not finish(store, running, "me:1:x", "done")  # the cancel decided it
 
 
-@both_stores
+@store_suite
 def test_store_renew_extends_the_leases_still_held(store):
     kept, canceled = hexes("k", "c")
     store.submit([(kept, "k", 1), (canceled, "c", 1)], 0, 10)
@@ -2901,7 +2906,7 @@ def test_store_renew_extends_the_leases_still_held(store):
     assert store.renew("other:1:x", {kept: 1}, 600) == set()
 
 
-@both_stores
+@store_suite
 def test_store_release_puts_an_owners_jobs_back(store):
     mine, theirs = hexes("m", "t")
     store.submit([(mine, "m", 1), (theirs, "t", 1)], 0, 10)
@@ -2914,7 +2919,7 @@ def test_store_release_puts_an_owners_jobs_back(store):
     assert store.counts() == {"queued": 1, "running": 1}
 
 
-@both_stores
+@store_suite
 def test_store_recover_takes_back_expired_and_lost_jobs(store):
     expired, lost, alive = hexes("e", "l", "a")
     store.submit([(expired, "e", 1), (lost, "l", 1), (alive, "a", 1)], 0, 10)
@@ -2928,7 +2933,7 @@ def test_store_recover_takes_back_expired_and_lost_jobs(store):
     assert store.counts()["queued"] == 2
 
 
-@both_stores
+@store_suite
 def test_store_lists_newest_first_in_pages(store):
     tokens = [f"{n:032x}" for n in range(7)]
     store.submit([(token, f"j{n}", 0) for n, token in enumerate(tokens)], 0, 100)
@@ -2942,7 +2947,7 @@ def test_store_lists_newest_first_in_pages(store):
     assert [job["token"] for job in store.list(status="running")[0]] == tokens[:1]
 
 
-@both_stores
+@store_suite
 def test_store_maintain_keeps_claims_on_their_index(store):
     store.submit([(f"{n:032x}", "x", 0) for n in range(300)], 0, 1000)
     store.maintain()  # PostgreSQL: fresh statistics; SQLite: its queries name their index
@@ -2974,7 +2979,7 @@ def test_store_listener_hears_other_processes_submit_and_cancel(db):
     there.close()
 
 
-@both_stores
+@store_suite
 def test_store_refuses_every_call_once_closed(store):
     store.close()
     for call_it in (lambda: store.get(UNKNOWN_TOKEN), lambda: store.submit([], 1, 10),
@@ -3221,7 +3226,7 @@ def test_an_upgraded_database_has_the_schema_of_a_new_one(db, tmp_path):
     assert schema_of(old) == schema_of(db)
 
 
-@both_stores
+@store_suite
 def test_store_takes_a_runs_calls_only_from_the_claim_that_started_it(store):
     """A run is its owner and its attempt: once the job was taken back and claimed
     again, even by the same owner, the old run's end, retry, progress and renewal
@@ -3342,11 +3347,15 @@ def test_importing_the_module_builds_nothing(tmp_path):
     (["worker", "--workers", "0"], {}, "worker runs jobs: it needs --workers 1 or more"),
     (["--process", "nothing"], {}, "process must be module:function"),
     ([], {"QUEUE_TOOL_PROCESS": "no_such_module_q:run"}, "process: cannot load"),
+    (["--pooler", "bouncy"], {}, "pooler must be one of none, session, transaction"),
+    (["--listen-db", "{tmp}/q.sqlite3"], {}, "listen_db must be a postgresql:// URL"),
+    ([], {"QUEUE_TOOL_POOLER": "transaction", "QUEUE_TOOL_DB": "{tmp}/q.sqlite3"},
+     "listen_db and pooler are for a PostgreSQL db"),
 ])
 def test_main_refuses_bad_settings_with_usage_and_exit_2(
         monkeypatch, capsys, tmp_path, argv, env, says):
     for name, value in env.items():
-        monkeypatch.setenv(name, value)
+        monkeypatch.setenv(name, value.format(tmp=tmp_path))
     argv = [arg.format(tmp=tmp_path) for arg in argv]
     assert queue_tool.main(["--port", "0", *argv]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
@@ -3450,7 +3459,7 @@ def test_processor_that_imports_queue_tool_sees_the_running_module(tmp_path, sta
         assert (status, view["status"], view["attempts"]) == (200, "done", 2)
         assert view["result"] == {"same_module": True}
         # The retry came after the processor's 1 s, not after --retry-delay's 0.2 s.
-        assert seconds_of(view["run_at"]) - seconds_of(view["created_at"]) >= 0.999
+        assert iso_seconds(view["run_at"]) - iso_seconds(view["created_at"]) >= 0.999
     finally:
         assert server.stop() == 0
 
@@ -3493,7 +3502,9 @@ def test_postgres_password_shows_nowhere(servers, db_postgres, capsys, monkeypat
     secret = "s3cr3t-" + secrets.token_hex(4)
     # The test server trusts every local connection, so any password gets in.
     url = db_postgres.replace("postgresql://postgres@", f"postgresql://postgres:{secret}@")
-    server = servers("--db", url, "--workers", "1", "--api-key", "k")
+    listen = db_postgres.replace("postgresql://postgres@",
+                                 f"postgresql://postgres:{secret}-listen@")
+    server = servers("--db", url, "--listen-db", listen, "--workers", "1", "--api-key", "k")
     key = {"Authorization": "Bearer k"}
     shown = [server.request("GET", "/health")[1], server.request("GET", "/openapi.json")[1]]
     for path in ("/metrics", "/"):
@@ -3508,6 +3519,7 @@ def test_postgres_password_shows_nowhere(servers, db_postgres, capsys, monkeypat
     shown.append(error)
     assert server.stop() == 0
     monkeypatch.setenv("QUEUE_TOOL_DB", url)
+    monkeypatch.setenv("QUEUE_TOOL_LISTEN_DB", listen)
     assert queue_tool.main(["--help"]) == 0
     shown += [capsys.readouterr(), repr(queue_tool.settings_from_env()),
               server.log.read_text()]
@@ -3898,6 +3910,186 @@ def test_three_hosts_share_one_queue_and_take_over_a_killed_ones_jobs(
             if server.process.poll() is None:
                 server.process.kill()
                 server.process.wait()
+
+
+# -- PostgreSQL behind PgBouncer ---------------------------------------------------------
+
+class PgBouncer:
+    """A PgBouncer of the test's own on a free loopback port, in `mode`, in front of the
+    tests' PostgreSQL server: every database name goes through to the server's."""
+
+    def __init__(self, mode):
+        import psycopg.conninfo
+        server = psycopg.conninfo.conninfo_to_dict(POSTGRES)
+        self.user = server.get("user") or "postgres"
+        self.root = Path(tempfile.mkdtemp(prefix="queue_tool-pgbouncer-"))
+        self.port = free_port()
+        (self.root / "users.txt").write_text(f'"{self.user}" ""\n')
+        (self.root / "pgbouncer.ini").write_text(
+            "[databases]\n"
+            f"* = host={server.get('host') or '127.0.0.1'} port={server.get('port') or 5432}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {self.root / 'users.txt'}\n"
+            f"pool_mode = {mode}\nmax_client_conn = 1000\ndefault_pool_size = 20\n"
+            f"pidfile = {self.root / 'pgbouncer.pid'}\nlogfile = {self.root / 'pgbouncer.log'}\n")
+        command = [pgbouncer_program(), str(self.root / "pgbouncer.ini")]
+        if os.geteuid() == 0:  # PgBouncer refuses to run as root
+            for path in (self.root, *self.root.iterdir()):
+                shutil.chown(path, "postgres", "postgres")
+            command = ["runuser", "-u", "postgres", "--", *command]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not (self.root / "pgbouncer.pid").exists() or not self._listening():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"pgbouncer did not start:\n{self.log()}")
+            time.sleep(0.02)
+
+    def _listening(self):
+        with contextlib.closing(socket.socket()) as probe:
+            return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def url(self, direct):
+        """The URL of `direct`'s database, through this pool."""
+        dbname = direct.rpartition("/")[2].partition("?")[0]
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{dbname}"
+
+    def log(self):
+        path = self.root / "pgbouncer.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self):
+        """Stop it by its pid (SIGTERM: at once) and wait for it to go."""
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int((self.root / "pgbouncer.pid").read_text()), signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def pgbouncer_program():
+    return shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+
+
+def running_pgbouncer(mode):
+    if not pgbouncer_program():
+        reason = "pgbouncer is needed (Debian's pgbouncer package)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    pool = PgBouncer(mode)
+    pool.mode = mode
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_transaction(postgres):
+    yield from running_pgbouncer("transaction")
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_session(postgres):
+    yield from running_pgbouncer("session")
+
+
+@pytest.fixture
+def fresh_database(postgres):
+    """A new, empty database on the tests' server (a pool passes no search_path):
+    its direct URL, dropped afterwards (ask for it before any app that uses it)."""
+    import psycopg
+    name = "qt_" + secrets.token_hex(6)
+    with psycopg.connect(postgres, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{postgres.rpartition('/')[0]}/{name}"
+    finally:
+        with psycopg.connect(postgres, autocommit=True) as connection:
+            connection.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_pgbouncer_web_and_worker_processes_share_one_queue_through_the_pool(
+        request, fresh_database, servers, mode):
+    """Transaction mode with a direct listener (listen_db), session mode with the
+    listener through the pool too: 300 jobs done once, wake-ups within 50 ms."""
+    pool = request.getfixturevalue(f"pgbouncer_{mode}")
+    common = ["--db", pool.url(fresh_database), "--pooler", mode]
+    if mode == "transaction":
+        common += ["--listen-db", fresh_database]
+    front = servers(*common, "--workers", "0", name="front")
+    worker = servers("worker", *common, "--workers", "4", name="worker", ready=WORKING)
+    tokens = []
+    for start in range(0, 300, 50):
+        status, body = front.request("POST", "/api", [{"item": f"{n}", "valor": 0}
+                                                      for n in range(start, start + 50)])
+        assert status == 202
+        tokens += [entry["hash"] for entry in body["processing_items"]]
+    for token in tokens:
+        status, view = front.request("GET", f"/check/{token}?wait=30")
+        assert (status, view["status"], view["attempts"]) == (200, "done", 1), view
+    for attempt in range(5):  # the listener wakes the idle worker at once
+        status, body = front.request("POST", "/api", [{"item": f"a{attempt}", "valor": 0}])
+        token = body["processing_items"][0]["hash"]
+        status, view = front.request("GET", f"/check/{token}?wait=10")
+        waited = iso_seconds(view["started_at"]) - iso_seconds(view["created_at"])
+        assert waited < 0.05, f"job {attempt} started {waited * 1000:.1f} ms after its submit"
+    status, health = front.request("GET", "/health")
+    assert (status, health["queued"], health["running"]) == (200, 0, 0)
+    assert worker.stop() == 0 and front.stop() == 0
+    for log in (front.log.read_text(), worker.log.read_text()):
+        assert "prepared statement" not in log and "failed" not in log, log
+        assert not re.search(r" 5\d\d \d+\.\dms", log), log  # no 5xx answered
+
+
+PATIENT_MODULE = """
+import os
+
+
+def patient(job):
+    if job.item == "long" and job.canceled.wait(60):
+        with open(os.environ["RECORD_FILE"], "a") as out:
+            out.write(job.token + "\\n")
+"""
+
+
+def test_pgbouncer_transaction_mode_alone_works_by_the_poll(
+        fresh_database, servers, make, pgbouncer_transaction, tmp_path):
+    """No listen_db: nothing LISTENs through the pool (it would be lost), the poll
+    wakes the worker, and a cancel reaches the job when its lease is renewed."""
+    (tmp_path / "patient_tasks.py").write_text(PATIENT_MODULE)
+    record = tmp_path / "canceled.txt"
+    pooled = pgbouncer_transaction.url(fresh_database)
+    worker = servers("--db", pooled, "--pooler", "transaction", "--workers", "2",
+                     "--lease", "3", "--process", "patient_tasks:patient", name="worker",
+                     env={**os.environ, "RECORD_FILE": str(record)})
+    client = webtest.TestApp(make(db=pooled, pooler="transaction", workers=0))
+    key = {"Idempotency-Key": "pooled-1"}
+    batch = [{"item": f"{n}", "valor": 0} for n in range(20)]
+    first = submit(client, batch, headers=key)
+    again = submit(client, batch, headers=key)
+    assert again.headers["Idempotent-Replayed"] == "true" and again.json == first.json
+    view = client.get(first.json["check_batch"] + "?wait=20", status=200).json
+    assert view["finished"] and view["counts"]["done"] == 20 and view["total"] == 20
+    (long,) = tokens_of(submit(client, [{"item": "long", "valor": 60}]))
+    wait_until(lambda: client.get(f"/check/{long}").json["status"] == "running",
+               timeout=10, what="the long job to start")
+    assert client.delete(f"/check/{long}", status=200).json["status"] == "canceled"
+    wait_until(lambda: record.exists() and long in record.read_text(), timeout=10,
+               what="the cancel to reach the job in the worker process")
+    counters = scrape(client)
+    assert counters["queue_tool_jobs_submitted_total"] == 21
+    assert counters['queue_tool_jobs_finished_total{status="done"}'] == 20
+    assert counters['queue_tool_jobs_finished_total{status="canceled"}'] == 1
+    assert worker.stop() == 0
+    log = worker.log.read_text()
+    assert "no LISTEN through a transaction-mode pool" in log
+    assert "prepared statement" not in log and "failed" not in log
 
 
 # -- The Python client -----------------------------------------------------------------
