@@ -3809,6 +3809,67 @@ def answer(url, method="GET", payload=None):
         return error.code, json.loads(error.read()), error.headers
 
 
+@contextlib.contextmanager
+def store_locked_elsewhere(db, seconds):
+    """Another session holds the jobs table for `seconds` from now, whatever happens
+    meanwhile: PostgreSQL's ACCESS EXCLUSIVE lock, SQLite's write lock."""
+    locked_at = time.monotonic()
+    if is_postgres(db):
+        import psycopg
+        connection = psycopg.connect(str(db))
+        connection.execute("LOCK TABLE queue_tool_jobs IN ACCESS EXCLUSIVE MODE")
+    else:
+        connection = sqlite3.connect(db, isolation_level=None)
+        connection.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+        time.sleep(max(0.0, locked_at + seconds - time.monotonic()))  # the lock's length
+    finally:
+        connection.rollback()
+        connection.close()
+
+
+@both_stores
+@pytest.mark.parametrize("timeout", [None, 2])
+def test_a_store_locked_elsewhere_answers_503_within_the_bound_then_recovers(
+        servers, db, timeout):
+    """No request waits longer than store_timeout (5 s by default) for a stuck store,
+    and nothing a refused request sent is kept."""
+    bound = 5 if timeout is None else timeout
+    server = servers("--db", str(db), "--workers", "1",
+                     *([] if timeout is None else ["--store-timeout", str(timeout)]))
+    (before,) = [entry["hash"] for entry in server.request(
+        "POST", "/api", [{"item": "before", "valor": 0}])[1]["processing_items"]]
+    assert server.request("GET", f"/check/{before}?wait=10")[1]["status"] == "done"
+    answers = {}
+
+    def ask(name, method, path, payload=None):
+        started = time.monotonic()
+        answers[name] = (*answer(server.url + path, method, payload),
+                         time.monotonic() - started)
+    with store_locked_elsewhere(db, 14):
+        asking = [threading.Thread(target=ask, args=args) for args in (
+            ("submit", "POST", "/api", [{"item": "stuck", "valor": 0}]),
+            ("health", "GET", "/health"), ("check", "GET", f"/check/{before}"))]
+        for thread in asking:
+            thread.start()
+        for thread in asking:
+            thread.join(30)
+        print({name: (got[0], round(got[-1], 2)) for name, got in answers.items()})
+        status, body, headers, took = answers["submit"]
+        assert (status, body["error"], headers["Retry-After"]) == (503, "store_unavailable", "1")
+        assert took < bound + 1.5, f"the submit took {took:.1f} s"
+        for name in ("health", "check"):
+            status, body, headers, took = answers[name]
+            assert status in (200, 503) and took < bound + 1.5, (name, status, took)
+    status, body = server.request("POST", "/api", [{"item": "after", "valor": 0}])
+    (after,) = [entry["hash"] for entry in body["processing_items"]]
+    assert server.request("GET", f"/check/{after}?wait=30")[1]["status"] == "done"
+    assert server.request("GET", "/health")[0] == 200
+    assert sorted(item for (item,) in sql(db, "SELECT item FROM {jobs}")) == ["after", "before"]
+    assert server.stop() == 0
+
+
 def test_postgres_outage_answers_503_then_recovers_by_itself(servers, cluster):
     server = servers("--db", cluster.url, "--workers", "4", "--lease", "2")
     accepted, refused, stop = [], collections.Counter(), threading.Event()
