@@ -993,9 +993,17 @@ class SQLiteStore(Store):
 
     def _read(self, sql, params=(), on_writer=False):
         """Rows of one query, within the store's timeout, on the connection for reads
-        (or the writer's); a single statement needs no explicit transaction."""
-        with self._locked(self.timeout, reading=not on_writer) as (conn, _):
-            return conn.execute(sql, params).fetchall()
+        (or the writer's); a single statement needs no explicit transaction. (The
+        hot path of every check: _locked's steps without a context manager.)"""
+        lock = self._lock if on_writer else self._read_lock
+        if not lock.acquire(timeout=self.timeout):
+            raise StoreError(f"the store stayed busy for {self.timeout:g}s")
+        try:
+            return self._connection(not on_writer).execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+        finally:
+            lock.release()
 
     @staticmethod
     def _json_list(values):
