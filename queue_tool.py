@@ -193,7 +193,7 @@ SETTING_HELP = {
     "pooler": "what db goes through: none, session (a session-mode pool: the same) or"
               " transaction (PgBouncer's transaction mode, most managed pools)",
     "listen_db": "PostgreSQL URL of the listener's own session, direct or a session-mode"
-                 " pool (default: the db URL)",
+                 " pool; none: the db URL",
 }
 # A direct connection and a session-mode pool keep a server session per client: the
 # store prepares its statements there. Behind a transaction-mode pool it prepares
