@@ -954,18 +954,18 @@ class SQLiteStore(Store):
             self._conns, self._closed = {}, final
 
     @contextlib.contextmanager
-    def _locked(self, timeout, reading=False):
-        """The connection for writes (or reads), this process's turn on it taken within
-        `timeout` seconds; and the seconds left."""
-        deadline, lock = time.monotonic() + timeout, self._read_lock if reading else self._lock
-        if not lock.acquire(timeout=timeout):
+    def _locked(self, timeout):
+        """The connection for writes, this process's turn on it taken within `timeout`
+        seconds; and the seconds left. (_read does the same for reads, inline.)"""
+        deadline = time.monotonic() + timeout
+        if not self._lock.acquire(timeout=timeout):
             raise StoreError(f"the store stayed busy for {timeout:g}s")
         try:
-            yield self._connection(reading), deadline - time.monotonic()
+            yield self._connection(), deadline - time.monotonic()
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from exc
         finally:
-            lock.release()
+            self._lock.release()
 
     @contextlib.contextmanager
     def _transaction(self, durable=True, timeout=WORK_TIMEOUT):
@@ -994,7 +994,7 @@ class SQLiteStore(Store):
     def _read(self, sql, params=(), on_writer=False):
         """Rows of one query, within the store's timeout, on the connection for reads
         (or the writer's); a single statement needs no explicit transaction. (The
-        hot path of every check: _locked's steps without a context manager.)"""
+        hot path of every check: _locked's steps, without a context manager.)"""
         lock = self._lock if on_writer else self._read_lock
         if not lock.acquire(timeout=self.timeout):
             raise StoreError(f"the store stayed busy for {self.timeout:g}s")
