@@ -55,6 +55,7 @@ import base64
 import collections
 import contextlib
 import dataclasses
+import datetime
 import decimal
 import functools
 import hashlib
@@ -82,6 +83,7 @@ import traceback
 import urllib.parse
 import weakref
 import wsgiref.simple_server
+import zoneinfo
 
 import jsonschema
 
@@ -123,6 +125,7 @@ class Settings:
     store_timeout: float = 5  # the longest a request waits for the store
     pooler: str = "none"  # what stands between us and PostgreSQL: see POOLERS
     listen_db: str = None  # the listener's own PostgreSQL URL; None: the db URL
+    schedules: str = None  # a JSON file of schedules to apply at start-up
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -194,6 +197,7 @@ SETTING_HELP = {
               " transaction (PgBouncer's transaction mode, most managed pools)",
     "listen_db": "PostgreSQL URL of the listener's own session, direct or a session-mode"
                  " pool; none: the db URL",
+    "schedules": "JSON file of schedules ({name: schedule}) to create or replace at start-up",
 }
 # A direct connection and a session-mode pool keep a server session per client: the
 # store prepares its statements there. Behind a transaction-mode pool it prepares
@@ -225,6 +229,9 @@ def _check_setting(name, value):
     elif name == "db":
         if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
             raise SettingsError("db must be a file path, :memory: or a postgresql:// URL")
+    elif name == "schedules":
+        if value is not None and (not isinstance(value, (str, os.PathLike)) or not value):
+            raise SettingsError("schedules must be the path of a JSON file")
     elif name == "process":
         if value is not None and (not isinstance(value, str) or not PROCESS_RE.match(value)):
             raise SettingsError(f"process must be module:function, not {value!r}")
@@ -278,7 +285,8 @@ def parse_setting(name, text):
         except ValueError:
             word = "a whole number" if kind is int else "a number"
             raise SettingsError(f"{name} must be {word}, not {text!r}") from None
-    return text if text or name not in ("api_key", "process", "queues", "listen_db") else None
+    return text if text or name not in ("api_key", "process", "queues", "listen_db",
+                                        "schedules") else None
 
 
 def settings_from_env(environ=None, **overrides):
@@ -325,6 +333,10 @@ def load_process(spec):
 
 # -- Schema ------------------------------------------------------------------
 
+# A unique job key, and an Idempotency-Key: printable ASCII, as an ECMA-262 pattern.
+KEY_PATTERN = "^[\\x20-\\x7e]{1,255}$"
+
+
 def item_schema(max_valor=Settings.max_valor, max_delay=Settings.max_delay):
     """The JSON Schema one batch item must match."""
     return {
@@ -345,8 +357,18 @@ def item_schema(max_valor=Settings.max_valor, max_delay=Settings.max_delay):
             "retries": {"type": "integer", "minimum": 0, "maximum": MAX_RETRIES,
                         "description": "more runs after the processor raised"
                                        " (default: the retries setting)"},
+            "unique": {"type": "string", "pattern": KEY_PATTERN,
+                       "description": "a job key: while a job with it is queued or running,"
+                                      " an item with the same key queues nothing"},
+            "unique_for": {"type": "number", "exclusiveMinimum": 0, "maximum": max_delay,
+                           "description": "seconds a job with this key also keeps an item"
+                                          " with it out after it was created, in any state"},
+            "expires": {"type": "number", "exclusiveMinimum": 0, "maximum": max_delay,
+                        "description": "seconds after its first run_at that a job not yet"
+                                       " started is canceled instead"},
         },
         "required": ["item", "valor"],
+        "dependentRequired": {"unique_for": ["unique"]},
     }
 
 
@@ -390,9 +412,10 @@ def compile_schema(schema):
 
 
 _FAST_KEYWORDS = {
-    "object": {"$schema", "title", "description", "type", "properties", "required"},
+    "object": {"$schema", "title", "description", "type", "properties", "required",
+               "dependentRequired"},
     "string": {"description", "type", "minLength", "maxLength", "pattern", "default"},
-    "number": {"description", "type", "minimum", "maximum", "default"},
+    "number": {"description", "type", "minimum", "exclusiveMinimum", "maximum", "default"},
     "integer": {"description", "type", "minimum", "maximum", "default"},
 }
 
@@ -417,14 +440,15 @@ def compile_fast_check(schema):
         integral = kind == "integer"
         low, high = ("minLength", "maxLength") if kind == "string" else ("minimum", "maximum")
         pattern = rule.get("pattern")
-        rules.append((name, types, integral, rule.get(low), rule.get(high),
-                      pattern and ecma_regex(pattern)))
+        rules.append((name, types, integral, rule.get(low), rule.get("exclusiveMinimum"),
+                      rule.get(high), pattern and ecma_regex(pattern)))
     required = tuple(schema.get("required", ()))
+    dependent = tuple(schema.get("dependentRequired", {}).items())
 
     def check(item):
         if type(item) is not dict or any(key not in item for key in required):
             return False
-        for name, types, integral, low, high, pattern in rules:
+        for name, types, integral, low, above, high, pattern in rules:
             if name not in item:
                 continue
             value = item[name]
@@ -432,9 +456,11 @@ def compile_fast_check(schema):
                     integral and type(value) is float and not value.is_integer()):
                 return False
             size = len(value) if types == (str,) else value
-            if (low is not None and size < low) or (high is not None and size > high):
+            if (low is not None and size < low) or (high is not None and size > high) or (
+                    above is not None and size <= above):
                 return False
-        return True
+        return all(key not in item or all(need in item for need in needs)
+                   for key, needs in dependent)
 
     return check
 
@@ -483,6 +509,190 @@ class StoreError(Exception):
     """
 
 
+# -- Schedules ---------------------------------------------------------------
+# When a recurring job's slots fall: five-field cron in a time zone, or every S
+# seconds since the Unix epoch. Cron is written here, not taken from a library:
+# cronsim and croniter both run a local time skipped by a clock change at the
+# change and a repeated hour's `*` slots twice, where SPEC wants neither; the
+# tests check this code against cronsim wherever no clock changes.
+
+MAX_EVERY = 31_536_000  # a year: the longest `every`
+CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12),
+               ("day of week", 0, 7))
+CRON_NAMES = (None, None, None,
+              {name: n for n, name in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul",
+                                                 "aug", "sep", "oct", "nov", "dec"), 1)},
+              {name: n for n, name in enumerate(("sun", "mon", "tue", "wed", "thu", "fri",
+                                                 "sat"))})
+CRON_MACROS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+               "@weekly": "0 0 * * 0", "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *",
+               "@annually": "0 0 1 1 *"}
+CRON_HORIZON = 366 * 9  # days searched for the next match: Feb 29 comes within 8 years
+SCHEDULE_KEYS = ("cron", "every", "job", "timezone", "paused")
+
+
+class Cron:
+    """A five-field cron expression (or a macro such as @daily); ValueError if bad."""
+
+    def __init__(self, expression):
+        fields = CRON_MACROS.get(expression.strip().lower(), expression).split()
+        if len(fields) != 5:
+            raise ValueError(f"cron {expression!r} needs five fields (minute hour day month"
+                             " weekday) or one of " + ", ".join(CRON_MACROS))
+        sets = [_cron_field(text, *CRON_FIELDS[n], CRON_NAMES[n]) for n, text in enumerate(fields)]
+        self.minutes, self.hours = sorted(sets[0]), sorted(sets[1])
+        self.days, self.months = sets[2], sets[3]
+        self.weekdays = {day % 7 for day in sets[4]}  # 7 is Sunday too
+        # Both day fields restricted: either matching is enough (cron's own rule; a
+        # field counts as restricted unless it starts with *).
+        self.either = not fields[2].startswith("*") and not fields[4].startswith("*")
+        if self.next_after(0.0, datetime.UTC) is None:
+            raise ValueError(f"cron {expression!r} matches no date")
+
+    def _matches(self, day):
+        if day.month not in self.months:
+            return False
+        in_month, in_week = day.day in self.days, (day.weekday() + 1) % 7 in self.weekdays
+        return (in_month or in_week) if self.either else (in_month and in_week)
+
+    def next_after(self, after, zone):
+        """The first matching time after `after` (epoch seconds) in `zone`, or None.
+
+        A local time that a clock change skips does not match; one that happens
+        twice matches once, the first time (fold 0).
+        """
+        start = datetime.datetime.fromtimestamp(after, zone)
+        day = start.date()
+        for _ in range(CRON_HORIZON):
+            if self._matches(day):
+                for hour in self.hours:
+                    if day == start.date() and hour < start.hour:
+                        continue
+                    for minute in self.minutes:
+                        local = datetime.datetime(day.year, day.month, day.day, hour, minute,
+                                                  tzinfo=zone)
+                        moment = local.timestamp()
+                        if moment > after and datetime.datetime.fromtimestamp(
+                                moment, zone).replace(tzinfo=None) == local.replace(tzinfo=None):
+                            return moment
+            day += datetime.timedelta(days=1)
+        return None
+
+
+def _cron_field(text, name, low, high, names):
+    """The values one cron field names: lists, ranges, steps, names, *."""
+    def value(part):
+        number = names.get(part.lower()) if names else None
+        if number is None and not part.isdigit():
+            raise ValueError(f"cron's {name} field {text!r}: {part!r} is not a value")
+        return int(part) if number is None else number
+
+    values = set()
+    for part in text.split(","):
+        spec, slash, step = part.partition("/")
+        if slash and not (step.isdigit() and int(step) > 0):
+            raise ValueError(f"cron's {name} field {text!r}: the step must be a whole number"
+                             " above 0")
+        if spec == "*":
+            first, last = low, high
+        elif "-" in spec:
+            first, last = (value(end) for end in spec.split("-", 1))
+        else:
+            first = value(spec)
+            last = high if slash else first
+        if not low <= first <= last <= high:
+            raise ValueError(f"cron's {name} field {text!r}: values run from {low} to {high},"
+                             " low to high")
+        values.update(range(first, last + 1, int(step) if slash else 1))
+    return values
+
+
+@functools.lru_cache(maxsize=1024)
+def _cron(expression):
+    return Cron(expression)
+
+
+@functools.lru_cache(maxsize=256)
+def time_zone(name):
+    """The zone an IANA name names; ValueError if this machine knows none by it."""
+    if name == "UTC":
+        return datetime.UTC  # needs no zone database
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"timezone {name!r} is not an IANA time zone this machine knows"
+                         " (such as Europe/Berlin; without the system's zone database,"
+                         " pip install tzdata)") from None
+
+
+def next_slot(schedule, after):
+    """The first slot of a schedule ({"cron", "every", "timezone"}) after `after`."""
+    if schedule["every"] is not None:
+        every = schedule["every"]
+        return (math.floor(after / every) + 1) * every
+    return _cron(schedule["cron"]).next_after(after, time_zone(schedule["timezone"]))
+
+
+def latest_slot(schedule, since, now):
+    """The latest slot from `since` (itself a slot) to `now`: a schedule that missed
+    several makes one job, for this one (SPEC's catch-up rule)."""
+    if schedule["every"] is not None:
+        return max(since, math.floor(now / schedule["every"]) * schedule["every"])
+    for window in (60, 3600, 86400, 31 * 86400, 400 * 86400, None):
+        # The first slot within `window` before now, then step to the last one.
+        slot = next_slot(schedule, since - 1 if window is None else max(since, now - window) - 1)
+        if slot is not None and slot <= now:
+            while (later := next_slot(schedule, slot)) is not None and later <= now:
+                slot = later
+            return slot
+    return since
+
+
+class InvalidSchedule(ValueError):
+    """A schedule body that cannot be used; the message says why."""
+
+
+def check_schedule(body, validator, fast_check=None):
+    """The schedule a PUT body describes, normalised: {"cron", "every", "timezone",
+    "job", "paused"}. InvalidSchedule (or a ValueError of Cron's) naming what is wrong."""
+    if not isinstance(body, dict):
+        raise InvalidSchedule("a schedule is a JSON object")
+    unknown = sorted(set(body) - set(SCHEDULE_KEYS))
+    if unknown:
+        raise InvalidSchedule(f"unknown key {unknown[0]!r}; a schedule has "
+                         + ", ".join(SCHEDULE_KEYS))
+    cron, every = body.get("cron"), body.get("every")
+    if (cron is None) == (every is None):
+        raise InvalidSchedule("a schedule needs exactly one of cron and every")
+    zone = body.get("timezone", "UTC" if cron is not None else None)
+    if every is not None:
+        if isinstance(every, bool) or not isinstance(every, (int, float)) or not (
+                1 <= every <= MAX_EVERY):
+            raise InvalidSchedule(f"every must be a number of seconds from 1 to {MAX_EVERY}")
+        if zone is not None:
+            raise InvalidSchedule("timezone is for cron schedules; every counts from the Unix epoch")
+    else:
+        if not isinstance(cron, str) or not _is_unicode(cron):
+            raise InvalidSchedule("cron must be a string such as '0 9 * * mon-fri'")
+        if not isinstance(zone, str):
+            raise InvalidSchedule("timezone must be an IANA name such as 'Europe/Berlin'")
+        time_zone(zone)
+        _cron(cron)
+    paused = body.get("paused", False)
+    if not isinstance(paused, bool):
+        raise InvalidSchedule("paused must be true or false")
+    job = body.get("job")
+    if not isinstance(job, dict):
+        raise InvalidSchedule("job must be an item: {\"item\": ..., \"valor\": ...}")
+    if "delay" in job:
+        raise InvalidSchedule("job: delay is not an option of a scheduled job:"
+                              " it starts at its slot")
+    error = check_item(job, validator, fast_check)[1]
+    if error is not None:
+        raise InvalidSchedule(f"job: {error}")
+    return {"cron": cron, "every": every, "timezone": zone, "job": job, "paused": paused}
+
+
 # -- Stores ------------------------------------------------------------------
 
 QUEUED, RUNNING, DONE, FAILED, CANCELED = "queued", "running", "done", "failed", "canceled"
@@ -491,19 +701,30 @@ FINAL_STATES = frozenset((DONE, FAILED, CANCELED))
 # Totals, plus "queued": a gauge kept beside them so that neither the capacity
 # check nor /health counts a long queue row by row.
 COUNTERS = ("submitted", "invalid", "finished_done", "finished_failed", "finished_canceled",
-            "retried", "queued")
+            "retried", "queued", "duplicate")
 PURGE_BATCH = 500  # rows per purge transaction: short, so writers never wait long
 JOB_FIELDS = ("token", "item", "valor", "status", "created_at", "started_at", "finished_at",
               "attempts", "owner", "lease_until", "progress", "result", "error", "queue",
-              "priority", "run_at", "retries", "retried", "batch")
+              "priority", "run_at", "retries", "retried", "batch", "unique_key", "expires_at",
+              "schedule")
+SCHEDULE_FIELDS = ("name", "cron", "every", "timezone", "job", "paused", "next_run_at",
+                   "last_run_at", "last_job", "created_at", "updated_at")
+FIRE_BATCH = 500  # schedules one transaction makes the jobs of, at most
 LAST_ID = 2 ** 63 - 1  # above every job id: a listing's `before` when none is given
 WORK_TIMEOUT = 30.0  # seconds the workers' claims, ends and upkeep may wait for the store
 
 
 class NewJob(collections.namedtuple(
-        "NewJob", "token item valor delay priority queue retries",
-        defaults=(0, 0, DEFAULT_QUEUE, 0))):
-    """A job to submit; `retries` is its limit, `delay` seconds before its first start."""
+        "NewJob", "token item valor delay priority queue retries unique unique_for expires"
+                  " schedule slot",
+        defaults=(0, 0, DEFAULT_QUEUE, 0, None, 0.0, 0.0, None, None))):
+    """A job to submit; `retries` is its limit, `delay` seconds before its first start.
+
+    `unique` is its key (None: none), `unique_for` how many seconds a job with that
+    key created earlier keeps it out whatever its state (0: only a queued or running
+    one), `expires` the seconds after its first run_at it may still start (0: no
+    limit); `schedule` and `slot` name the schedule slot that made it.
+    """
 
     @classmethod
     def from_item(cls, item, retries=0):
@@ -512,11 +733,70 @@ class NewJob(collections.namedtuple(
         whatever JSON number the item used, so a batch stores as one column each."""
         return cls(secrets.token_hex(16), item["item"], item["valor"],
                    float(item.get("delay", 0)), int(item.get("priority", 0)),
-                   item.get("queue", DEFAULT_QUEUE), int(item.get("retries", retries)))
+                   item.get("queue", DEFAULT_QUEUE), int(item.get("retries", retries)),
+                   item.get("unique"), float(item.get("unique_for", 0)),
+                   float(item.get("expires", 0)))
 
 
 def _job(row):
     return None if row is None else dict(zip(JOB_FIELDS, row))
+
+
+def _schedule(row):
+    if row is None:
+        return None
+    schedule = dict(zip(SCHEDULE_FIELDS, row))
+    schedule["job"], schedule["paused"] = json.loads(schedule["job"]), bool(schedule["paused"])
+    return schedule
+
+
+def _first_keys(jobs):
+    """{key: unique_for} of the first job with each unique key: the ones the store
+    looks up; a later job with a key is a duplicate of the first."""
+    keys = {}
+    for job in jobs:
+        if job.unique is not None and job.unique not in keys:
+            keys[job.unique] = job.unique_for
+    return keys
+
+
+def _sort_out(jobs, found):
+    """(the new jobs, {position: (token, status)} of the duplicates) of `jobs`, given
+    `found`: {key: (token, status)} of the jobs already in the store that keep each
+    first key out."""
+    new, duplicates, first = [], {}, dict(found)
+    for index, job in enumerate(jobs):
+        if job.unique is not None and job.unique in first:
+            duplicates[index] = first[job.unique]
+            continue
+        if job.unique is not None:
+            first[job.unique] = (job.token, QUEUED)
+        new.append(job)
+    return new, duplicates
+
+
+def _fired(schedules, now, retries):
+    """The jobs of due schedules: [(schedule, its slot, its NewJob)], for `now`."""
+    fired = []
+    for schedule in schedules:
+        slot = latest_slot(schedule, schedule["next_run_at"], now)
+        if slot > schedule["next_run_at"]:
+            log.info("schedule %s missed its slots from %s: one job for the latest, %s",
+                     schedule["name"], iso_time(schedule["next_run_at"]), iso_time(slot))
+        job = NewJob.from_item(schedule["job"], retries)._replace(
+            schedule=schedule["name"], slot=slot)
+        fired.append((schedule, slot, job))
+    return fired
+
+
+def _next_run_at(before, schedule, now):
+    """A schedule's next slot as it is put: kept when its timing did not change (a
+    missed slot is still caught up after a restart that puts it again), else the
+    first slot from now."""
+    timing = ("cron", "every", "timezone")
+    if before is not None and all(before[name] == schedule[name] for name in timing):
+        return before["next_run_at"]
+    return next_slot(schedule, now)
 
 
 def _batch(batch_id, rows, job):
@@ -568,9 +848,16 @@ class Store:
         `batch`, counting `invalid` rejected items; or nothing, raising QueueFull when
         the queued jobs would pass `max_queued`.
 
-        `key` is (idempotency key, fingerprint, response) to keep with the batch. If
-        a batch already holds that key, nothing is queued and its (fingerprint,
-        response) is returned; otherwise None. Wakes listeners in other processes.
+        A job whose unique key is held (by a queued or running job, or one created
+        within its `unique_for`, or by an earlier job of this batch) is a duplicate
+        and queues nothing: this is decided under a lock on the key, so across
+        processes one job is queued. Returns (duplicates, earlier): {position in
+        `jobs`: (token, status) of the job it duplicates}, and None.
+
+        `key` is (idempotency key, fingerprint, response) to keep with the batch,
+        `response` the text or a function of the duplicates giving it. If a batch
+        already holds that key, nothing is queued and ({}, its (fingerprint,
+        response)) is returned. Wakes listeners in other processes.
         """
         raise NotImplementedError
 
@@ -661,6 +948,41 @@ class Store:
         """Periodic upkeep (the housekeeper calls it each minute)."""
         raise NotImplementedError
 
+    def expire(self):
+        """Cancel, with the error "expired", the queued jobs never started whose
+        `expires` passed (a claim never takes one): their tokens."""
+        raise NotImplementedError
+
+    def put_schedule(self, name, schedule):
+        """Create or replace a schedule (as check_schedule gives it): (its row, True
+        if it is new). A replacement with the same timing keeps its next slot, so a
+        restart that applies the same schedules still catches up."""
+        raise NotImplementedError
+
+    def schedule(self, name):
+        """The schedule's row, or None."""
+        raise NotImplementedError
+
+    def schedules(self):
+        """Every schedule's row, by name."""
+        raise NotImplementedError
+
+    def delete_schedule(self, name):
+        """Remove a schedule: its last row, or None if there was none."""
+        raise NotImplementedError
+
+    def next_schedule(self):
+        """Seconds until the next slot of a schedule not paused (0 if one is due), or
+        None without any."""
+        raise NotImplementedError
+
+    def fire_schedules(self, retries=0):
+        """Make the job of each due schedule's latest slot, in one transaction: the
+        tokens of the new jobs. A slot makes one job however many processes call
+        this at once: the schedule's row moves to its next slot in the transaction
+        that makes the job, and a unique (schedule, slot) index backs it up."""
+        raise NotImplementedError
+
     def listen(self, most):
         """A Listener of other processes' submits and cancels, which reports at
         most `most` waiting jobs at a time."""
@@ -709,10 +1031,39 @@ class SQLiteStore(Store):
     transaction (writes start with BEGIN IMMEDIATE). Times are this host's clock.
     Statements take named parameters; a list of queues or owners goes in as one
     JSON array (json_each), so each statement has one text.
+
+    Unique keys and schedule slots need no lock of their own: every write holds
+    the file's write lock from BEGIN IMMEDIATE, so a look-up and the insert it
+    allows happen with no other process in between.
     """
 
+    # (Shared by SCHEMA and version 4's upgrade.) Unique keys: the look-up's index,
+    # and one live job per key; a schedule slot's one job; expiry's queued jobs;
+    # the schedules, found by their next slot.
+    UNIQUE_AND_SCHEDULES = (
+        "CREATE INDEX jobs_unique_key ON jobs (unique_key, id) WHERE unique_key IS NOT NULL",
+        """CREATE UNIQUE INDEX jobs_unique_live ON jobs (unique_key)
+            WHERE unique_key IS NOT NULL AND status IN ('queued', 'running')""",
+        "CREATE UNIQUE INDEX jobs_slot ON jobs (schedule, slot) WHERE schedule IS NOT NULL",
+        """CREATE INDEX jobs_expires ON jobs (expires_at)
+            WHERE status = 'queued' AND expires_at IS NOT NULL""",
+        """CREATE TABLE schedules (
+            name TEXT PRIMARY KEY,
+            cron TEXT,
+            every REAL,
+            timezone TEXT,
+            job TEXT NOT NULL,
+            paused INTEGER NOT NULL DEFAULT 0,
+            next_run_at REAL NOT NULL,
+            last_run_at REAL,
+            last_job TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL)""",
+        "CREATE INDEX schedules_next ON schedules (next_run_at) WHERE NOT paused",
+    )
+
     # -- Schema: the tables as they are now, and how an older file gets there.
-    VERSION = 3  # PRAGMA user_version; 0.1.0 recorded none, its layout is version 1
+    VERSION = 4  # PRAGMA user_version; 0.1.0 recorded none, its layout is version 1
     SCHEMA = (
         """CREATE TABLE jobs (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -734,7 +1085,11 @@ class SQLiteStore(Store):
             run_at REAL,
             retries INTEGER NOT NULL DEFAULT 0,
             retried INTEGER NOT NULL DEFAULT 0,
-            batch TEXT)""",
+            batch TEXT,
+            unique_key TEXT,
+            expires_at REAL,
+            schedule TEXT,
+            slot REAL)""",
         "CREATE INDEX jobs_status_id ON jobs (status, id)",
         "CREATE INDEX jobs_finished_at ON jobs (finished_at) WHERE finished_at IS NOT NULL",
         # The claim's order over only the queued rows, and their next start.
@@ -751,6 +1106,7 @@ class SQLiteStore(Store):
             fingerprint TEXT,
             response TEXT)""",
         "CREATE INDEX batches_created_at ON batches (created_at)",
+        *UNIQUE_AND_SCHEDULES,
     )
     # (v, statements): what takes a version v-1 file to version v, in order; the
     # result is SCHEMA, which a test checks.
@@ -769,6 +1125,11 @@ class SQLiteStore(Store):
              "CREATE INDEX batches_created_at ON batches (created_at)",
              "ALTER TABLE jobs ADD COLUMN batch TEXT",
              "CREATE INDEX jobs_batch ON jobs (batch, id) WHERE batch IS NOT NULL")),
+        (4, ("ALTER TABLE jobs ADD COLUMN unique_key TEXT",
+             "ALTER TABLE jobs ADD COLUMN expires_at REAL",
+             "ALTER TABLE jobs ADD COLUMN schedule TEXT",
+             "ALTER TABLE jobs ADD COLUMN slot REAL",
+             *UNIQUE_AND_SCHEDULES)),
     )
     SCHEMA_VERSION = "PRAGMA user_version"
     SET_SCHEMA_VERSION = f"PRAGMA user_version = {VERSION}"
@@ -787,9 +1148,15 @@ class SQLiteStore(Store):
             response)
         VALUES (?, ?, ?, ?, ?, ?)"""
     INSERT_JOB = """INSERT INTO jobs (token, item, valor, status, created_at, run_at, queue,
-            priority, retries, batch)
-        VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)"""
+            priority, retries, batch, unique_key, expires_at, schedule, slot)
+        VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT (schedule, slot) WHERE schedule IS NOT NULL DO NOTHING"""
     ADD_TO_COUNTER = "UPDATE counters SET value = value + ? WHERE name = ?"
+    # The job that keeps a key out: a live one first, else the newest within the
+    # new job's unique_for (since: NULL for none).
+    DUPLICATE_OF = """SELECT token, status FROM jobs INDEXED BY jobs_unique_key
+        WHERE unique_key = :key AND (status IN ('queued', 'running') OR created_at >= :since)
+        ORDER BY status IN ('queued', 'running') DESC, id DESC LIMIT 1"""
 
     # -- Reading jobs and batches.
     COLUMNS = ", ".join(JOB_FIELDS)
@@ -811,6 +1178,7 @@ class SQLiteStore(Store):
     # the (status, id) index and sort every queued row for each claim.
     ANY_READY = """SELECT 1 FROM jobs INDEXED BY jobs_ready
         WHERE status = 'queued' AND run_at <= :now
+          AND (expires_at IS NULL OR expires_at > :now OR attempts > 0)
           AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
         LIMIT 1"""
     NEXT_DUE = """SELECT MIN(run_at) FROM jobs INDEXED BY jobs_due
@@ -821,6 +1189,7 @@ class SQLiteStore(Store):
         WHERE id IN (
             SELECT id FROM jobs INDEXED BY jobs_ready
             WHERE status = 'queued' AND run_at <= :now
+              AND (expires_at IS NULL OR expires_at > :now OR attempts > 0)
               AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
             ORDER BY priority DESC, run_at, id LIMIT :limit)
         RETURNING {COLUMNS}"""
@@ -868,6 +1237,30 @@ class SQLiteStore(Store):
         WHERE status = 'running'
           AND (lease_until < :now OR owner IN (SELECT value FROM json_each(:lost)))
         RETURNING token, status"""
+
+    # -- Expiry: queued jobs never started, past their time.
+    ANY_EXPIRED = """SELECT 1 FROM jobs INDEXED BY jobs_expires
+        WHERE status = 'queued' AND expires_at <= :now AND attempts = 0 LIMIT 1"""
+    EXPIRE = """UPDATE jobs SET status = 'canceled', finished_at = :now, error = 'expired'
+        WHERE status = 'queued' AND expires_at <= :now AND attempts = 0 RETURNING token"""
+
+    # -- Schedules.
+    SCHEDULE_COLUMNS = ", ".join(SCHEDULE_FIELDS)
+    GET_SCHEDULE = f"SELECT {SCHEDULE_COLUMNS} FROM schedules WHERE name = ?"
+    LIST_SCHEDULES = f"SELECT {SCHEDULE_COLUMNS} FROM schedules ORDER BY name"
+    PUT_SCHEDULE = """INSERT INTO schedules (name, cron, every, timezone, job, paused,
+            next_run_at, created_at, updated_at)
+        VALUES (:name, :cron, :every, :timezone, :job, :paused, :next_run_at, :now, :now)
+        ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, every = excluded.every,
+            timezone = excluded.timezone, job = excluded.job, paused = excluded.paused,
+            next_run_at = excluded.next_run_at, updated_at = excluded.updated_at"""
+    DELETE_SCHEDULE = f"DELETE FROM schedules WHERE name = ? RETURNING {SCHEDULE_COLUMNS}"
+    NEXT_SCHEDULE = """SELECT MIN(next_run_at) FROM schedules INDEXED BY schedules_next
+        WHERE NOT paused"""
+    DUE_SCHEDULES = f"""SELECT {SCHEDULE_COLUMNS} FROM schedules INDEXED BY schedules_next
+        WHERE NOT paused AND next_run_at <= :now ORDER BY next_run_at LIMIT :limit"""
+    SCHEDULE_FIRED = """UPDATE schedules SET next_run_at = ?, last_run_at = ?, last_job = ?
+        WHERE name = ?"""
 
     # -- Retention.
     PURGE_JOBS = """DELETE FROM jobs WHERE id IN (
@@ -1021,20 +1414,37 @@ class SQLiteStore(Store):
             if key is not None:
                 earlier = conn.execute(self.BATCH_OF_KEY, (key[0],)).fetchone()
                 if earlier is not None:
-                    return tuple(earlier)
+                    return {}, tuple(earlier)
+            now = time.time()
+            jobs, duplicates = self._sort_out(conn, jobs, now)
             if jobs:
                 (queued,) = conn.execute(self.QUEUED_GAUGE).fetchone()
                 if queued + len(jobs) > max_queued:
                     raise QueueFull(f"{queued} jobs are queued; the limit is {max_queued}")
-            now = time.time()
             if batch is not None:
-                conn.execute(self.INSERT_BATCH,
-                             (batch, now, len(jobs), *(key or (None, None, None))))
-            conn.executemany(self.INSERT_JOB, [
-                (job.token, job.item, job.valor, now, now + job.delay, job.queue,
-                 job.priority, job.retries, batch) for job in jobs])
-            self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs))
-        return None
+                response = key and (key[2](duplicates) if callable(key[2]) else key[2])
+                conn.execute(self.INSERT_BATCH, (batch, now, len(jobs),
+                                                 *(key[:2] if key else (None, None)), response))
+            self._insert(conn, jobs, now, batch)
+            self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs),
+                        duplicate=len(duplicates))
+        return duplicates, None
+
+    def _sort_out(self, conn, jobs, now):
+        """(the new jobs, the duplicates) of `jobs`: see Store.submit."""
+        found = {}
+        for key, unique_for in _first_keys(jobs).items():
+            row = conn.execute(self.DUPLICATE_OF, {
+                "key": key, "since": now - unique_for if unique_for else None}).fetchone()
+            if row is not None:
+                found[key] = tuple(row)
+        return _sort_out(jobs, found)
+
+    def _insert(self, conn, jobs, now, batch=None):
+        conn.executemany(self.INSERT_JOB, [
+            (job.token, job.item, job.valor, now, now + job.delay, job.queue, job.priority,
+             job.retries, batch, job.unique, now + job.delay + job.expires if job.expires
+             else None, job.schedule, job.slot) for job in jobs])
 
     def get(self, token):
         return _job(next(iter(self._read(self.GET_JOB, (token,))), None))
@@ -1152,6 +1562,56 @@ class SQLiteStore(Store):
     def maintain(self):
         """Nothing to do: the claim's queries name their indexes (INDEXED BY)."""
 
+    def expire(self):
+        params = {"now": time.time()}
+        if not self._read(self.ANY_EXPIRED, params):
+            return []
+        with self._transaction() as conn:
+            rows = conn.execute(self.EXPIRE, params).fetchall()
+            self._count(conn, finished_canceled=len(rows), queued=-len(rows))
+        return [token for (token,) in rows]
+
+    def put_schedule(self, name, schedule):
+        with self._transaction(timeout=self.timeout) as conn:
+            now = time.time()
+            before = _schedule(conn.execute(self.GET_SCHEDULE, (name,)).fetchone())
+            conn.execute(self.PUT_SCHEDULE, {
+                **schedule, "name": name, "job": json.dumps(schedule["job"]), "now": now,
+                "next_run_at": _next_run_at(before, schedule, now)})
+            after = _schedule(conn.execute(self.GET_SCHEDULE, (name,)).fetchone())
+        return after, before is None
+
+    def schedule(self, name):
+        return _schedule(next(iter(self._read(self.GET_SCHEDULE, (name,))), None))
+
+    def schedules(self):
+        return [_schedule(row) for row in self._read(self.LIST_SCHEDULES)]
+
+    def delete_schedule(self, name):
+        with self._transaction(timeout=self.timeout) as conn:
+            return _schedule(conn.execute(self.DELETE_SCHEDULE, (name,)).fetchone())
+
+    def next_schedule(self):
+        ((next_run_at,),) = self._read(self.NEXT_SCHEDULE)
+        return None if next_run_at is None else max(0.0, next_run_at - time.time())
+
+    def fire_schedules(self, retries=0):
+        due = self.next_schedule()
+        if due is None or due > 0:
+            return []  # the usual case, and a read takes no write lock
+        with self._transaction() as conn:
+            now = time.time()
+            rows = conn.execute(self.DUE_SCHEDULES, {"now": now, "limit": FIRE_BATCH}).fetchall()
+            fired = _fired(map(_schedule, rows), now, retries)
+            jobs, duplicates = self._sort_out(conn, [job for _, _, job in fired], now)
+            self._insert(conn, jobs, now)
+            conn.executemany(self.SCHEDULE_FIRED, [
+                (next_slot(schedule, now), slot,
+                 duplicates[n][0] if n in duplicates else job.token, schedule["name"])
+                for n, (schedule, slot, job) in enumerate(fired)])
+            self._count(conn, submitted=len(jobs), queued=len(jobs), duplicate=len(duplicates))
+        return [job.token for job in jobs]
+
     def listen(self, most):
         """PRAGMA data_version changes when another connection commits; only then
         is the store read, so an idle process costs a cheap look every 5 ms."""
@@ -1198,10 +1658,41 @@ class PostgresStore(Store):
     (ORDER BY id FOR UPDATE), so two of them (a finish and a lease renewal, say)
     can never each hold a row the other wants: no deadlock. Claims never wait
     (SKIP LOCKED).
+
+    A submit with unique keys takes a transaction-level advisory lock on each key
+    (in one order) before it looks for the jobs holding them, so two submits of one
+    key across machines take turns; a partial unique index backs it up. Schedules
+    due now are locked with SKIP LOCKED: processes firing at once share them out.
     """
 
+    # (Shared by SCHEMA and version 4's upgrade; see SQLiteStore's.)
+    UNIQUE_AND_SCHEDULES = (
+        """CREATE INDEX queue_tool_jobs_unique_key ON queue_tool_jobs (unique_key, id)
+            WHERE unique_key IS NOT NULL""",
+        """CREATE UNIQUE INDEX queue_tool_jobs_unique_live ON queue_tool_jobs (unique_key)
+            WHERE unique_key IS NOT NULL AND status IN ('queued', 'running')""",
+        """CREATE UNIQUE INDEX queue_tool_jobs_slot ON queue_tool_jobs (schedule, slot)
+            WHERE schedule IS NOT NULL""",
+        """CREATE INDEX queue_tool_jobs_expires ON queue_tool_jobs (expires_at)
+            WHERE status = 'queued' AND expires_at IS NOT NULL""",
+        """CREATE TABLE queue_tool_schedules (
+            name text PRIMARY KEY,
+            cron text,
+            every double precision,
+            timezone text,
+            job text NOT NULL,
+            paused boolean NOT NULL DEFAULT false,
+            next_run_at timestamptz NOT NULL,
+            last_run_at timestamptz,
+            last_job text,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now())""",
+        """CREATE INDEX queue_tool_schedules_next ON queue_tool_schedules (next_run_at)
+            WHERE NOT paused""",
+    )
+
     # -- Schema: the tables as they are now, and how an older database gets there.
-    VERSION = 3
+    VERSION = 4
     SCHEMA = (
         """CREATE TABLE queue_tool_jobs (
             id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -1223,7 +1714,11 @@ class PostgresStore(Store):
             run_at timestamptz NOT NULL DEFAULT now(),
             retries smallint NOT NULL DEFAULT 0,
             retried smallint NOT NULL DEFAULT 0,
-            batch text)""",
+            batch text,
+            unique_key text,
+            expires_at timestamptz,
+            schedule text,
+            slot timestamptz)""",
         "CREATE INDEX queue_tool_jobs_status_id ON queue_tool_jobs (status, id)",
         "CREATE INDEX queue_tool_jobs_running ON queue_tool_jobs (owner) WHERE status = 'running'",
         """CREATE INDEX queue_tool_jobs_finished_at ON queue_tool_jobs (finished_at)
@@ -1248,6 +1743,7 @@ class PostgresStore(Store):
             fingerprint text,
             response text)""",
         """CREATE INDEX queue_tool_batches_created_at ON queue_tool_batches (created_at)""",
+        *UNIQUE_AND_SCHEDULES,
     )
     # (v, statements): what takes a version v-1 database to version v, in order; the
     # result is SCHEMA, which a test checks.
@@ -1272,6 +1768,10 @@ class PostgresStore(Store):
              "ALTER TABLE queue_tool_jobs ADD COLUMN batch text",
              """CREATE INDEX queue_tool_jobs_batch ON queue_tool_jobs (batch, id)
                  WHERE batch IS NOT NULL""")),
+        (4, ("""ALTER TABLE queue_tool_jobs ADD COLUMN unique_key text,
+                 ADD COLUMN expires_at timestamptz, ADD COLUMN schedule text,
+                 ADD COLUMN slot timestamptz""",
+             *UNIQUE_AND_SCHEDULES)),
     )
     # Processes starting together set the schema up one at a time.
     LOCK_SCHEMA = f"SELECT pg_advisory_xact_lock({0x7175657565})"
@@ -1286,8 +1786,8 @@ class PostgresStore(Store):
     # looks (once a minute) would otherwise make each claim slower than the last.
     ANALYZE = "ANALYZE queue_tool_jobs"
 
-    # -- Submitting. The batch (and its key) first: a concurrent submit with the same
-    # key waits on the unique index until this one commits or rolls back.
+    # -- Submitting. The batch (and its key) before the jobs: a concurrent submit with
+    # the same key waits on the unique index until this one commits or rolls back.
     INSERT_BATCH = """INSERT INTO queue_tool_batches (id, total, idempotency_key, fingerprint,
             response)
         VALUES (%s, %s, %s, %s, %s)
@@ -1297,14 +1797,32 @@ class PostgresStore(Store):
     QUEUED_GAUGE = """SELECT coalesce(sum(value), 0) FROM queue_tool_counters
         WHERE name = 'queued'"""
     INSERT_JOBS = """INSERT INTO queue_tool_jobs (token, item, valor, run_at, priority, queue,
-            retries, batch, status)
+            retries, batch, status, unique_key, expires_at, schedule, slot)
         SELECT token, item, valor, now() + delay * interval '1 second', priority, queue,
-            retries, %(batch)s, 'queued'
+            retries, %(batch)s, 'queued', unique_key,
+            CASE WHEN expires > 0 THEN now() + (delay + expires) * interval '1 second' END,
+            schedule, to_timestamp(slot)
         FROM unnest(%(tokens)s::text[], %(items)s::text[], %(valors)s::numeric[],
             %(delays)s::float8[], %(priorities)s::smallint[], %(queues)s::text[],
-            %(retries)s::smallint[]) WITH ORDINALITY
-            AS j (token, item, valor, delay, priority, queue, retries, n)
-        ORDER BY n"""
+            %(retries)s::smallint[], %(unique_keys)s::text[], %(expires)s::float8[],
+            %(schedules)s::text[], %(slots)s::float8[]) WITH ORDINALITY
+            AS j (token, item, valor, delay, priority, queue, retries, unique_key, expires,
+                  schedule, slot, n)
+        ORDER BY n
+        ON CONFLICT (schedule, slot) WHERE schedule IS NOT NULL DO NOTHING"""
+    # Unique keys: a lock on each (a hash of it; two keys may share one, and then
+    # only wait for each other), taken in order so two submits cannot deadlock;
+    # then, in a statement of its own (a snapshot taken after the locks), the jobs
+    # that keep them out: a live one first, else the newest within unique_for.
+    LOCK_KEYS = """SELECT pg_advisory_xact_lock(h) FROM (
+            SELECT DISTINCT hashtextextended(key, 7435) AS h FROM unnest(%(keys)s::text[]) AS key
+            ORDER BY h) AS locks"""
+    DUPLICATES_OF = """SELECT DISTINCT ON (k.key) k.key, j.token, j.status
+        FROM unnest(%(keys)s::text[], %(fors)s::float8[]) AS k (key, seconds)
+        JOIN queue_tool_jobs AS j ON j.unique_key = k.key
+            AND (j.status IN ('queued', 'running')
+                 OR (k.seconds > 0 AND j.created_at >= now() - k.seconds * interval '1 second'))
+        ORDER BY k.key, j.status IN ('queued', 'running') DESC, j.id DESC"""
     COUNT = """INSERT INTO queue_tool_counters AS c (name, shard, value)
         SELECT name, mod(pg_backend_pid(), 64), delta
         FROM unnest(%(names)s::text[], %(deltas)s::bigint[]) AS d (name, delta)
@@ -1319,7 +1837,8 @@ class PostgresStore(Store):
         extract(epoch FROM finished_at)::float8 AS finished_at,
         attempts, owner, extract(epoch FROM lease_until)::float8 AS lease_until,
         progress, result, error, queue, priority, extract(epoch FROM run_at)::float8 AS run_at,
-        retries, retried, batch"""
+        retries, retried, batch, unique_key,
+        extract(epoch FROM expires_at)::float8 AS expires_at, schedule"""
     GET_JOB = f"SELECT {COLUMNS} FROM queue_tool_jobs WHERE token = %s"
     GET_BATCH = f"""SELECT extract(epoch FROM b.created_at)::float8, b.total, j.*
         FROM queue_tool_batches AS b
@@ -1350,6 +1869,7 @@ class PostgresStore(Store):
     CLAIM = f"""WITH next AS MATERIALIZED (
             SELECT id FROM queue_tool_jobs
             WHERE status = 'queued' AND run_at <= now()
+              AND (expires_at IS NULL OR expires_at > now() OR attempts > 0)
               AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s))
             ORDER BY priority DESC, run_at, id LIMIT {{limit}}
             FOR UPDATE SKIP LOCKED),
@@ -1449,6 +1969,59 @@ class PostgresStore(Store):
             owner = NULL, lease_until = NULL, progress = NULL
         FROM lost WHERE j.id = lost.id
         RETURNING j.token, j.status"""
+
+    # -- Expiry: queued jobs never started, past their time.
+    ANY_EXPIRED = """SELECT 1 FROM queue_tool_jobs
+        WHERE status = 'queued' AND expires_at <= now() AND attempts = 0 LIMIT 1"""
+    EXPIRE = """WITH gone AS MATERIALIZED (
+            SELECT id FROM queue_tool_jobs
+            WHERE status = 'queued' AND expires_at <= now() AND attempts = 0
+            ORDER BY id FOR UPDATE SKIP LOCKED),
+        job AS (
+            UPDATE queue_tool_jobs AS j SET status = 'canceled', finished_at = now(),
+                error = 'expired'
+            FROM gone WHERE j.id = gone.id
+            RETURNING j.token),
+        counted AS (
+            INSERT INTO queue_tool_counters AS c (name, shard, value)
+            SELECT d.name, mod(pg_backend_pid(), 64), d.delta
+            FROM (SELECT count(*) AS n FROM job) AS total
+            CROSS JOIN LATERAL (VALUES ('finished_canceled', n), ('queued', -n)) AS d (name, delta)
+            WHERE total.n > 0 ORDER BY d.name
+            ON CONFLICT (name, shard) DO UPDATE SET value = c.value + EXCLUDED.value)
+        SELECT token FROM job"""
+
+    # -- Schedules: times as epoch seconds; the due ones locked, or skipped while
+    # another process is making their jobs.
+    SCHEDULE_COLUMNS = """name, cron, every, timezone, job, paused,
+        extract(epoch FROM next_run_at)::float8, extract(epoch FROM last_run_at)::float8,
+        last_job, extract(epoch FROM created_at)::float8, extract(epoch FROM updated_at)::float8"""
+    NOW = "SELECT extract(epoch FROM now())::float8"
+    GET_SCHEDULE = f"SELECT {SCHEDULE_COLUMNS} FROM queue_tool_schedules WHERE name = %s"
+    LOCK_SCHEDULE = f"""SELECT {SCHEDULE_COLUMNS} FROM queue_tool_schedules WHERE name = %s
+        FOR UPDATE"""
+    LIST_SCHEDULES = f"SELECT {SCHEDULE_COLUMNS} FROM queue_tool_schedules ORDER BY name"
+    PUT_SCHEDULE = f"""INSERT INTO queue_tool_schedules (name, cron, every, timezone, job, paused,
+            next_run_at)
+        VALUES (%(name)s, %(cron)s, %(every)s, %(timezone)s, %(job)s, %(paused)s,
+            to_timestamp(%(next_run_at)s))
+        ON CONFLICT (name) DO UPDATE SET cron = EXCLUDED.cron, every = EXCLUDED.every,
+            timezone = EXCLUDED.timezone, job = EXCLUDED.job, paused = EXCLUDED.paused,
+            next_run_at = EXCLUDED.next_run_at, updated_at = now()
+        RETURNING {SCHEDULE_COLUMNS}"""
+    DELETE_SCHEDULE = f"""DELETE FROM queue_tool_schedules WHERE name = %s
+        RETURNING {SCHEDULE_COLUMNS}"""
+    NEXT_SCHEDULE = """SELECT extract(epoch FROM min(next_run_at) - now())::float8
+        FROM queue_tool_schedules WHERE NOT paused"""
+    DUE_SCHEDULES = f"""SELECT {SCHEDULE_COLUMNS}, extract(epoch FROM now())::float8
+        FROM queue_tool_schedules
+        WHERE NOT paused AND next_run_at <= now()
+        ORDER BY next_run_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED"""
+    SCHEDULE_FIRED = """UPDATE queue_tool_schedules AS s SET next_run_at = to_timestamp(f.next),
+            last_run_at = to_timestamp(f.slot), last_job = f.job
+        FROM unnest(%(names)s::text[], %(nexts)s::float8[], %(slots)s::float8[],
+            %(jobs)s::text[]) AS f (name, next, slot, job)
+        WHERE s.name = f.name"""
 
     # -- Retention.
     PURGE_JOBS = """DELETE FROM queue_tool_jobs WHERE id IN (
@@ -1630,27 +2203,51 @@ class PostgresStore(Store):
     def submit(self, jobs, invalid, max_queued, batch=None, key=None):
         jobs = [NewJob(*job) for job in jobs]
         with self._transaction(self.timeout) as conn:
-            taken = batch is None or conn.execute(
-                self.INSERT_BATCH, (batch, len(jobs), *(key or (None, None, None)))).fetchone()
+            # The unique keys' locks, then the batch's key: a concurrent submit with the
+            # same keys waits on them until this one commits or rolls back.
+            jobs, duplicates = self._sort_out(conn, jobs)
+            response = key and (key[2](duplicates) if callable(key[2]) else key[2])
+            taken = batch is None or conn.execute(self.INSERT_BATCH, (
+                batch, len(jobs), *(key[:2] if key else (None, None)), response)).fetchone()
             if not taken:
-                return tuple(conn.execute(self.BATCH_OF_KEY, (key[0],)).fetchone())
+                return {}, tuple(conn.execute(self.BATCH_OF_KEY, (key[0],)).fetchone())
             if jobs:
                 (queued,) = conn.execute(self.QUEUED_GAUGE).fetchone()
                 if queued + len(jobs) > max_queued:
                     raise QueueFull(f"{queued} jobs are queued; the limit is {max_queued}")
-                # One Python type per array: psycopg types a list by its items, and
-                # refuses one that mixes them (an int delay beside a float one).
-                conn.execute(self.INSERT_JOBS, {
-                    "batch": batch, "tokens": [job.token for job in jobs],
-                    "items": [job.item for job in jobs],
-                    "valors": [decimal.Decimal(repr(job.valor)) for job in jobs],
-                    "delays": [float(job.delay) for job in jobs],
-                    "priorities": [int(job.priority) for job in jobs],
-                    "queues": [job.queue for job in jobs],
-                    "retries": [int(job.retries) for job in jobs]})
-                conn.execute(self.NOTIFY, (f"submitted:{len(jobs)}",))
-            self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs))
-        return None
+            self._insert(conn, jobs, batch)
+            self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs),
+                        duplicate=len(duplicates))
+        return duplicates, None
+
+    def _sort_out(self, conn, jobs):
+        """(the new jobs, the duplicates) of `jobs`: see Store.submit."""
+        keys = _first_keys(jobs)
+        if not keys:
+            return jobs, {}
+        conn.execute(self.LOCK_KEYS, {"keys": list(keys)})
+        found = {key: (token, status) for key, token, status in conn.execute(
+            self.DUPLICATES_OF, {"keys": list(keys), "fors": [float(s) for s in keys.values()]})}
+        return _sort_out(jobs, found)
+
+    def _insert(self, conn, jobs, batch=None):
+        if not jobs:
+            return
+        # One Python type per array: psycopg types a list by its items, and refuses
+        # one that mixes them (an int delay beside a float one).
+        conn.execute(self.INSERT_JOBS, {
+            "batch": batch, "tokens": [job.token for job in jobs],
+            "items": [job.item for job in jobs],
+            "valors": [decimal.Decimal(repr(job.valor)) for job in jobs],
+            "delays": [float(job.delay) for job in jobs],
+            "priorities": [int(job.priority) for job in jobs],
+            "queues": [job.queue for job in jobs],
+            "retries": [int(job.retries) for job in jobs],
+            "unique_keys": [job.unique for job in jobs],
+            "expires": [float(job.expires) for job in jobs],
+            "schedules": [job.schedule for job in jobs],
+            "slots": [job.slot for job in jobs]})
+        conn.execute(self.NOTIFY, (f"submitted:{len(jobs)}",))
 
     def get(self, token):
         return self._job(next(iter(self._read(self.GET_JOB, (token,))), None))
@@ -1767,6 +2364,55 @@ class PostgresStore(Store):
         """Refresh the planner's statistics of the jobs table."""
         self._write(self.ANALYZE)
 
+    def expire(self):
+        if not self._read(self.ANY_EXPIRED):
+            return []
+        return [token for (token,) in self._write(self.EXPIRE)]
+
+    def put_schedule(self, name, schedule):
+        with self._transaction(self.timeout) as conn:
+            ((now,),) = conn.execute(self.NOW).fetchall()
+            before = _schedule(conn.execute(self.LOCK_SCHEDULE, (name,)).fetchone())
+            after = _schedule(conn.execute(self.PUT_SCHEDULE, {
+                **schedule, "name": name, "job": json.dumps(schedule["job"]),
+                "every": None if schedule["every"] is None else float(schedule["every"]),
+                "next_run_at": _next_run_at(before, schedule, now)}).fetchone())
+        return after, before is None
+
+    def schedule(self, name):
+        return _schedule(next(iter(self._read(self.GET_SCHEDULE, (name,))), None))
+
+    def schedules(self):
+        return [_schedule(row) for row in self._read(self.LIST_SCHEDULES)]
+
+    def delete_schedule(self, name):
+        with self._transaction(self.timeout) as conn:
+            return _schedule(conn.execute(self.DELETE_SCHEDULE, (name,)).fetchone())
+
+    def next_schedule(self):
+        ((seconds,),) = self._read(self.NEXT_SCHEDULE)
+        return None if seconds is None else max(0.0, seconds)
+
+    def fire_schedules(self, retries=0):
+        if self.next_schedule() != 0:
+            return []  # the usual case: one cheap read
+        with self._transaction() as conn:
+            rows = conn.execute(self.DUE_SCHEDULES, {"limit": FIRE_BATCH}).fetchall()
+            if not rows:
+                return []  # another process holds them
+            now = rows[0][-1]
+            fired = _fired([_schedule(row[:-1]) for row in rows], now, retries)
+            jobs, duplicates = self._sort_out(conn, [job for _, _, job in fired])
+            self._insert(conn, jobs)
+            conn.execute(self.SCHEDULE_FIRED, {
+                "names": [schedule["name"] for schedule, _, _ in fired],
+                "nexts": [float(next_slot(schedule, now)) for schedule, _, _ in fired],
+                "slots": [float(slot) for _, slot, _ in fired],
+                "jobs": [duplicates[n][0] if n in duplicates else job.token
+                         for n, (_, _, job) in enumerate(fired)]})
+            self._count(conn, submitted=len(jobs), queued=len(jobs), duplicate=len(duplicates))
+        return [job.token for job in jobs]
+
     def listen(self, most):
         """LISTEN on a dedicated connection (to listen_url when given), woken by the
         NOTIFY that submits, cancels and requeues send inside their transactions.
@@ -1873,7 +2519,10 @@ class _Commit:
 
 
 class Runner:
-    """The worker threads of one process: claim, run, renew leases, recover, purge.
+    """The threads of one process: workers that claim and run jobs; a housekeeper that
+    renews leases, recovers lost jobs, expires old ones and purges; a scheduler that
+    makes the jobs of due schedule slots (every process has one: the store decides
+    which makes each slot's job).
 
     Holds a token -> Event map of the jobs running here; the Event is set when
     the job ends, and the entry is dropped.
@@ -1887,12 +2536,13 @@ class Runner:
 
     def __init__(self, store, process=wait_valor, workers=16, lease=30.0, max_attempts=3,
                  retention=7 * 86400.0, grace=10.0, queues=None, retry_delay=1.0,
-                 max_delay=30 * 86400.0):
+                 max_delay=30 * 86400.0, retries=0):
         self.store, self.process = store, process
         self.workers, self.lease, self.max_attempts = workers, lease, max_attempts
         self.retention, self.grace = retention, grace
         self.queues = tuple(queues) if queues else None  # None: every queue
         self.retry_delay, self.max_delay = retry_delay, max_delay
+        self.retries = retries  # of a scheduled job whose item sets none
         self._after_fork()
         _fork_sensitive.add(self)
 
@@ -1902,6 +2552,7 @@ class Runner:
         self._wake = threading.Condition(self._lock)  # idle workers wait here
         self._committer_wake = threading.Condition(self._lock)  # the committer waits here
         self._stopping = threading.Event()
+        self._rescheduled = threading.Event()  # a schedule changed here, or stop()
         self.owner = None      # this process's name in the store, set by start()
         # Guarded by self._lock. Read without it: _pid by start() (then again with it),
         # _store_down by the workers (a stale value only delays a log line).
@@ -1939,6 +2590,8 @@ class Runner:
             self._working, self._committing = self.workers, bool(self.workers)
             threads.append(threading.Thread(target=self._housekeep, args=(stopping,),
                                             name="queue_tool-housekeeper", daemon=True))
+            threads.append(threading.Thread(target=self._schedule, args=(stopping,),
+                                            name="queue_tool-scheduler", daemon=True))
             if self.workers:
                 threads.append(threading.Thread(target=self._listen, args=(stopping,),
                                                 name="queue_tool-listener", daemon=True))
@@ -1960,6 +2613,7 @@ class Runner:
             if self._pid != os.getpid() or self._stopping.is_set():
                 return []
             self._stopping.set()
+            self._rescheduled.set()
             self._wake.notify_all()
             threads = [thread for thread in self._threads if thread is not self._committer]
         deadline = time.monotonic() + grace
@@ -2006,6 +2660,10 @@ class Runner:
             # sends one worker looking, not every worker that was busy at the time.
             self._wakeups = min(self._wakeups + count, self.workers)
             self._wake.notify(count)
+
+    def schedules_changed(self):
+        """A schedule was put or deleted here: the scheduler looks again at once."""
+        self._rescheduled.set()
 
     def cancel(self, token):
         """Cancel a queued or running job (see Store.cancel) and stop it if it runs
@@ -2317,6 +2975,8 @@ class Runner:
                     self.notify_submitted(self.workers)  # the fallback: no wake-up came
                 self._renew_leases()
                 self._recover()
+                for token in self.store.expire():
+                    log.info("job %s expired before it could start", token)
                 if time.monotonic() - last_purge >= min(self.purge_interval, self.retention):
                     last_purge = time.monotonic()
                     self.purge()
@@ -2324,6 +2984,30 @@ class Runner:
             except StoreError as exc:
                 if not stopping.is_set():
                     log.error("housekeeping failed, retrying: %s", exc)
+
+    def _schedule(self, stopping):
+        """Make the jobs of due schedule slots, waking at the next slot (and at least
+        every poll_interval, for schedules put by other processes)."""
+        failing = False
+        while not stopping.is_set():
+            self._rescheduled.clear()  # before the look: a change meanwhile wakes the wait
+            made = []
+            try:
+                made = self.store.fire_schedules(self.retries)
+                if made:
+                    self.notify_submitted(len(made))
+                due = self.store.next_schedule()
+                if failing:
+                    log.info("making scheduled jobs works again")
+                failing = False
+            except StoreError as exc:
+                if not failing and not stopping.is_set():
+                    log.error("making scheduled jobs failed; retrying: %s", exc)
+                failing, due = True, self.poll_interval
+            if due == 0 and not made:
+                due = 0.005  # due, but another process is making its job right now
+            self._rescheduled.wait(self.poll_interval if due is None
+                                   else min(due, self.poll_interval))
 
     def _renew_leases(self):
         """Renew the leases of the jobs live here; stop those canceled elsewhere."""
@@ -2400,11 +3084,12 @@ INVALID_MARKER = "INVALID_JOB_REQUEST"
 # Patterns as JSON Schema (ECMA-262) writes them: the OpenAPI document shows these,
 # and the App matches the same text (see ecma_regex).
 TOKEN_PATTERN = "^[0-9a-f]{32}$"  # a job's token, and a batch's id
-IDEMPOTENCY_KEY_PATTERN = "^[\\x20-\\x7e]{1,255}$"
+IDEMPOTENCY_KEY_PATTERN = KEY_PATTERN
 TOKEN_RE = ecma_regex(TOKEN_PATTERN)
 DIGITS_RE = re.compile(r"[0-9]+\Z")
 SECONDS_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
 CURSOR_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
+SEGMENT_RE = re.compile(r"[^/]+\Z")
 IDEMPOTENCY_KEY_RE = ecma_regex(IDEMPOTENCY_KEY_PATTERN)
 MAX_DEPTH = 32  # nesting levels of a body; the top-level array is level 1
 MAX_WAIT = 30.0
@@ -2413,7 +3098,9 @@ QUEUE_FULL_RETRY_AFTER = 5
 STATUS_LINES = {code.value: f"{code.value} {code.phrase}" for code in http.HTTPStatus}
 # The routes that need the API key when one is set, named as in the OpenAPI document.
 GUARDED = frozenset({("POST", "/api"), ("DELETE", "/check/{token}"), ("DELETE", "/batch/{id}"),
-                     ("GET", "/jobs"), ("GET", "/metrics")})
+                     ("GET", "/jobs"), ("GET", "/metrics"), ("GET", "/schedules"),
+                     ("GET", "/schedules/{name}"), ("PUT", "/schedules/{name}"),
+                     ("DELETE", "/schedules/{name}")})
 
 
 def iso_time(timestamp):
@@ -2446,7 +3133,52 @@ def job_view(row, now):
         view["result"] = json.loads(row["result"])
     if row["error"] is not None and status != DONE:  # a retry's wait shows why
         view["error"] = row["error"]
+    if row["unique_key"] is not None:
+        view["unique"] = row["unique_key"]
+    if row["expires_at"] is not None:
+        view["expires"] = iso_time(row["expires_at"])
+    if row["schedule"] is not None:
+        view["schedule"] = row["schedule"]
     return view
+
+
+def schedule_view(row):
+    """The public JSON view of one schedule row."""
+    view = {"name": row["name"]}
+    if row["cron"] is not None:
+        view["cron"] = row["cron"]
+    else:
+        every = row["every"]
+        view["every"] = int(every) if float(every).is_integer() else every
+    view.update(timezone=row["timezone"], job=row["job"], paused=row["paused"],
+                next_run_at=None if row["paused"] else iso_time(row["next_run_at"]),
+                last_run_at=iso_time(row["last_run_at"]), last_job=row["last_job"],
+                created_at=iso_time(row["created_at"]), updated_at=iso_time(row["updated_at"]))
+    return view
+
+
+def load_schedules(path, validator, fast_check=None):
+    """{name: schedule} of a schedules file; SettingsError naming what is wrong."""
+    try:
+        with open(path, "rb") as file:
+            body = parse_json(file.read())
+    except OSError as exc:
+        raise SettingsError(f"schedules: cannot read {os.fspath(path)!r}: "
+                            f"{exc.strerror or exc}") from None
+    except ApiError as exc:
+        raise SettingsError(f"schedules: {os.fspath(path)!r}: {exc.message}") from None
+    if not isinstance(body, dict):
+        raise SettingsError("schedules: the file must hold a JSON object {name: schedule}")
+    schedules = {}
+    for name, schedule in body.items():
+        if not QUEUE_RE.match(name):
+            raise SettingsError(f"schedules: {name!r}: a schedule's name must match"
+                                f" {QUEUE_PATTERN}")
+        try:
+            schedules[name] = check_schedule(schedule, validator, fast_check)
+        except ValueError as exc:
+            raise SettingsError(f"schedules: {name!r}: {exc}") from None
+    return schedules
 
 
 def batch_view(batch, now):
@@ -2598,6 +3330,11 @@ def openapi_document(schema, settings):
             "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT}}
     batch = {"$ref": "#/components/schemas/Batch"}
     replayed = "true when this is the kept answer to an earlier request with this key"
+    schedule_ref = {"$ref": "#/components/schemas/Schedule"}
+    name = {"name": "name", "in": "path", "required": True,
+            "schema": {"type": "string", "pattern": QUEUE_PATTERN}}
+    no_schedule = {"404": reply("no schedule has this name", error)}
+    time_or_null = {"type": ["string", "null"], "format": "date-time"}
 
     def operation(summary, parameters=(), *, responses, **extra):
         op = {"summary": summary, "responses": responses}
@@ -2659,6 +3396,25 @@ def openapi_document(schema, settings):
                     "type": "object", "required": ["jobs", "next"],
                     "properties": {"jobs": {"type": "array", "items": job},
                                    "next": {"type": ["string", "null"]}}}), **bad})},
+            "/schedules": {"get": operation("List schedules, by name", responses={
+                "200": reply("every schedule", {
+                    "type": "object", "required": ["schedules"],
+                    "properties": {"schedules": {"type": "array", "items": schedule_ref}}})})},
+            "/schedules/{name}": {
+                "get": operation("Read a schedule", [name], responses={
+                    "200": reply("the schedule", schedule_ref), **no_schedule}),
+                "put": operation(
+                    "Create or replace a schedule", [name],
+                    requestBody={"required": True, "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/ScheduleBody"}}}},
+                    responses={
+                        "200": reply("replaced", schedule_ref),
+                        "201": reply("created", schedule_ref,
+                                     {"Location": ("its path", {"type": "string"})}),
+                        "400": reply("invalid_schedule (or a malformed body)", error),
+                        "415": reply("Content-Type is not JSON", error)}),
+                "delete": operation("Remove a schedule", [name], responses={
+                    "200": reply("its last view", schedule_ref), **no_schedule})},
             "/health": {"get": operation("Liveness and queue depth", responses={
                 "200": reply("the service can read its store", {
                     "type": "object", "properties": {
@@ -2688,8 +3444,12 @@ def openapi_document(schema, settings):
                         "properties": {
                             "hash": {"type": "string"}, "index": {"type": "integer"},
                             "item": {"type": ["string", "null"]},
-                            "status": {"const": QUEUED}, "check": {"type": "string"},
-                            "error": {"type": "string"}}}},
+                            "status": {"enum": list(STATES),
+                                       "description": "queued; a duplicate's: its job's now"},
+                            "check": {"type": "string"}, "error": {"type": "string"},
+                            "duplicate": {"const": True, "description":
+                                          "a job with this item's unique key was there:"
+                                          " hash names it, and nothing was queued"}}}},
                     "batch": {"type": "string"}, "check_batch": {"type": "string"}}},
                 "Batch": {"type": "object", "properties": {
                     "batch": {"type": "string"},
@@ -2713,7 +3473,32 @@ def openapi_document(schema, settings):
                                "description": "when it may start next"},
                     "batch": {"type": ["string", "null"]},
                     "progress": {"type": "number", "minimum": 0, "maximum": 1},
-                    "result": {}, "error": {"type": "string"}}},
+                    "result": {}, "error": {"type": "string"},
+                    "unique": {"type": "string"},
+                    "expires": {"type": "string", "format": "date-time",
+                                "description": "the latest it may start"},
+                    "schedule": {"type": "string", "description": "the schedule that made it"}}},
+                "ScheduleBody": {
+                    "type": "object", "required": ["job"], "additionalProperties": False,
+                    "oneOf": [{"required": ["cron"]}, {"required": ["every"]}],
+                    "properties": {
+                        "cron": {"type": "string", "description":
+                                 "five fields (minute hour day month weekday) or @daily etc."},
+                        "every": {"type": "number", "minimum": 1, "maximum": MAX_EVERY,
+                                  "description": "seconds; slots at multiples since the epoch"},
+                        "timezone": {"type": "string", "default": "UTC",
+                                     "description": "an IANA name; cron only"},
+                        "job": {"$ref": "#/components/schemas/Item",
+                                "description": "an item; any option but delay"},
+                        "paused": {"type": "boolean", "default": False}}},
+                "Schedule": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "cron": {"type": "string"},
+                    "every": {"type": "number"}, "timezone": {"type": ["string", "null"]},
+                    "job": {"type": "object"}, "paused": {"type": "boolean"},
+                    "next_run_at": {**time_or_null, "description": "null while paused"},
+                    "last_run_at": time_or_null, "last_job": {"type": ["string", "null"]},
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "updated_at": {"type": "string", "format": "date-time"}}},
             },
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
@@ -2747,6 +3532,9 @@ class App:
             "/check/{token}": {"GET": self.get_check, "DELETE": self.delete_check},
             "/batch/{id}": {"GET": self.get_batch, "DELETE": self.delete_batch},
             "/jobs": {"GET": self.get_jobs},
+            "/schedules": {"GET": self.get_schedules},
+            "/schedules/{name}": {"GET": self.get_schedule, "PUT": self.put_schedule,
+                                  "DELETE": self.delete_schedule},
             "/health": {"GET": self.get_health},
             "/metrics": {"GET": self.get_metrics},
             "/openapi.json": {"GET": self.get_openapi},
@@ -2794,11 +3582,14 @@ class App:
         """(the handler for a request, its arguments, whether it needs the API key);
         404 or 405 otherwise."""
         args = ()
-        for prefix, route, what in (("/check/", "/check/{token}", "job has this token"),
-                                    ("/batch/", "/batch/{id}", "batch has this id")):
+        for prefix, route, pattern, what in (
+                ("/check/", "/check/{token}", TOKEN_RE, "job has this token"),
+                ("/batch/", "/batch/{id}", TOKEN_RE, "batch has this id"),
+                # Any name here: the handlers say what is wrong with one (a PUT: 400).
+                ("/schedules/", "/schedules/{name}", SEGMENT_RE, "schedule has this name")):
             if path.startswith(prefix):
                 name, path = path[len(prefix):], route
-                if not TOKEN_RE.match(name):
+                if not pattern.match(name):
                     raise ApiError(404, "not_found", f"no {what}")
                 args = (name,)
         methods = self._routes.get(path)
@@ -2902,26 +3693,40 @@ class App:
             raise ApiError(413, "too_many_items",
                            f"a batch holds at most {self.settings.max_items} items,"
                            f" not {len(batch)}")
-        results, jobs, prefix = [], [], environ.get("SCRIPT_NAME", "").rstrip("/")
+        results, jobs, places = [], [], []  # places: each job's index in the batch
+        prefix = environ.get("SCRIPT_NAME", "").rstrip("/")
         for index, entry in enumerate(batch):
             item, error = check_item(entry, self.validator, self.fast_check)
             if error is None:
                 job = NewJob.from_item(entry, self.settings.retries)
                 jobs.append(job)
+                places.append(index)
                 results.append({"hash": job.token, "index": index, "item": item,
                                 "status": QUEUED, "check": f"{prefix}/check/{job.token}"})
             else:
                 results.append({"hash": INVALID_MARKER, "index": index, "item": item,
                                 "error": error})
-        batch_id = secrets.token_hex(16)
-        body = json_body({"message": ACCEPTED_MESSAGE, "processing_items": results,
-                          "batch": batch_id, "check_batch": f"{prefix}/batch/{batch_id}"})
+        batch_id, body = secrets.token_hex(16), None
+
+        def render(duplicates):
+            """The 202 body, once the store said which jobs are duplicates."""
+            nonlocal body
+            if body is None:
+                for position, (token, status) in duplicates.items():
+                    index = places[position]
+                    results[index] = {"hash": token, "index": index,
+                                      "item": results[index]["item"], "status": status,
+                                      "check": f"{prefix}/check/{token}", "duplicate": True}
+                body = json_body({"message": ACCEPTED_MESSAGE, "processing_items": results,
+                                  "batch": batch_id, "check_batch": f"{prefix}/batch/{batch_id}"})
+            return body
+
         fingerprint = key and hashlib.sha256(json.dumps(batch, sort_keys=True).encode()
                                              ).hexdigest()
         try:
-            earlier = self.store.submit(
+            duplicates, earlier = self.store.submit(
                 jobs, len(batch) - len(jobs), self.settings.max_queued, batch_id,
-                None if key is None else (key, fingerprint, body.decode()))
+                None if key is None else (key, fingerprint, lambda found: render(found).decode()))
         except QueueFull as exc:
             raise ApiError(503, "queue_full", f"the queue is full: {exc}",
                            [("Retry-After", str(QUEUE_FULL_RETRY_AFTER))]) from None
@@ -2931,9 +3736,9 @@ class App:
                                "this Idempotency-Key came with another body")
             return 202, [("Content-Type", "application/json"),
                          ("Idempotent-Replayed", "true")], earlier[1].encode()
-        if jobs:
-            self.runner.notify_submitted(len(jobs))
-        return 202, [("Content-Type", "application/json")], body
+        if len(jobs) > len(duplicates):
+            self.runner.notify_submitted(len(jobs) - len(duplicates))
+        return 202, [("Content-Type", "application/json")], render(duplicates)
 
     def _wait(self, environ):
         """The ?wait=S of a request in seconds, None without one; 400 if bad."""
@@ -3003,6 +3808,53 @@ class App:
         return self._json(200, {"jobs": [job_view(row, now) for row in rows],
                                 "next": None if next_id is None else encode_cursor(next_id)})
 
+    def get_schedules(self, environ):
+        """Every schedule, by name: 200."""
+        return self._json(200, {"schedules": [schedule_view(row)
+                                              for row in self.store.schedules()]})
+
+    def get_schedule(self, environ, name):
+        """One schedule: 200, or 404."""
+        row = self.store.schedule(name) if QUEUE_RE.match(name) else None
+        if row is None:
+            raise ApiError(404, "not_found", "no schedule has this name")
+        return self._json(200, schedule_view(row))
+
+    def put_schedule(self, environ, name):
+        """Create (201) or replace (200) a schedule; 400 invalid_schedule if bad."""
+        if not QUEUE_RE.match(name):
+            raise ApiError(400, "invalid_schedule",
+                           f"a schedule's name must match {QUEUE_PATTERN}")
+        self._require_json(environ)
+        body = parse_json(self._read_body(environ))
+        try:
+            schedule = check_schedule(body, self.validator, self.fast_check)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_schedule", str(exc)) from None
+        row, created = self.store.put_schedule(name, schedule)
+        self.runner.schedules_changed()
+        log.info("schedule %s %s", name, "created" if created else "replaced")
+        prefix = environ.get("SCRIPT_NAME", "").rstrip("/")
+        return self._json(201 if created else 200, schedule_view(row),
+                          [("Location", f"{prefix}/schedules/{name}")] if created else [])
+
+    def put_schedules(self, schedules):
+        """Create or replace each of {name: schedule} (the schedules setting)."""
+        for name, schedule in schedules.items():
+            created = self.store.put_schedule(name, schedule)[1]
+            log.info("schedule %s %s from the schedules file", name,
+                     "created" if created else "replaced")
+        self.runner.schedules_changed()
+
+    def delete_schedule(self, environ, name):
+        """Remove a schedule: 200 with its last view, or 404."""
+        row = self.store.delete_schedule(name) if QUEUE_RE.match(name) else None
+        if row is None:
+            raise ApiError(404, "not_found", "no schedule has this name")
+        self.runner.schedules_changed()
+        log.info("schedule %s deleted", name)
+        return self._json(200, schedule_view(row))
+
     def get_health(self, environ):
         """Liveness and queue depth: 200, or 503 when the store cannot be read."""
         counts = self.store.counts()
@@ -3018,6 +3870,9 @@ class App:
              [("", counters["submitted"])]),
             ("queue_tool_items_invalid_total", "counter", "Items rejected as invalid.",
              [("", counters["invalid"])]),
+            ("queue_tool_items_duplicate_total", "counter",
+             "Items that queued nothing: a job with their unique key was there.",
+             [("", counters["duplicate"])]),
             ("queue_tool_jobs_finished_total", "counter", "Jobs that reached a final state.",
              [(f'{{status="{s}"}}', counters["finished_" + s]) for s in sorted(FINAL_STATES)]),
             ("queue_tool_jobs_retried_total", "counter",
@@ -3073,8 +3928,17 @@ def make_app(settings=None, process=None, **overrides):
                     lease=settings.lease, max_attempts=settings.max_attempts,
                     retention=settings.retention, grace=settings.grace,
                     queues=settings.queues and settings.queues.split(","),
-                    retry_delay=settings.retry_delay, max_delay=settings.max_delay)
-    return App(settings, store, runner)
+                    retry_delay=settings.retry_delay, max_delay=settings.max_delay,
+                    retries=settings.retries)
+    service = App(settings, store, runner)
+    if settings.schedules is not None:
+        try:
+            service.put_schedules(load_schedules(settings.schedules, service.validator,
+                                                 service.fast_check))
+        except BaseException:
+            store.close()
+            raise
+    return service
 
 
 class EnvApp:
@@ -3194,14 +4058,14 @@ class Client:
                      "message": data[:200].decode("utf-8", "replace")}
         return response.status, response.headers, value
 
-    def _call(self, method, path, wait=0.0):
-        """The JSON of a 200 answer; ClientError otherwise. A kept-alive connection
-        the server has closed meanwhile is retried once on a new one."""
+    def _call(self, method, path, payload=None, wait=0.0):
+        """The JSON of a 200 (or 201) answer; ClientError otherwise. A kept-alive
+        connection the server has closed meanwhile is retried once on a new one."""
         try:
-            status, _, value = self._request(method, path, wait=wait)
+            status, _, value = self._request(method, path, payload, wait=wait)
         except (ConnectionError, http.client.RemoteDisconnected):
-            status, _, value = self._request(method, path, wait=wait)
-        if status != 200:
+            status, _, value = self._request(method, path, payload, wait=wait)
+        if status not in (200, 201):
             raise ClientError(status, value["error"], value["message"])
         return value
 
@@ -3261,6 +4125,24 @@ class Client:
             if page["next"] is None:
                 return
             query["before"] = page["next"]
+
+    def schedules(self):
+        """Every schedule's view, by name."""
+        return self._call("GET", "/schedules")["schedules"]
+
+    def schedule(self, name):
+        return self._call("GET", f"/schedules/{urllib.parse.quote(name)}")
+
+    def put_schedule(self, name, job, cron=None, every=None, timezone=None, paused=False):
+        """Create or replace a schedule (exactly one of `cron` and `every`): its view."""
+        body = {"job": job, "paused": paused}
+        body.update((key, value) for key, value in (
+            ("cron", cron), ("every", every), ("timezone", timezone)) if value is not None)
+        return self._call("PUT", f"/schedules/{urllib.parse.quote(name)}", body)
+
+    def delete_schedule(self, name):
+        """Remove a schedule: its last view."""
+        return self._call("DELETE", f"/schedules/{urllib.parse.quote(name)}")
 
     def _hold(self, path, timeout, final):
         """GET `path` with ?wait= (30 s at a time) until final(value) or `timeout`."""

@@ -1310,6 +1310,7 @@ def scrape(client):
         samples[match[1] + (match[2] or "")] = int(match[3])
     assert typed == {"queue_tool_jobs_submitted_total": "counter",
                      "queue_tool_items_invalid_total": "counter",
+                     "queue_tool_items_duplicate_total": "counter",
                      "queue_tool_jobs_finished_total": "counter",
                      "queue_tool_jobs_retried_total": "counter",
                      "queue_tool_jobs": "gauge", "queue_tool_workers": "gauge"}
@@ -1368,7 +1369,8 @@ def test_openapi_document_is_valid_openapi_3_1(client):
     validate(document)
     assert document["openapi"] == "3.1.0"
     assert set(document["paths"]) == {"/", "/api", "/check/{token}", "/batch/{id}", "/jobs", "/health",
-                                      "/metrics", "/openapi.json"}
+                                      "/metrics", "/openapi.json", "/schedules",
+                                      "/schedules/{name}"}
 
 
 def test_openapi_item_schema_is_the_validators_own_dict(make):
@@ -1398,6 +1400,9 @@ def test_every_documented_status_is_one_the_app_returns(make, tmp_path):
     batch = first.json["batch"]
     client.delete(f"/check/{done}", headers=key, status=200)
     submit(client, [{"item": "x"}], headers={**key, "Idempotency-Key": "used"})  # queues none
+    every = json.dumps({"every": 60, "job": {"item": "s", "valor": 0}}).encode()
+    client.put("/schedules/kept", every, headers=key, content_type=json_type, status=201)
+    client.put("/schedules/gone", every, headers=key, content_type=json_type, status=201)
     examples = {
         ("/api", "POST", 202): {"body": b'[{"item": "a", "valor": 1}]', "headers": key},
         ("/api", "POST", 400): {"body": b"[]", "headers": key},
@@ -1423,6 +1428,23 @@ def test_every_documented_status_is_one_the_app_returns(make, tmp_path):
         ("/jobs", "GET", 200): {"headers": key},
         ("/jobs", "GET", 400): {"path": "/jobs?limit=0", "headers": key},
         ("/jobs", "GET", 401): {},
+        ("/schedules", "GET", 200): {"headers": key},
+        ("/schedules", "GET", 401): {},
+        ("/schedules/{name}", "GET", 200): {"path": "/schedules/kept", "headers": key},
+        ("/schedules/{name}", "GET", 401): {"path": "/schedules/kept"},
+        ("/schedules/{name}", "GET", 404): {"path": "/schedules/nope", "headers": key},
+        ("/schedules/{name}", "PUT", 200): {"path": "/schedules/kept", "body": every,
+                                            "headers": key},
+        ("/schedules/{name}", "PUT", 201): {"path": "/schedules/new", "body": every,
+                                            "headers": key},
+        ("/schedules/{name}", "PUT", 400): {"path": "/schedules/bad", "body": b"{}",
+                                            "headers": key},
+        ("/schedules/{name}", "PUT", 401): {"path": "/schedules/kept", "body": every},
+        ("/schedules/{name}", "PUT", 415): {"path": "/schedules/kept", "body": every,
+                                            "headers": key, "content_type": "text/plain"},
+        ("/schedules/{name}", "DELETE", 200): {"path": "/schedules/gone", "headers": key},
+        ("/schedules/{name}", "DELETE", 401): {"path": "/schedules/gone"},
+        ("/schedules/{name}", "DELETE", 404): {"path": "/schedules/nope", "headers": key},
         ("/health", "GET", 200): {},
         ("/metrics", "GET", 200): {"headers": key},
         ("/metrics", "GET", 401): {},
@@ -1575,13 +1597,16 @@ def test_openapi_document_says_what_the_app_enforces(keyed):
     built = keyed.app
     for path, methods in document["paths"].items():
         for method, operation in methods.items():
-            url = path.replace("{token}", UNKNOWN_TOKEN).replace("{id}", UNKNOWN_TOKEN)
+            url = path.replace("{token}", UNKNOWN_TOKEN).replace("{id}", UNKNOWN_TOKEN).replace(
+                "{name}", "nightly")
             status = keyed.request(url, method=method.upper(), expect_errors=True).status_int
             assert (status == 401) == ("security" in operation), (method, path, status)
-    path_patterns = {parameter["schema"]["pattern"] for methods in document["paths"].values()
-                     for operation in methods.values()
+    path_patterns = {parameter["name"]: parameter["schema"]["pattern"]
+                     for methods in document["paths"].values() for operation in methods.values()
                      for parameter in operation.get("parameters", ()) if parameter["in"] == "path"}
-    (token_pattern,) = path_patterns  # a token and a batch id alike
+    token_pattern = path_patterns["token"]
+    assert path_patterns["id"] == token_pattern  # a token and a batch id alike
+    assert path_patterns["name"] == queue_tool.QUEUE_PATTERN  # a schedule's, as a queue's
     for candidate in [UNKNOWN_TOKEN, "a" * 31, "a" * 33, "A" * 32, UNKNOWN_TOKEN + "\n", "g" * 32]:
         documented = queue_tool.ecma_regex(token_pattern).search(candidate) is not None
         status, _, body = call(built, "GET", "/check/" + candidate)
@@ -2793,7 +2818,7 @@ def test_store_submit_keeps_each_job_as_given(store):
     assert store.counts()["queued"] == 3 and store.counts() == {"queued": 3, "running": 0}
     assert store.counters() == {"submitted": 3, "invalid": 2, "finished_done": 0,
                                 "finished_failed": 0, "finished_canceled": 0, "retried": 0,
-                                "queued": 3}
+                                "queued": 3, "duplicate": 0}
 
 
 @store_suite
