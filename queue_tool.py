@@ -2520,15 +2520,16 @@ class _Commit:
 
 class Runner:
     """The threads of one process: workers that claim and run jobs; a housekeeper that
-    renews leases, recovers lost jobs, expires old ones and purges; a scheduler that
-    makes the jobs of due schedule slots (every process has one: the store decides
-    which makes each slot's job).
+    renews leases, recovers lost jobs and purges; a clock that makes the jobs of
+    due schedule slots (every process has one: the store decides which makes each
+    slot's job) and expires the jobs that could not start in time.
 
     Holds a token -> Event map of the jobs running here; the Event is set when
     the job ends, and the entry is dropped.
     """
 
     poll_interval = 1.0  # the fallback look for jobs queued by other processes
+    clock_interval = 0.5  # the longest the clock sleeps: expiry is within a second
     purge_interval = 60.0
     listen_timeout = 0.5  # longest a listener blocks, so it sees a stop soon
     commit_window = 0.002  # longest the committer waits for running jobs to end
@@ -2590,8 +2591,8 @@ class Runner:
             self._working, self._committing = self.workers, bool(self.workers)
             threads.append(threading.Thread(target=self._housekeep, args=(stopping,),
                                             name="queue_tool-housekeeper", daemon=True))
-            threads.append(threading.Thread(target=self._schedule, args=(stopping,),
-                                            name="queue_tool-scheduler", daemon=True))
+            threads.append(threading.Thread(target=self._clock, args=(stopping,),
+                                            name="queue_tool-clock", daemon=True))
             if self.workers:
                 threads.append(threading.Thread(target=self._listen, args=(stopping,),
                                                 name="queue_tool-listener", daemon=True))
@@ -2662,7 +2663,7 @@ class Runner:
             self._wake.notify(count)
 
     def schedules_changed(self):
-        """A schedule was put or deleted here: the scheduler looks again at once."""
+        """A schedule was put or deleted here: the clock looks again at once."""
         self._rescheduled.set()
 
     def cancel(self, token):
@@ -2975,8 +2976,6 @@ class Runner:
                     self.notify_submitted(self.workers)  # the fallback: no wake-up came
                 self._renew_leases()
                 self._recover()
-                for token in self.store.expire():
-                    log.info("job %s expired before it could start", token)
                 if time.monotonic() - last_purge >= min(self.purge_interval, self.retention):
                     last_purge = time.monotonic()
                     self.purge()
@@ -2985,9 +2984,9 @@ class Runner:
                 if not stopping.is_set():
                     log.error("housekeeping failed, retrying: %s", exc)
 
-    def _schedule(self, stopping):
+    def _clock(self, stopping):
         """Make the jobs of due schedule slots, waking at the next slot (and at least
-        every poll_interval, for schedules put by other processes)."""
+        every clock_interval, for schedules put by other processes); expire jobs."""
         failing = False
         while not stopping.is_set():
             self._rescheduled.clear()  # before the look: a change meanwhile wakes the wait
@@ -2996,6 +2995,8 @@ class Runner:
                 made = self.store.fire_schedules(self.retries)
                 if made:
                     self.notify_submitted(len(made))
+                for token in self.store.expire():
+                    log.info("job %s expired before it could start", token)
                 due = self.store.next_schedule()
                 if failing:
                     log.info("making scheduled jobs works again")
@@ -3006,8 +3007,8 @@ class Runner:
                 failing, due = True, self.poll_interval
             if due == 0 and not made:
                 due = 0.005  # due, but another process is making its job right now
-            self._rescheduled.wait(self.poll_interval if due is None
-                                   else min(due, self.poll_interval))
+            self._rescheduled.wait(self.clock_interval if due is None
+                                   else min(due, self.clock_interval))
 
     def _renew_leases(self):
         """Renew the leases of the jobs live here; stop those canceled elsewhere."""
@@ -3166,7 +3167,8 @@ def load_schedules(path, validator, fast_check=None):
         raise SettingsError(f"schedules: cannot read {os.fspath(path)!r}: "
                             f"{exc.strerror or exc}") from None
     except ApiError as exc:
-        raise SettingsError(f"schedules: {os.fspath(path)!r}: {exc.message}") from None
+        raise SettingsError(f"schedules: {os.fspath(path)!r}: "
+                            + exc.message.replace("the body", "the file")) from None
     if not isinstance(body, dict):
         raise SettingsError("schedules: the file must hold a JSON object {name: schedule}")
     schedules = {}

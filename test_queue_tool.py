@@ -26,6 +26,7 @@ import urllib.error
 import urllib.request
 import wsgiref.util
 import wsgiref.validate
+import zoneinfo
 from pathlib import Path
 
 import hypothesis
@@ -1548,7 +1549,8 @@ def keyed(make):
 
 
 GUARDED = [("POST", "/api"), ("DELETE", f"/check/{UNKNOWN_TOKEN}"), ("GET", "/jobs"),
-           ("GET", "/metrics"), ("DELETE", f"/batch/{UNKNOWN_TOKEN}")]
+           ("GET", "/metrics"), ("DELETE", f"/batch/{UNKNOWN_TOKEN}"), ("GET", "/schedules"),
+           ("GET", "/schedules/a"), ("PUT", "/schedules/a"), ("DELETE", "/schedules/a")]
 
 
 @pytest.mark.parametrize("method, path", GUARDED)
@@ -2033,6 +2035,22 @@ def test_dashboard_in_chromium_asks_for_the_key_and_leaks_nothing(servers, brows
     ({"retries": 26}, "26 is greater than the maximum of 25"),
     ({"retries": -1}, "-1 is less than the minimum of 0"),
     ({"retries": "2"}, "'2' is not of type 'integer'"),
+    ({"unique": "k", "unique_for": 2592000, "expires": 2592000}, None),
+    ({"unique": "x" * 255, "unique_for": 0.001, "expires": 0.001}, None),
+    ({"unique": " ~printable ASCII~ "}, None),
+    ({"unique": ""}, "'' does not match '^[\\\\x20-\\\\x7e]{1,255}$'"),
+    ({"unique": "x" * 256}, f"'{'x' * 256}' does not match '^[\\\\x20-\\\\x7e]{{1,255}}$'"),
+    ({"unique": "caf\u00e9"}, "'caf\u00e9' does not match '^[\\\\x20-\\\\x7e]{1,255}$'"),
+    ({"unique": "tab\t"}, "'tab\\t' does not match '^[\\\\x20-\\\\x7e]{1,255}$'"),
+    ({"unique": 5}, "5 is not of type 'string'"),
+    ({"unique": "k", "unique_for": 0}, "0 is less than or equal to the minimum of 0"),
+    ({"unique": "k", "unique_for": -1}, "-1 is less than or equal to the minimum of 0"),
+    ({"unique": "k", "unique_for": 2592001}, "2592001 is greater than the maximum of 2592000"),
+    ({"unique": "k", "unique_for": True}, "True is not of type 'number'"),
+    ({"unique_for": 60}, "'unique' is a dependency of 'unique_for'"),
+    ({"expires": 0}, "0 is less than or equal to the minimum of 0"),
+    ({"expires": 2592001}, "2592001 is greater than the maximum of 2592000"),
+    ({"expires": "1"}, "'1' is not of type 'number'"),
 ])
 def test_job_options_are_checked_by_the_item_schema(make, options, error):
     built = make(workers=0)
@@ -2048,6 +2066,12 @@ def test_job_options_are_checked_by_the_item_schema(make, options, error):
     assert type(view["priority"]) is int and type(view["retries"]) is int
     waited = iso_seconds(view["run_at"]) - iso_seconds(view["created_at"])
     assert abs(waited - options.get("delay", 0)) < 0.002
+    assert view.get("unique") == options.get("unique")
+    if "expires" in options:  # the latest start: its first run_at plus expires
+        left = iso_seconds(view["expires"]) - iso_seconds(view["run_at"])
+        assert abs(left - options["expires"]) < 0.002
+    else:
+        assert "expires" not in view
 
 
 def test_plain_items_answer_exactly_as_before_options(make):
@@ -4340,3 +4364,458 @@ def test_benchmark_smoke_run(tmp_path):
     table = rows[rows.index("| measure | queue_tool | reference | ratio | target | |"):]
     assert len(table) == 1 + 5  # the header, then one row per figure
     assert all(line.count("|") == 7 for line in table)
+
+
+# -- Recurring jobs ------------------------------------------------------------------
+
+JOB = {"item": "tick", "valor": 0}
+
+
+def put_schedule(client, name, body, status=None, **kwargs):
+    return client.put(f"/schedules/{name}", json.dumps(body), content_type="application/json",
+                      status=status or "*", **kwargs)
+
+
+def scheduled_jobs(db, name):
+    """(slot, created_at) in epoch seconds of every job the schedule made, by slot."""
+    if is_postgres(db):
+        query = ("SELECT extract(epoch FROM slot)::float8, extract(epoch FROM created_at)::float8"
+                 " FROM {jobs} WHERE schedule = ? ORDER BY slot")
+    else:
+        query = "SELECT slot, created_at FROM {jobs} WHERE schedule = ? ORDER BY slot"
+    return sql(db, query, (name,))
+
+
+def next_local(zone, hour, minute, after):
+    """The next hour:minute in `zone` after the aware datetime `after` (no clock
+    change near it): worked out with the calendar, not with queue_tool."""
+    local = after.astimezone(zone)
+    candidate = datetime.datetime.combine(local.date(), datetime.time(hour, minute), zone)
+    if candidate <= local:
+        candidate = datetime.datetime.combine(local.date() + datetime.timedelta(days=1),
+                                              datetime.time(hour, minute), zone)
+    return candidate
+
+
+@both_stores
+def test_schedule_routes_create_replace_list_get_and_delete(make):
+    client = webtest.TestApp(make(workers=0))
+    berlin = zoneinfo.ZoneInfo("Europe/Berlin")
+    before = datetime.datetime.now(datetime.UTC)
+    job = {"item": "digest", "valor": 1, "queue": "mail", "priority": 2}
+    created = put_schedule(client, "nightly", {"cron": "30 3 * * *", "timezone": "Europe/Berlin",
+                                               "job": job}, 201)
+    assert created.headers["Location"] == "/schedules/nightly"
+    view = created.json
+    assert view == {"name": "nightly", "cron": "30 3 * * *", "timezone": "Europe/Berlin",
+                    "job": job, "paused": False, "next_run_at": view["next_run_at"],
+                    "last_run_at": None, "last_job": None, "created_at": view["created_at"],
+                    "updated_at": view["created_at"]}
+    assert iso_seconds(view["next_run_at"]) == next_local(berlin, 3, 30, before).timestamp()
+    assert abs(iso_seconds(view["created_at"]) - before.timestamp()) < 5
+    replaced = put_schedule(client, "nightly", {"every": 60, "job": job, "paused": True}, 200)
+    expected = {**view, "every": 60, "timezone": None, "paused": True, "next_run_at": None,
+                "updated_at": replaced.json["updated_at"]}
+    del expected["cron"]
+    assert replaced.json == expected  # created_at and the last run kept
+    assert replaced.json["updated_at"] >= view["updated_at"]
+    put_schedule(client, "alpha", {"every": 3600.5, "job": JOB}, 201)
+    listed = client.get("/schedules", status=200).json["schedules"]
+    assert [entry["name"] for entry in listed] == ["alpha", "nightly"]
+    assert listed[0]["every"] == 3600.5 and listed[1] == replaced.json
+    assert client.get("/schedules/nightly", status=200).json == replaced.json
+    assert client.delete("/schedules/nightly", status=200).json == replaced.json
+    for method in ("GET", "DELETE"):
+        for name in ("nightly", "Not-A-Name", "x" * 65):
+            gone = client.request(f"/schedules/{name}", method=method, status=404).json
+            assert gone == {"error": "not_found", "message": "no schedule has this name"}
+    client.get("/schedules/", status=404)
+    assert [entry["name"] for entry in client.get("/schedules").json["schedules"]] == ["alpha"]
+
+
+INVALID_SCHEDULES = [
+    ({"cron": "* * * * *", "every": 5, "job": JOB}, "a schedule needs exactly one of cron and every"),
+    ({"job": JOB}, "a schedule needs exactly one of cron and every"),
+    ({"cron": "* * * *", "job": JOB}, "cron '* * * *' needs five fields"),
+    ({"cron": "@often", "job": JOB}, "cron '@often' needs five fields"),
+    ({"cron": "60 * * * *", "job": JOB}, "cron's minute field '60': values run from 0 to 59"),
+    ({"cron": "0 24 * * *", "job": JOB}, "cron's hour field '24'"),
+    ({"cron": "0 0 0 * *", "job": JOB}, "cron's day of month field '0'"),
+    ({"cron": "0 0 * 13 *", "job": JOB}, "cron's month field '13'"),
+    ({"cron": "0 0 * * 8", "job": JOB}, "cron's day of week field '8'"),
+    ({"cron": "0 0 * * 5-1", "job": JOB},
+     "cron's day of week field '5-1': values run from 0 to 7, low to high"),
+    ({"cron": "*/0 * * * *", "job": JOB},
+     "cron's minute field '*/0': the step must be a whole number above 0"),
+    ({"cron": "0 0 * * funday", "job": JOB},
+     "cron's day of week field 'funday': 'funday' is not a value"),
+    ({"cron": "0 0 30 2 *", "job": JOB}, "cron '0 0 30 2 *' matches no date"),
+    ({"cron": 5, "job": JOB}, "cron must be a string"),
+    ({"every": 0, "job": JOB}, "every must be a number of seconds from 1 to 31536000"),
+    ({"every": 0.5, "job": JOB}, "every must be a number of seconds from 1 to 31536000"),
+    ({"every": 31_536_001, "job": JOB}, "every must be a number of seconds from 1 to 31536000"),
+    ({"every": True, "job": JOB}, "every must be a number of seconds"),
+    ({"every": "5", "job": JOB}, "every must be a number of seconds"),
+    ({"every": 5, "job": {"item": "x"}}, "job: 'valor' is a required property"),
+    ({"every": 5, "job": {**JOB, "priority": 11}}, "job: 11 is greater than the maximum of 10"),
+    ({"every": 5, "job": {**JOB, "valor": 3601}}, "job: 3601 is greater than the maximum of 3600"),
+    ({"every": 5, "job": {**JOB, "delay": 5}}, "job: delay is not an option of a scheduled job"),
+    ({"every": 5, "job": ["not", "an", "item"]}, "job must be an item"),
+    ({"every": 5}, "job must be an item"),
+    ({"cron": "* * * * *", "timezone": "Mars/Olympus_Mons", "job": JOB},
+     "timezone 'Mars/Olympus_Mons' is not an IANA time zone"),
+    ({"cron": "* * * * *", "timezone": "../../etc/passwd", "job": JOB},
+     "timezone '../../etc/passwd' is not an IANA time zone"),
+    ({"cron": "* * * * *", "timezone": 1, "job": JOB}, "timezone must be an IANA name"),
+    ({"every": 5, "timezone": "UTC", "job": JOB}, "timezone is for cron schedules"),
+    ({"every": 5, "job": JOB, "paused": "yes"}, "paused must be true or false"),
+    ({"every": 5, "job": JOB, "evry": 5}, "unknown key 'evry'"),
+    (["every", 5], "a schedule is a JSON object"),
+]
+
+
+@both_stores
+def test_every_bad_schedule_is_400_invalid_schedule_and_stores_nothing(make):
+    client = webtest.TestApp(make(workers=0))
+    for body, message in INVALID_SCHEDULES:
+        answer = put_schedule(client, "bad", body, 400).json
+        assert answer["error"] == "invalid_schedule", body
+        assert answer["message"].startswith(message), (body, answer["message"])
+    named = put_schedule(client, "Bad_Name", {"every": 5, "job": JOB}, 400).json
+    assert named == {"error": "invalid_schedule", "message":
+                     "a schedule's name must match ^[a-z0-9][a-z0-9_.-]{0,63}$"}
+    assert client.put("/schedules/bad", "{", content_type="application/json",
+                      status=400).json["error"] == "invalid_json"
+    assert client.put("/schedules/bad", "{}", content_type="text/plain",
+                      status=415).json["error"] == "unsupported_media_type"
+    assert client.get("/schedules").json == {"schedules": []}
+
+
+def test_schedule_routes_need_the_api_key(keyed):
+    headers = {"Authorization": "Bearer s3cret-key"}
+    body = {"every": 60, "job": JOB}
+    for method, path in [("GET", "/schedules"), ("GET", "/schedules/a"), ("PUT", "/schedules/a"),
+                         ("DELETE", "/schedules/a")]:
+        refused = keyed.request(path, method=method, body=json.dumps(body).encode(),
+                                content_type="application/json", status=401)
+        assert refused.json["error"] == "unauthorized"
+    assert put_schedule(keyed, "a", body, 201, headers=headers).json["name"] == "a"
+    assert keyed.get("/schedules", headers=headers).json["schedules"][0]["name"] == "a"
+    keyed.get("/schedules/a", headers=headers, status=200)
+    keyed.delete("/schedules/a", headers=headers, status=200)
+
+
+@both_stores
+def test_every_second_schedule_makes_one_job_per_slot_within_a_second(make, db):
+    client = webtest.TestApp(make(workers=0))
+    put_schedule(client, "tick", {"every": 1, "job": {**JOB, "queue": "ticks"}}, 201)
+    wait_until(lambda: len(scheduled_jobs(db, "tick")) >= 4, timeout=15, what="four slots")
+    made = scheduled_jobs(db, "tick")
+    slots = [slot for slot, _ in made]
+    assert all(slot == int(slot) for slot in slots)  # whole multiples of 1 s since the epoch
+    assert [later - earlier for earlier, later in itertools.pairwise(slots)] == [1] * (len(slots) - 1)
+    assert all(0 <= created - slot < 1 for slot, created in made), made
+    view = client.get("/schedules/tick").json
+    newest = client.get("/jobs?queue=ticks&limit=1").json["jobs"][0]
+    assert (newest["schedule"], newest["item"], newest["queue"]) == ("tick", "tick", "ticks")
+    if view["last_job"] == newest["hash"]:  # (unless the next slot came meanwhile)
+        assert iso_seconds(view["last_run_at"]) == max(slots[-1], iso_seconds(
+            newest["created_at"]) // 1)
+    assert iso_seconds(view["next_run_at"]) > iso_seconds(view["last_run_at"])
+
+
+@both_stores
+def test_three_processes_on_one_store_make_exactly_one_job_per_slot(servers, db):
+    fleet = [servers("--db", str(db), "--workers", "0", name=f"s{n}") for n in range(3)]
+    status, _ = fleet[1].request("PUT", "/schedules/tick", {"every": 1, "job": JOB})
+    assert status == 201
+    wait_until(lambda: len(scheduled_jobs(db, "tick")) >= 20, timeout=40, what="20 slots")
+    for server in fleet:
+        assert server.stop() == 0
+    slots = [slot for slot, _ in scheduled_jobs(db, "tick")]
+    assert [later - earlier for earlier, later in itertools.pairwise(slots)] == [1] * (len(slots) - 1)
+    # One job per slot, and no process made one that the store then dropped:
+    # every counted submit is a job, and nothing counted as a duplicate.
+    counters = dict(sql(db, "SELECT name, SUM(value) FROM {counters} GROUP BY name"))
+    assert (counters["submitted"], counters["duplicate"]) == (len(slots), 0)
+    makers = [server.log.read_text().count("missed its slots") for server in fleet]
+    assert makers == [0, 0, 0]
+
+
+@both_stores
+def test_paused_schedule_makes_none_and_resuming_catches_up_once(make, db):
+    client = webtest.TestApp(make(workers=0))
+    put_schedule(client, "sleepy", {"every": 1, "job": JOB, "paused": True}, 201)
+    put_schedule(client, "awake", {"every": 1, "job": JOB}, 201)
+    wait_until(lambda: len(scheduled_jobs(db, "awake")) >= 3, timeout=15, what="three slots")
+    assert scheduled_jobs(db, "sleepy") == []
+    resumed_at = time.time()
+    put_schedule(client, "sleepy", {"every": 1, "job": JOB}, 200)
+    wait_until(lambda: len(scheduled_jobs(db, "sleepy")) >= 2, timeout=15, what="two slots")
+    slots = [slot for slot, _ in scheduled_jobs(db, "sleepy")]
+    missed = [slot for slot in slots if slot < resumed_at]
+    assert len(missed) <= 1  # no backlog: the latest missed slot at most
+    assert all(slot >= resumed_at - 1 for slot in missed)
+
+
+@both_stores
+def test_slots_missed_while_no_process_ran_make_one_catch_up_job_at_most(make, db):
+    first = make(workers=0)
+    put_schedule(webtest.TestApp(first), "tick", {"every": 1, "job": JOB}, 201)
+    wait_until(lambda: len(scheduled_jobs(db, "tick")) >= 2, timeout=15, what="two slots")
+    first.close()
+    last = scheduled_jobs(db, "tick")[-1][0]
+    wait_until(lambda: time.time() > last + 6, timeout=10, what="five slots with no process")
+    restarted_at = time.time()
+    second = make(workers=0)
+    second.start()
+    wait_until(lambda: scheduled_jobs(db, "tick")[-1][0] >= restarted_at + 1, timeout=15,
+               what="a slot after the restart")
+    later = [slot for slot, _ in scheduled_jobs(db, "tick") if slot > last]
+    caught_up = [slot for slot in later if slot < restarted_at]
+    assert len(caught_up) <= 1 and all(slot >= restarted_at - 1 for slot in caught_up), later
+    assert len(later) >= 2
+
+
+# (expression, zone, after, the next slot), local times worked out by hand. 2026: New
+# York springs forward on 8 March (02:00 -> 03:00) and falls back on 1 November
+# (02:00 EDT -> 01:00 EST); Kolkata is UTC+05:30 all year; 1 December is a Tuesday.
+CRON_NEXT = [
+    ("0 9 * * mon-fri", "UTC", "2026-12-04T09:00:00+00:00", "2026-12-07T09:00:00+00:00"),
+    ("*/20 9-10 * * *", "UTC", "2026-12-01T10:40:00+00:00", "2026-12-02T09:00:00+00:00"),
+    ("@weekly", "UTC", "2026-12-01T00:00:00+00:00", "2026-12-06T00:00:00+00:00"),
+    ("0 12 13 * 5", "UTC", "2026-12-01T00:00:00+00:00", "2026-12-04T12:00:00+00:00"),  # or Friday
+    ("0 0 29 2 *", "UTC", "2026-03-01T00:00:00+00:00", "2028-02-29T00:00:00+00:00"),
+    ("0 0 * * 7", "UTC", "2026-12-01T00:00:00+00:00", "2026-12-06T00:00:00+00:00"),  # 7 is Sunday
+    ("0 0 1 jan,jul *", "UTC", "2026-12-01T00:00:00+00:00", "2027-01-01T00:00:00+00:00"),
+    ("30 2 * * *", "Asia/Kolkata", "2026-12-01T02:30:00+05:30", "2026-12-02T02:30:00+05:30"),
+    ("0 0 * * *", "Asia/Kolkata", "2026-12-01T12:00:00+05:30", "2026-12-01T18:30:00+00:00"),
+    ("15 * * * *", "Asia/Kolkata", "2026-12-01T10:20:00+05:30", "2026-12-01T11:15:00+05:30"),
+    ("@daily", "Asia/Kolkata", "2026-12-31T23:59:00+05:30", "2027-01-01T00:00:00+05:30"),
+    # A skipped local time does not run: 02:30 on 8 March is not a time in New York.
+    ("30 2 * * *", "America/New_York", "2026-03-07T03:00:00-05:00", "2026-03-09T02:30:00-04:00"),
+    ("0 * * * *", "America/New_York", "2026-03-08T01:30:00-05:00", "2026-03-08T03:00:00-04:00"),
+    # A repeated one runs once, the first time: 01:30 happens twice on 1 November.
+    ("30 1 * * *", "America/New_York", "2026-10-31T12:00:00-04:00", "2026-11-01T01:30:00-04:00"),
+    ("30 1 * * *", "America/New_York", "2026-11-01T01:30:00-04:00", "2026-11-02T01:30:00-05:00"),
+    ("0 * * * *", "America/New_York", "2026-11-01T01:00:00-04:00", "2026-11-01T02:00:00-05:00"),
+    ("0 9 * * *", "America/New_York", "2026-11-01T08:00:00-05:00", "2026-11-01T09:00:00-05:00"),
+]
+
+
+@pytest.mark.parametrize("expression, zone, after, expected", CRON_NEXT)
+def test_cron_next_slot_in_its_time_zone(expression, zone, after, expected):
+    schedule = {"cron": expression, "every": None, "timezone": zone}
+    assert queue_tool.next_slot(schedule, iso_seconds(after)) == iso_seconds(expected)
+
+
+@pytest.mark.parametrize("every, after, expected", [
+    (1, 1000.2, 1001), (300, 1000, 1200), (300, 1200, 1500), (86400, 90000, 172800),
+    (2.5, 10, 12.5)])
+def test_every_next_slot_is_the_next_multiple_since_the_epoch(every, after, expected):
+    schedule = {"cron": None, "every": every, "timezone": None}
+    assert queue_tool.next_slot(schedule, after) == expected
+
+
+CRON_AGAINST_CRONSIM = [
+    "* * * * *", "*/15 * * * *", "0 9 * * mon-fri", "30 2 1,15 * *", "5 4 * * sun",
+    "0 22 * * 1-5", "23 0-20/2 * * *", "0 0 1 jan *", "0 12 13 * 5", "0 0 29 2 *",
+    "@hourly", "@daily", "@weekly", "@monthly", "@yearly", "15 10 * * 7", "0 */3 * * *",
+    "0 0 */2 * *", "0 0 1 * mon", "1-10/3 5 * 6-8 *", "0 0 31 * *", "0 0 */2 * mon",
+    "0 0 1-7 * */2", "59 23 28-31 * *", "0 0 * feb-apr 0,6"]
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Kolkata", "Europe/Berlin"])
+def test_cron_agrees_with_cronsim_where_no_clock_changes(zone):
+    """The table checked against a maintained library; Berlin from May to September,
+    when its clocks do not change (cronsim runs skipped times, which SPEC does not)."""
+    cronsim = pytest.importorskip("cronsim")
+    start = datetime.datetime(2026, 5, 17, 13, 37, 12, tzinfo=zoneinfo.ZoneInfo(zone))
+    end = datetime.datetime(2026, 9, 30, tzinfo=datetime.UTC).timestamp()
+    for expression in CRON_AGAINST_CRONSIM:
+        theirs = cronsim.CronSim(queue_tool.CRON_MACROS.get(expression, expression), start)
+        moment = start.timestamp()
+        for _ in range(8):
+            expected = next(theirs).timestamp()
+            if zone == "Europe/Berlin" and expected > end:
+                break
+            moment = queue_tool.next_slot(
+                {"cron": expression, "every": None, "timezone": zone}, moment)
+            assert moment == expected, (expression, zone)
+
+
+@store_suite
+def test_putting_a_schedule_again_keeps_its_next_slot_unless_its_timing_changed(store, db):
+    schedule = {"cron": None, "every": 60, "timezone": None, "job": JOB, "paused": False}
+    row, created = store.put_schedule("s", schedule)
+    assert created and row["next_run_at"] % 60 == 0
+    table = "queue_tool_schedules" if is_postgres(db) else "schedules"
+    old = "to_timestamp(600)" if is_postgres(db) else "600"
+    sql(db, f"UPDATE {table} SET next_run_at = {old}")  # as if no process ran since then
+    row, created = store.put_schedule("s", {**schedule, "job": {**JOB, "item": "new"}})
+    assert not created and row["next_run_at"] == 600 and row["job"]["item"] == "new"
+    row, _ = store.put_schedule("s", {**schedule, "every": 30})
+    assert row["next_run_at"] > time.time() - 1
+    assert store.delete_schedule("s")["every"] == 30 and store.delete_schedule("s") is None
+    assert store.schedules() == [] and store.next_schedule() is None
+
+
+def test_schedules_file_is_applied_at_start(servers, tmp_path):
+    (tmp_path / "schedules.json").write_text(json.dumps({
+        "nightly": {"cron": "0 3 * * *", "timezone": "Asia/Kolkata", "job": JOB},
+        "tick": {"every": 1, "job": JOB, "paused": True}}))
+    server = servers("--db", str(tmp_path / "s.sqlite3"), "--workers", "0",
+                     "--schedules", "schedules.json")
+    status, body = server.request("GET", "/schedules")
+    assert status == 200 and [view["name"] for view in body["schedules"]] == ["nightly", "tick"]
+    assert (body["schedules"][0]["timezone"], body["schedules"][1]["paused"]) == (
+        "Asia/Kolkata", True)
+    assert server.stop() == 0
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "schedules: cannot read 'schedules.json': No such file or directory"),
+    ("{", "schedules: 'schedules.json': the file is not valid JSON"),
+    ("[]", "schedules: the file must hold a JSON object {name: schedule}"),
+    ('{"Bad Name": {"every": 5, "job": {"item": "a", "valor": 0}}}',
+     "schedules: 'Bad Name': a schedule's name must match"),
+    (('{"good": {"every": 5, "job": {"item": "a", "valor": 0}},'
+      ' "nightly": {"cron": "0 25 * * *", "job": {"item": "a", "valor": 0}}}'),
+     "schedules: 'nightly': cron's hour field '25'"),
+])
+def test_a_bad_schedules_file_is_exit_2_naming_the_schedule(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "schedules.json").write_text(content)
+    run = subprocess.run([sys.executable, str(HERE / "queue_tool.py"), "--db", "s.sqlite3",
+                          "--schedules", "schedules.json"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert run.returncode == 2 and run.stdout == ""
+    lines = run.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("usage:"), run.stderr
+    assert lines[1].startswith(f"queue_tool: error: {message}"), run.stderr
+    if content and "good" in content:  # a bad file applies none of its schedules
+        assert sql(tmp_path / "s.sqlite3", "SELECT COUNT(*) FROM schedules") == [(0,)]
+
+
+def test_client_puts_lists_and_deletes_schedules(servers, tmp_path):
+    server = servers("--db", str(tmp_path / "c.sqlite3"), "--workers", "0", "--api-key", "k")
+    client = queue_tool.Client(server.url, api_key="k")
+    made = client.put_schedule("nightly", JOB, cron="0 3 * * *", timezone="Asia/Kolkata")
+    assert (made["cron"], made["timezone"], made["paused"]) == ("0 3 * * *", "Asia/Kolkata", False)
+    again = client.put_schedule("nightly", JOB, every=60, paused=True)
+    assert (again["every"], again["paused"], again["created_at"]) == (60, True, made["created_at"])
+    assert [view["name"] for view in client.schedules()] == ["nightly"]
+    assert client.schedule("nightly") == again
+    assert client.delete_schedule("nightly") == again and client.schedules() == []
+    with pytest.raises(queue_tool.ClientError) as refused:
+        client.put_schedule("nightly", JOB)
+    assert (refused.value.status, refused.value.error) == (400, "invalid_schedule")
+    with pytest.raises(queue_tool.ClientError) as missing:
+        client.delete_schedule("nightly")
+    assert missing.value.status == 404
+    assert server.stop() == 0
+
+
+# -- Unique jobs and expiry -----------------------------------------------------------
+
+def entries(response):
+    return response.json["processing_items"]
+
+
+@both_stores
+def test_a_unique_key_keeps_a_second_job_out_while_the_first_is_queued_or_running(
+        make, gated, seen, gate, db):
+    client = webtest.TestApp(make(process=gated, workers=1))
+    first, twin = entries(submit(client, [{"item": "a", "valor": 0, "unique": "k"},
+                                          {"item": "b", "valor": 0, "unique": "k"}]))
+    token = first["hash"]
+    assert twin == {"hash": token, "index": 1, "item": "b", "status": "queued",
+                    "check": f"/check/{token}", "duplicate": True}  # the first of its batch
+    assert started_jobs(seen, 1)[0].token == token
+    (running,) = entries(submit(client, [{"item": "c", "valor": 0, "unique": "k"}]))
+    assert (running["hash"], running["status"], running["duplicate"]) == (token, "running", True)
+    gate.set()
+    assert client.get(f"/check/{token}?wait=10").json["status"] == "done"
+    (after,) = entries(submit(client, [{"item": "d", "valor": 0, "unique": "k"}]))
+    assert "duplicate" not in after and after["hash"] != token  # done: the key is free
+    assert client.get(f"/check/{after['hash']}").json["unique"] == "k"
+    assert jobs_stored(db) == 2
+    metrics = scrape(client)
+    assert (metrics["queue_tool_jobs_submitted_total"],
+            metrics["queue_tool_items_duplicate_total"]) == (2, 2)
+
+
+@both_stores
+def test_unique_for_keeps_the_key_out_after_the_job_ended_until_it_passed(make, db):
+    client = webtest.TestApp(make(workers=1))
+    item = {"item": "a", "valor": 0, "unique": "report", "unique_for": 1.5}
+    (first,) = entries(submit(client, [item]))
+    done = client.get(f"/check/{first['hash']}?wait=10").json
+    assert done["status"] == "done"
+    (again,) = entries(submit(client, [item]))
+    assert (again["hash"], again["status"], again["duplicate"]) == (first["hash"], "done", True)
+    wait_until(lambda: time.time() > iso_seconds(done["created_at"]) + 1.6, timeout=5,
+               what="unique_for to pass")
+    (later,) = entries(submit(client, [item]))
+    assert "duplicate" not in later and later["hash"] != first["hash"]
+    assert jobs_stored(db) == 2
+
+
+@both_stores
+def test_concurrent_submits_of_one_unique_key_on_two_servers_queue_one_job(servers, db):
+    front = [servers("--db", str(db), "--workers", "0", name=f"front{n}") for n in range(2)]
+    answers, go = [], threading.Event()
+
+    def post(n):
+        go.wait(10)
+        answers.append(front[n % 2].request("POST", "/api", [
+            {"item": f"i{n}", "valor": 0, "unique": "once"}]))
+    threads = [threading.Thread(target=post, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    go.set()
+    for thread in threads:
+        thread.join(60)
+    assert [status for status, _ in answers] == [202] * 20
+    results = [body["processing_items"][0] for _, body in answers]
+    new = [entry for entry in results if "duplicate" not in entry]
+    assert len(new) == 1 and {entry["hash"] for entry in results} == {new[0]["hash"]}
+    assert jobs_stored(db) == 1
+    counters = dict(sql(db, "SELECT name, SUM(value) FROM {counters} GROUP BY name"))
+    assert (counters["submitted"], counters["duplicate"], counters["queued"]) == (1, 19, 1)
+    for server in front:
+        assert server.stop() == 0
+
+
+@both_stores
+def test_a_job_that_cannot_start_in_time_expires_and_never_starts(make, gated, seen, gate):
+    client = webtest.TestApp(make(process=gated, workers=1))
+    submit(client, [{"item": "blocker", "valor": 0}])
+    started_jobs(seen, 1)
+    late, timely = tokens_of(submit(client, [{"item": "late", "valor": 0, "expires": 0.5},
+                                             {"item": "timely", "valor": 0, "expires": 60}]))
+    wait_until(lambda: client.get(f"/check/{late}").json["status"] == "canceled", timeout=5,
+               what="the job to expire")
+    view = client.get(f"/check/{late}").json
+    assert (view["message"], view["error"], view["attempts"], view["started_at"]) == (
+        "Cancelado", "expired", 0, None)
+    assert 0 <= iso_seconds(view["finished_at"]) - iso_seconds(view["expires"]) < 1.0
+    gate.set()
+    assert client.get(f"/check/{timely}?wait=10").json["status"] == "done"
+    assert [job.item for job in seen] == ["blocker", "timely"]
+    assert client.get(f"/check/{late}").json["status"] == "canceled"
+    metrics = scrape(client)
+    assert metrics['queue_tool_jobs_finished_total{status="canceled"}'] == 1
+    assert metrics['queue_tool_jobs{status="queued"}'] == 0
+
+
+@store_suite
+def test_a_claim_never_takes_an_expired_job_even_before_it_is_canceled(store):
+    token = hexes("e")[0]
+    store.submit([queue_tool.NewJob(token, "e", 0, expires=0.05)], 0, 10)
+    wait_until(lambda: time.time() > store.get(token)["expires_at"] + 0.01, timeout=5,
+               what="the deadline")
+    assert claim(store, "me:1:x", 60) is None  # not claimed, though not yet canceled
+    assert store.get(token)["status"] == "queued"
+    assert store.expire() == [token] and store.expire() == []
+    assert store.get(token)["status"] == "canceled" and store.counts()["queued"] == 0
