@@ -14,8 +14,10 @@ server they are left out.
 """
 
 import argparse
+import collections
 import http.client
 import io
+import itertools
 import json
 import os
 import random
@@ -748,11 +750,113 @@ def bench_scale(dbs, quick):
              "<= 1.5 x the 1,000-job figure", best[1] <= 1.5 * best[0])]
 
 
+def cpu_seconds(pid):
+    """User and system CPU a process has used so far, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scheduled_rows(db):
+    """(schedule, slot, created_at) of every job a schedule made, times in epoch seconds."""
+    if db.startswith("postgresql://"):
+        import psycopg
+        with psycopg.connect(db) as connection:
+            return connection.execute(
+                "SELECT schedule, extract(epoch FROM slot)::float8,"
+                " extract(epoch FROM created_at)::float8 FROM queue_tool_jobs"
+                " WHERE schedule IS NOT NULL").fetchall()
+    import sqlite3
+    with sqlite3.connect(db) as connection:
+        return connection.execute("SELECT schedule, slot, created_at FROM jobs"
+                                  " WHERE schedule IS NOT NULL").fetchall()
+
+
+def bench_schedules(dbs, quick):
+    """9. Schedules of `every: 1` served by three --workers 0 processes on one store:
+    jobs per slot, lateness of created_at after the slot, and each process's CPU
+    while scheduling against the same processes idle (the reference)."""
+    count, seconds = (100, 8) if quick else (1000, 30)
+    rows = []
+    for kind in dbs.kinds():
+        db = dbs.new("schedules", kind)
+        queue_tool.open_store(db).close()  # the schema, before three processes race for it
+        fleet = [Served(dbs.workdir, "--db", db, "--workers", "0") for _ in range(3)]
+        try:
+            time.sleep(1)  # started: their first looks are done
+            idle = [cpu_seconds(served.process.pid) for served in fleet]
+            time.sleep(5)
+            idle = [(cpu_seconds(served.process.pid) - was) / 5 for served, was in zip(fleet, idle)]
+            store = queue_tool.open_store(db)
+            for n in range(count):
+                store.put_schedule(f"s{n}", {"cron": None, "every": 1, "timezone": None,
+                                             "job": {"item": f"s{n}", "valor": 0},
+                                             "paused": False})
+            store.close()
+            began, cpu = time.time(), [cpu_seconds(served.process.pid) for served in fleet]
+            time.sleep(seconds)
+            ended = time.time()
+            busy = [(cpu_seconds(served.process.pid) - was) / (ended - began)
+                    for served, was in zip(fleet, cpu)]
+        finally:
+            for served in fleet:
+                served.stop()
+        # The slots wholly inside the window, each of which every schedule must fill.
+        first, last = int(began) + 2, int(ended) - 2
+        made = collections.Counter((name, slot) for name, slot, _ in scheduled_rows(db)
+                                   if first <= slot <= last)
+        expected = count * (last - first + 1)
+        late = [created - slot for _, slot, created in scheduled_rows(db)
+                if first <= slot <= last]
+        per_slot = sum(made.values()) / expected
+        p50, p99 = percentile(late, 0.5), percentile(late, 0.99)
+        rows += [
+            (f"schedules, {kind}, jobs per slot ({count:,} every 1 s, 3 processes)", per_slot,
+             None, "exactly 1", per_slot == 1 and max(made.values()) == 1),
+            (f"schedules, {kind}, created_at - slot p50 (ms)", p50 * 1e3, None,
+             "ratio printed", None),
+            (f"schedules, {kind}, created_at - slot p99 (ms)", p99 * 1e3, None, "<= 1,000 ms",
+             p99 <= 1.0),
+            (f"schedules, {kind}, CPU per process, busiest (% of a core; ref: idle)",
+             max(busy) * 100, max(idle) * 100, "<= 10%", max(busy) <= 0.10)]
+    return rows
+
+
+def bench_unique(dbs, quick):
+    """10. 100-item batches with a `unique` key on every item, against the same
+    batches without, in-process on one store (items/s)."""
+    batches, rounds = (20, 3) if quick else (100, 5)
+    rows = []
+    for kind in dbs.kinds():
+        app = queue_tool.make_app(db=dbs.new("unique", kind), workers=0,
+                                  max_queued=10_000_000)
+        keys = itertools.count()
+        keyed = iter([json.dumps([{**item, "unique": f"key-{next(keys)}"} for item in BATCH]
+                                 ).encode() for _ in range(batches * (rounds + 1))])
+        plain = json.dumps(BATCH).encode()
+
+        def send(bodies, app=app):
+            for body in bodies:
+                assert call(app, "POST", "/api", body)[0] == 202
+        try:
+            send([next(keyed) for _ in range(batches)])  # warm up
+            ours, reference = side_by_side(
+                lambda keyed=keyed: timed_rate(batches * 100, lambda: send(
+                    [next(keyed) for _ in range(batches)])),
+                lambda plain=plain: timed_rate(batches * 100, lambda: send([plain] * batches)),
+                rounds=rounds)
+        finally:
+            app.close(grace=0)
+        rows.append((f"submit with a unique key per item, {kind} (items/s; ref: without)",
+                     ours, reference, ">= 0.8 of reference", ours >= 0.8 * reference))
+    return rows
+
+
 MEASURES = {"submit": bench_submit, "check": bench_check, "http": bench_http,
             "burst": bench_burst, "single": bench_single,
             "dispatch": bench_dispatch, "across": bench_dispatch_across,
             "makespan": bench_makespan, "memory": bench_memory, "scale": bench_scale,
-            "process": bench_process, "gunicorn": bench_gunicorn}
+            "process": bench_process, "gunicorn": bench_gunicorn,
+            "schedules": bench_schedules, "unique": bench_unique}
 
 
 def main(argv=None):

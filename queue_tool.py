@@ -1810,10 +1810,16 @@ class PostgresStore(Store):
                   schedule, slot, n)
         ORDER BY n
         ON CONFLICT (schedule, slot) WHERE schedule IS NOT NULL DO NOTHING"""
-    # Unique keys: a lock on each (a hash of it; two keys may share one, and then
-    # only wait for each other), taken in order so two submits cannot deadlock;
-    # then, in a statement of its own (a snapshot taken after the locks), the jobs
-    # that keep them out: a live one first, else the newest within unique_for.
+    # Unique keys. A submit of a few keys takes the keys' lock shared, then a lock on
+    # each key (on its hash: two keys may share one, and then only wait for each
+    # other), in order, so two submits cannot deadlock; one of more keys than
+    # MAX_KEY_LOCKS takes the keys' lock alone, exclusive, so no transaction holds
+    # more locks than PostgreSQL's lock table allows each (max_locks_per_transaction).
+    # Then, in a statement of its own (a snapshot taken after the locks), the jobs
+    # that keep the keys out: a live one first, else the newest within unique_for.
+    MAX_KEY_LOCKS = 64
+    LOCK_SOME_KEYS = f"SELECT pg_advisory_xact_lock_shared({0x756e697175})"
+    LOCK_ALL_KEYS = f"SELECT pg_advisory_xact_lock({0x756e697175})"
     LOCK_KEYS = """SELECT pg_advisory_xact_lock(h) FROM (
             SELECT DISTINCT hashtextextended(key, 7435) AS h FROM unnest(%(keys)s::text[]) AS key
             ORDER BY h) AS locks"""
@@ -2225,9 +2231,15 @@ class PostgresStore(Store):
         keys = _first_keys(jobs)
         if not keys:
             return jobs, {}
-        conn.execute(self.LOCK_KEYS, {"keys": list(keys)})
-        found = {key: (token, status) for key, token, status in conn.execute(
-            self.DUPLICATES_OF, {"keys": list(keys), "fors": [float(s) for s in keys.values()]})}
+        with conn.pipeline():  # the locks and the look-up in one round trip
+            if len(keys) <= self.MAX_KEY_LOCKS:
+                conn.execute(self.LOCK_SOME_KEYS)
+                conn.execute(self.LOCK_KEYS, {"keys": list(keys)})
+            else:
+                conn.execute(self.LOCK_ALL_KEYS)
+            held = conn.execute(self.DUPLICATES_OF, {
+                "keys": list(keys), "fors": [float(s) for s in keys.values()]})
+        found = {key: (token, status) for key, token, status in held.fetchall()}
         return _sort_out(jobs, found)
 
     def _insert(self, conn, jobs, batch=None):
