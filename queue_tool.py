@@ -9,6 +9,8 @@ Routes:
     DELETE /check/<token>   cancel a queued or running job
     GET    /batch/<id>      follow a batch (?wait=S); DELETE cancels its unfinished jobs
     GET    /jobs            list jobs, newest first (?status=, ?limit=, ?before=)
+    PUT    /schedules/<n>   create or replace a recurring job (cron or every S seconds);
+                            GET and DELETE it; GET /schedules lists them
     GET    /health          liveness and queue depth
     GET    /metrics         Prometheus text format
     GET    /openapi.json    the OpenAPI 3.1 description of all of the above

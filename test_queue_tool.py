@@ -1687,14 +1687,32 @@ item_like = st.fixed_dictionaries(
         "queue": st.one_of(st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,66}", fullmatch=True),
                            st.sampled_from(["a\n", "A", "-a", "", "default"]), json_values),
         "retries": st.one_of(st.integers(-1, 27), st.floats(-1, 26), json_values)})
+# Items with the unique and expiry options, mostly well-formed ones: keys from a few,
+# so that duplicates happen.
+keyed_like = st.fixed_dictionaries(
+    {"item": st.text(min_size=1, max_size=6), "valor": st.integers(0, 5)},
+    optional={
+        "unique": st.one_of(st.sampled_from(["k", "j", "x" * 256, "\t", ""]), json_values),
+        "unique_for": st.one_of(st.integers(-1, 2_600_000), st.floats(-1, 3e6), json_values),
+        "expires": st.one_of(st.integers(-1, 2_600_000), st.floats(-1, 3e6), json_values)})
+schedule_like = st.fixed_dictionaries({}, optional={
+    "cron": st.one_of(st.sampled_from(["* * * * *", "0 9 * * mon-fri", "@daily", "61 * * * *",
+                                       "0 0 30 2 *", "*/0 * * * *", "a b c d e", ""]),
+                      st.text(max_size=12), json_values),
+    "every": st.one_of(st.integers(-1, 40_000_000), st.floats(-1, 4e7), json_values),
+    "timezone": st.one_of(st.sampled_from(["UTC", "Asia/Kolkata", "Nowhere/Else", "",
+                                           "../etc"]), st.text(max_size=8), json_values),
+    "job": st.one_of(item_like, json_values), "paused": st.one_of(st.booleans(), json_values)})
 bodies = st.one_of(
-    st.lists(st.one_of(item_like, json_values), max_size=6).map(
+    st.lists(st.one_of(item_like, keyed_like, json_values), max_size=6).map(
         lambda batch: json.dumps(batch).encode()),
     json_values.map(lambda value: json.dumps(value).encode()),
+    schedule_like.map(lambda schedule: json.dumps(schedule).encode()),
     st.binary(max_size=120))
 paths = st.one_of(
     st.sampled_from(["/api", "/jobs", "/health", "/metrics", "/openapi.json", "/",
-                     f"/check/{UNKNOWN_TOKEN}", "/check/", "/api/"]),
+                     f"/check/{UNKNOWN_TOKEN}", "/check/", "/api/", "/schedules",
+                     "/schedules/", "/schedules/a", "/schedules/Bad", "/schedules/a/b"]),
     st.text(max_size=24).map(lambda text: "/" + text),
     st.text(alphabet="0123456789abcdef", min_size=31, max_size=33).map(
         lambda text: "/check/" + text))
@@ -1753,7 +1771,9 @@ def test_no_request_breaks_the_app(make, db):
             assert isinstance(error["message"], str) and re.fullmatch(r"[a-z_]+", error["error"])
         if status == 202:
             accepted.update(tokens_of_body(json.loads(payload)))
-        assert {job["token"] for job in built.store.list(limit=100_000)[0]} == accepted
+        submitted = {job["token"] for job in built.store.list(limit=100_000)[0]
+                     if job["schedule"] is None}  # a schedule put here may make jobs
+        assert submitted == accepted
         assert_queued_gauge_is_true(db)
 
     check()
@@ -1764,7 +1784,8 @@ def test_no_request_breaks_the_app(make, db):
 
 
 @hypothesis.settings(max_examples=1500, deadline=None, derandomize=True, database=None)
-@hypothesis.given(item=st.one_of(item_like, json_values), max_valor=st.sampled_from([0, 5, 3600]))
+@hypothesis.given(item=st.one_of(item_like, keyed_like, json_values),
+                  max_valor=st.sampled_from([0, 5, 3600]))
 def test_fast_check_agrees_with_the_validator(item, max_valor):
     schema = queue_tool.item_schema(max_valor)
     fast = queue_tool.compile_fast_check(schema)
@@ -3111,6 +3132,48 @@ def test_sqlite_file_of_0_1_0_is_upgraded_with_its_jobs_and_counters(make, tmp_p
     old = client.get("/check/" + "b" * 32, status=200).json
     assert (old["queue"], old["priority"], old["retries"]) == ("default", 0, 0)
     assert old["run_at"] == old["created_at"]
+
+
+@both_stores
+def test_a_database_of_version_3_opens_as_version_4_with_its_jobs_and_counters(make, db):
+    """Today's released schema (version 3: built here from the oldest one and the
+    upgrades up to 3) with a job in each state, then opened by this version."""
+    postgres = is_postgres(db)
+    store_class = queue_tool.PostgresStore if postgres else queue_tool.SQLiteStore
+    steps = [statement for version, statements in store_class.UPGRADES if version <= 3
+             for statement in statements]
+    if postgres:
+        sql(db, "CREATE TABLE queue_tool_schema (version integer NOT NULL)")
+        sql(db, "INSERT INTO queue_tool_schema VALUES (3)")
+        for statement in (*SCHEMA_POSTGRES_1, *steps):
+            sql(db, statement)
+        sql(db, "INSERT INTO queue_tool_jobs (token, item, valor, status, run_at, attempts)"
+                " VALUES (?, 'waiting', 1, 'queued', now(), 0),"
+                " (?, 'finished', 2.5, 'done', now(), 1)", ("a" * 32, "b" * 32))
+        sql(db, "INSERT INTO queue_tool_counters (name, shard, value) VALUES"
+                " ('submitted', 0, 2), ('invalid', 3, 4), ('finished_done', 0, 1),"
+                " ('queued', 0, 1)")
+    else:
+        for statement in (*SCHEMA_0_1_0, *steps, "PRAGMA user_version = 3"):
+            sql(db, statement)
+        sql(db, "INSERT INTO jobs (token, item, valor, status, created_at, run_at, attempts)"
+                " VALUES (?, 'waiting', 1, 'queued', 1.7e9, 1.7e9, 0),"
+                " (?, 'finished', 2.5, 'done', 1.7e9, 1.7e9, 1)", ("a" * 32, "b" * 32))
+        sql(db, "INSERT INTO counters (name, value) VALUES ('submitted', 2), ('invalid', 4),"
+                " ('finished_done', 1), ('queued', 1)")
+    client = webtest.TestApp(make(db=db, workers=0))
+    views = [client.get(f"/check/{name * 32}", status=200).json for name in "ab"]
+    assert [(view["item"], view["status"], view["valor"]) for view in views] == [
+        ("waiting", "queued", 1), ("finished", "done", 2.5)]
+    assert not any({"unique", "expires", "schedule"} & set(view) for view in views)
+    metrics = scrape(client)
+    assert (metrics["queue_tool_jobs_submitted_total"], metrics["queue_tool_items_invalid_total"],
+            metrics["queue_tool_items_duplicate_total"]) == (2, 4, 0)
+    assert metrics['queue_tool_jobs{status="queued"}'] == 1
+    version = "SELECT version FROM queue_tool_schema" if postgres else "PRAGMA user_version"
+    assert sql(db, version) == [(4,)]
+    (entry,) = entries(submit(client, [{"item": "new", "valor": 0, "unique": "k"}]))
+    assert "duplicate" not in entry and client.get("/schedules").json == {"schedules": []}
 
 
 def test_postgres_stores_starting_at_once_set_the_schema_up_once(db_postgres):
@@ -4538,6 +4601,22 @@ def test_three_processes_on_one_store_make_exactly_one_job_per_slot(servers, db)
     # every counted submit is a job, and nothing counted as a duplicate.
     counters = dict(sql(db, "SELECT name, SUM(value) FROM {counters} GROUP BY name"))
     assert (counters["submitted"], counters["duplicate"]) == (len(slots), 0)
+
+
+@both_stores
+def test_scheduled_jobs_start_within_50ms_of_being_made(servers, db):
+    """A web process and a worker process: whichever makes a slot's job, the idle
+    worker is woken through the store (or in its own process), not by the poll."""
+    web = servers("--db", str(db), "--workers", "0", name="web")
+    servers("worker", "--db", str(db), "--workers", "2", name="worker", ready=WORKING)
+    assert web.request("PUT", "/schedules/tick", {"every": 1, "job": JOB})[0] == 201
+    wait_until(lambda: len(scheduled_jobs(db, "tick")) >= 4, timeout=15, what="four slots")
+    body = web.request("GET", "/jobs?status=done&limit=10")[1]
+    views = sorted(body["jobs"], key=lambda view: view["created_at"])[1:]  # one to warm up
+    assert len(views) >= 2 and all(view["schedule"] == "tick" for view in views)
+    for view in views:
+        waited = iso_seconds(view["started_at"]) - iso_seconds(view["created_at"])
+        assert waited < 0.05, f"a scheduled job started {waited * 1000:.1f} ms after it was made"
 
 
 @both_stores
