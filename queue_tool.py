@@ -3061,9 +3061,10 @@ class Runner:
                 if failing:
                     log.info("making scheduled jobs works again")
                 failing = False
-            except StoreError as exc:
+            except Exception as exc:  # a store outage, or a row it cannot read: it goes on
                 if not failing and not stopping.is_set():
-                    log.error("making scheduled jobs failed; retrying: %s", exc)
+                    log.error("making scheduled jobs failed; retrying every %gs: %s",
+                              self.poll_interval, exc, exc_info=not isinstance(exc, StoreError))
                 failing, due = True, self.poll_interval
             if due == 0 and not made:
                 due = 0.005  # due, but another process is making its job right now

@@ -9,6 +9,7 @@ import inspect
 import io
 import itertools
 import json
+import logging
 import os
 import random
 import re
@@ -4617,6 +4618,24 @@ def test_scheduled_jobs_start_within_50ms_of_being_made(servers, db):
     for view in views:
         waited = iso_seconds(view["started_at"]) - iso_seconds(view["created_at"])
         assert waited < 0.05, f"a scheduled job started {waited * 1000:.1f} ms after it was made"
+
+
+@both_stores
+def test_a_schedule_row_that_cannot_be_read_stops_no_clock(make, db, caplog):
+    """A row this version cannot use (written by another, say) is logged; the clock
+    goes on, and once the row is gone the other schedules make their jobs again."""
+    client = webtest.TestApp(make(workers=0))
+    put_schedule(client, "broken", {"every": 1, "job": JOB, "paused": True}, 201)
+    table = "queue_tool_schedules" if is_postgres(db) else "schedules"
+    sql(db, f"UPDATE {table} SET cron = 'not cron', every = NULL, paused = false")
+    with caplog.at_level(logging.INFO, logger="queue_tool"):
+        put_schedule(client, "tick", {"every": 1, "job": JOB}, 201)
+        wait_until(lambda: "making scheduled jobs failed" in caplog.text, timeout=10,
+                   what="the failure to be logged")
+        client.delete("/schedules/broken", status=200)
+        wait_until(lambda: len(scheduled_jobs(db, "tick")) >= 2, timeout=15, what="two slots")
+        assert "making scheduled jobs works again" in caplog.text
+    assert caplog.text.count("making scheduled jobs failed") == 1  # logged once, not each look
 
 
 @both_stores
