@@ -3052,11 +3052,12 @@ class Runner:
             self._rescheduled.clear()  # before the look: a change meanwhile wakes the wait
             made = []
             try:
+                # Expiry first: a schedule that cannot be made does not hold it up.
+                for token in self.store.expire():
+                    log.info("job %s expired before it could start", token)
                 made = self.store.fire_schedules(self.retries)
                 if made:
                     self.notify_submitted(len(made))
-                for token in self.store.expire():
-                    log.info("job %s expired before it could start", token)
                 due = self.store.next_schedule()
                 if failing:
                     log.info("making scheduled jobs works again")

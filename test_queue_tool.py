@@ -4632,6 +4632,9 @@ def test_a_schedule_row_that_cannot_be_read_stops_no_clock(make, db, caplog):
         put_schedule(client, "tick", {"every": 1, "job": JOB}, 201)
         wait_until(lambda: "making scheduled jobs failed" in caplog.text, timeout=10,
                    what="the failure to be logged")
+        (late,) = tokens_of(submit(client, [{"item": "late", "valor": 0, "expires": 0.2}]))
+        wait_until(lambda: client.get(f"/check/{late}").json["status"] == "canceled",
+                   timeout=5, what="expiry, meanwhile")
         client.delete("/schedules/broken", status=200)
         wait_until(lambda: len(scheduled_jobs(db, "tick")) >= 2, timeout=15, what="two slots")
         assert "making scheduled jobs works again" in caplog.text
