@@ -7,6 +7,8 @@ Routes:
     POST   /api             submit a batch: [{"item": "...", "valor": seconds}, ...]
     GET    /check/<token>   follow a job (?wait=S long-polls up to 30 s)
     DELETE /check/<token>   cancel a queued or running job
+    POST   /check/<token>/retry   run a failed or canceled job again
+    POST   /jobs/retry, /jobs/cancel   the same for every job of a status (and queue)
     GET    /batch/<id>      follow a batch (?wait=S); DELETE cancels its unfinished jobs
     GET    /jobs            list jobs, newest first (?status=, ?limit=, ?before=)
     PUT    /schedules/<n>   create or replace a recurring job (cron or every S seconds);
@@ -808,6 +810,18 @@ def _fired(schedules, now, retries):
     return fired
 
 
+def _retryable(rows, held):
+    """The ids among (id, token, unique key) rows, oldest first, that may go back in
+    the queue: not one whose key is `held` by a live job, nor a second with one key."""
+    ids, taken = [], set(held)
+    for job_id, _, key in rows:
+        if key is None or key not in taken:
+            ids.append(job_id)
+            if key is not None:
+                taken.add(key)
+    return ids
+
+
 def _next_run_at(before, schedule, now):
     """A schedule's next slot as it is put: kept when its timing did not change (a
     missed slot is still caught up after a restart that puts it again), else the
@@ -942,6 +956,18 @@ class Store:
     def cancel_batch(self, batch_id):
         """Cancel the unfinished jobs of a batch: [(token, status before)], or None
         for an unknown batch."""
+        raise NotImplementedError
+
+    def retry_jobs(self, statuses=(FAILED, CANCELED), queue=None, token=None):
+        """Put the jobs in `statuses` (of `queue`, or the one `token`) back in the queue
+        to run now, their retries available again (retry by hand): their tokens. A job
+        whose unique key a queued or running job holds stays as it is (of several
+        with one key, the oldest goes back). Runs in transactions of PURGE_BATCH jobs."""
+        raise NotImplementedError
+
+    def cancel_jobs(self, statuses=(QUEUED, RUNNING), queue=None):
+        """Cancel the jobs in `statuses` (of `queue`): [(token, status before)], in
+        transactions of PURGE_BATCH jobs. Wakes listeners when some were running."""
         raise NotImplementedError
 
     def release(self, owner):
@@ -1243,6 +1269,27 @@ class SQLiteStore(Store):
     CANCEL_BATCH = """UPDATE jobs SET status = 'canceled', finished_at = ?, owner = NULL,
             lease_until = NULL
         WHERE batch = ? AND status IN ('queued', 'running')"""
+
+    # -- Retrying and canceling by hand, PURGE_BATCH jobs a transaction.
+    RETRY_CANDIDATES = """SELECT id, token, unique_key FROM jobs
+        WHERE status IN (SELECT value FROM json_each(:statuses))
+          AND (:queue IS NULL OR queue = :queue) AND id > :after
+        ORDER BY id LIMIT :limit"""
+    RETRY_CANDIDATE = """SELECT id, token, unique_key FROM jobs
+        WHERE token = :token AND status IN (SELECT value FROM json_each(:statuses))"""
+    LIVE_KEYS = """SELECT DISTINCT unique_key FROM jobs INDEXED BY jobs_unique_key
+        WHERE unique_key IN (SELECT value FROM json_each(:keys))
+          AND status IN ('queued', 'running')"""
+    REQUEUE = """UPDATE jobs SET status = 'queued', run_at = :now, finished_at = NULL,
+            owner = NULL, lease_until = NULL, progress = NULL, retried = 0, expires_at = NULL
+        WHERE id IN (SELECT value FROM json_each(:ids)) RETURNING token"""
+    CANCEL_CANDIDATES = """SELECT id, token, status FROM jobs
+        WHERE status IN (SELECT value FROM json_each(:statuses))
+          AND (:queue IS NULL OR queue = :queue)
+        ORDER BY id LIMIT :limit"""
+    CANCEL_IDS = """UPDATE jobs SET status = 'canceled', finished_at = :now, owner = NULL,
+            lease_until = NULL
+        WHERE id IN (SELECT value FROM json_each(:ids))"""
 
     # -- Taking jobs back: a shutdown, lost leases, dead owners.
     RELEASE = """UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL,
@@ -1560,6 +1607,41 @@ class SQLiteStore(Store):
             self._count(conn, finished_canceled=len(rows),
                         queued=-sum(status == QUEUED for _, status in rows))
         return rows
+
+    def retry_jobs(self, statuses=(FAILED, CANCELED), queue=None, token=None):
+        retried, after = [], 0
+        while True:
+            with self._transaction(timeout=self.timeout) as conn:
+                params = {"statuses": json.dumps(list(statuses)), "queue": queue,
+                          "token": token, "after": after, "limit": PURGE_BATCH}
+                rows = conn.execute(self.RETRY_CANDIDATE if token else self.RETRY_CANDIDATES,
+                                    params).fetchall()
+                keys = {key for _, _, key in rows if key is not None}
+                held = {key for (key,) in conn.execute(self.LIVE_KEYS, {
+                    "keys": json.dumps(sorted(keys))})} if keys else set()
+                ids = _retryable(rows, held)
+                tokens = [token for (token,) in conn.execute(self.REQUEUE, {
+                    "ids": json.dumps(ids), "now": time.time()})] if ids else []
+                self._count(conn, queued=len(tokens))
+            retried += tokens
+            if token or len(rows) < PURGE_BATCH:
+                return retried
+            after = rows[-1][0]
+
+    def cancel_jobs(self, statuses=(QUEUED, RUNNING), queue=None):
+        canceled = []
+        while True:
+            with self._transaction(timeout=self.timeout) as conn:
+                rows = conn.execute(self.CANCEL_CANDIDATES, {
+                    "statuses": json.dumps(list(statuses)), "queue": queue,
+                    "limit": PURGE_BATCH}).fetchall()
+                conn.execute(self.CANCEL_IDS, {"ids": json.dumps([row[0] for row in rows]),
+                                               "now": time.time()})
+                self._count(conn, finished_canceled=len(rows),
+                            queued=-sum(status == QUEUED for _, _, status in rows))
+            canceled += [(token, status) for _, token, status in rows]
+            if len(rows) < PURGE_BATCH:
+                return canceled
 
     def release(self, owner):
         with self._transaction() as conn:
@@ -1995,6 +2077,36 @@ class PostgresStore(Store):
         WHERE j.id = old.id
         RETURNING j.token, old.status"""
 
+    # -- Retrying and canceling by hand, PURGE_BATCH jobs a transaction (candidates
+    # locked, or skipped while a worker ends them); unique keys as a submit takes them.
+    RETRY_CANDIDATES = """SELECT id, token, unique_key FROM queue_tool_jobs
+        WHERE status = ANY(%(statuses)s::text[])
+          AND (%(queue)s::text IS NULL OR queue = %(queue)s) AND id > %(after)s
+        ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED"""
+    RETRY_CANDIDATE = """SELECT id, token, unique_key FROM queue_tool_jobs
+        WHERE token = %(token)s AND status = ANY(%(statuses)s::text[]) FOR UPDATE"""
+    LIVE_KEYS = """SELECT DISTINCT unique_key FROM queue_tool_jobs
+        WHERE unique_key = ANY(%(keys)s::text[]) AND status IN ('queued', 'running')"""
+    REQUEUE = """WITH job AS (
+            UPDATE queue_tool_jobs SET status = 'queued', run_at = now(), finished_at = NULL,
+                owner = NULL, lease_until = NULL, progress = NULL, retried = 0,
+                expires_at = NULL
+            WHERE id = ANY(%(ids)s::bigint[])
+            RETURNING token),
+        counted AS (
+            INSERT INTO queue_tool_counters AS c (name, shard, value)
+            SELECT 'queued', mod(pg_backend_pid(), 64), count(*) FROM job HAVING count(*) > 0
+            ON CONFLICT (name, shard) DO UPDATE SET value = c.value + EXCLUDED.value)
+        SELECT token FROM job"""
+    CANCEL_JOBS = """UPDATE queue_tool_jobs AS j SET status = 'canceled', finished_at = now(),
+            owner = NULL, lease_until = NULL
+        FROM (SELECT id, status FROM queue_tool_jobs
+              WHERE status = ANY(%(statuses)s::text[])
+                AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+              ORDER BY id LIMIT %(limit)s FOR UPDATE) AS old
+        WHERE j.id = old.id
+        RETURNING j.token, old.status"""
+
     # -- Taking jobs back: a shutdown, lost leases, dead owners.
     RELEASE = """WITH mine AS MATERIALIZED (
             SELECT id FROM queue_tool_jobs WHERE owner = %s AND status = 'running'
@@ -2392,6 +2504,46 @@ class PostgresStore(Store):
                 conn.execute(self.NOTIFY, ("canceled",))
         return rows
 
+    def retry_jobs(self, statuses=(FAILED, CANCELED), queue=None, token=None):
+        retried, after = [], 0
+        while True:
+            with self._transaction(self.timeout) as conn:
+                params = {"statuses": list(statuses), "queue": queue, "token": token,
+                          "after": after, "limit": PURGE_BATCH}
+                rows = conn.execute(self.RETRY_CANDIDATE if token else self.RETRY_CANDIDATES,
+                                    params).fetchall()
+                keys = sorted({key for _, _, key in rows if key is not None})
+                held = set()
+                if keys:
+                    conn.execute(self.LOCK_SOME_KEYS if len(keys) <= self.MAX_KEY_LOCKS
+                                 else self.LOCK_ALL_KEYS)
+                    if len(keys) <= self.MAX_KEY_LOCKS:
+                        conn.execute(self.LOCK_KEYS, {"keys": keys})
+                    held = {key for (key,) in conn.execute(self.LIVE_KEYS, {"keys": keys})}
+                ids = _retryable(rows, held)
+                tokens = [token for (token,) in conn.execute(
+                    self.REQUEUE, {"ids": ids})] if ids else []
+                if tokens:
+                    conn.execute(self.NOTIFY, (f"submitted:{len(tokens)}",))
+            retried += tokens
+            if token or len(rows) < PURGE_BATCH:
+                return retried
+            after = rows[-1][0]
+
+    def cancel_jobs(self, statuses=(QUEUED, RUNNING), queue=None):
+        canceled = []
+        while True:
+            with self._transaction(self.timeout) as conn:
+                rows = conn.execute(self.CANCEL_JOBS, {
+                    "statuses": list(statuses), "queue": queue, "limit": PURGE_BATCH}).fetchall()
+                self._count(conn, finished_canceled=len(rows),
+                            queued=-sum(status == QUEUED for _, status in rows))
+                if any(status == RUNNING for _, status in rows):
+                    conn.execute(self.NOTIFY, ("canceled",))
+            canceled += [tuple(row) for row in rows]
+            if len(rows) < PURGE_BATCH:
+                return canceled
+
     def release(self, owner):
         with self._transaction() as conn:
             rows = conn.execute(self.RELEASE, (owner,)).fetchall()
@@ -2744,6 +2896,25 @@ class Runner:
                 if status == RUNNING:
                     self.cancel_local(token)
             log.info("batch %s canceled: %d unfinished jobs", batch_id, len(canceled))
+        return canceled
+
+    def retry_jobs(self, statuses=(FAILED, CANCELED), queue=None, token=None):
+        """Put failed or canceled jobs back in the queue (see Store.retry_jobs) and
+        wake idle workers for them."""
+        retried = self.store.retry_jobs(statuses, queue, token)
+        if retried:
+            self.notify_submitted(len(retried))
+            log.info("%d jobs retried by hand", len(retried))
+        return retried
+
+    def cancel_jobs(self, statuses=(QUEUED, RUNNING), queue=None):
+        """Cancel queued or running jobs (see Store.cancel_jobs), as cancel() does."""
+        canceled = self.store.cancel_jobs(statuses, queue)
+        for token, status in canceled:
+            if status == RUNNING:
+                self.cancel_local(token)
+        if canceled:
+            log.info("%d jobs canceled by hand", len(canceled))
         return canceled
 
     def cancel_local(self, token, attempt=None):
@@ -3163,7 +3334,8 @@ STATUS_LINES = {code.value: f"{code.value} {code.phrase}" for code in http.HTTPS
 GUARDED = frozenset({("POST", "/api"), ("DELETE", "/check/{token}"), ("DELETE", "/batch/{id}"),
                      ("GET", "/jobs"), ("GET", "/metrics"), ("GET", "/schedules"),
                      ("GET", "/schedules/{name}"), ("PUT", "/schedules/{name}"),
-                     ("DELETE", "/schedules/{name}")})
+                     ("DELETE", "/schedules/{name}"), ("POST", "/check/{token}/retry"),
+                     ("POST", "/jobs/retry"), ("POST", "/jobs/cancel")})
 
 
 def iso_time(timestamp):
@@ -3399,6 +3571,7 @@ def openapi_document(schema, settings):
             "schema": {"type": "string", "pattern": QUEUE_PATTERN}}
     no_schedule = {"404": reply("no schedule has this name", error)}
     time_or_null = {"type": ["string", "null"], "format": "date-time"}
+    count = {"type": "object", "required": ["count"], "properties": {"count": {"type": "integer"}}}
 
     def operation(summary, parameters=(), *, responses, **extra):
         op = {"summary": summary, "responses": responses}
@@ -3446,6 +3619,23 @@ def openapi_document(schema, settings):
                     "Cancel a queued or running job", [token],
                     responses={"200": reply("the canceled job", job), **not_found,
                                "409": reply("the job is already final", error)})},
+            "/check/{token}/retry": {"post": operation(
+                "Put a failed or canceled job back in the queue, to run now", [token],
+                responses={"200": reply("the job, queued", job), **not_found,
+                           "409": reply("not_retryable: the job is not failed or canceled,"
+                                        " or a live job holds its unique key", error)})},
+            "/jobs/retry": {"post": operation(
+                "Retry every failed or canceled job", [
+                    {"name": "status", "in": "query", "schema": {"enum": [FAILED, CANCELED]}},
+                    {"name": "queue", "in": "query",
+                     "schema": {"type": "string", "pattern": QUEUE_PATTERN}}],
+                responses={"200": reply("how many went back", count), **bad})},
+            "/jobs/cancel": {"post": operation(
+                "Cancel every queued or running job", [
+                    {"name": "status", "in": "query", "schema": {"enum": [QUEUED, RUNNING]}},
+                    {"name": "queue", "in": "query",
+                     "schema": {"type": "string", "pattern": QUEUE_PATTERN}}],
+                responses={"200": reply("how many were canceled", count), **bad})},
             "/jobs": {"get": operation(
                 "List jobs, newest first", [
                     {"name": "status", "in": "query", "schema": {"enum": list(STATES)}},
@@ -3594,8 +3784,11 @@ class App:
             "/": {"GET": self.get_dashboard},
             "/api": {"POST": self.post_api},
             "/check/{token}": {"GET": self.get_check, "DELETE": self.delete_check},
+            "/check/{token}/retry": {"POST": self.post_retry},
             "/batch/{id}": {"GET": self.get_batch, "DELETE": self.delete_batch},
             "/jobs": {"GET": self.get_jobs},
+            "/jobs/retry": {"POST": self.post_jobs_retry},
+            "/jobs/cancel": {"POST": self.post_jobs_cancel},
             "/schedules": {"GET": self.get_schedules},
             "/schedules/{name}": {"GET": self.get_schedule, "PUT": self.put_schedule,
                                   "DELETE": self.delete_schedule},
@@ -3653,6 +3846,8 @@ class App:
                 ("/schedules/", "/schedules/{name}", SEGMENT_RE, "schedule has this name")):
             if path.startswith(prefix):
                 name, path = path[len(prefix):], route
+                if route == "/check/{token}" and name.endswith("/retry"):
+                    name, path = name[:-len("/retry")], "/check/{token}/retry"
                 if not pattern.match(name):
                     raise ApiError(404, "not_found", f"no {what}")
                 args = (name,)
@@ -3849,6 +4044,41 @@ class App:
             raise ApiError(409, "already_finished",
                            f"the job is already {before['status']}")
         return self._job_response(200, after)
+
+    def post_retry(self, environ, token):
+        """Put a failed or canceled job back in the queue: 200, 404 or 409."""
+        row = self.store.get(token)
+        if row is not None and row["status"] in (FAILED, CANCELED):
+            if self.runner.retry_jobs(token=token):
+                return self._job_response(200, self.store.get(token))
+            row = self.store.get(token)  # held by its unique key, or changed meanwhile
+        if row is None:
+            raise ApiError(404, "not_found", "no job has this token")
+        if row["status"] in (FAILED, CANCELED):
+            raise ApiError(409, "not_retryable", "a queued or running job holds its unique key"
+                                                 f" {row['unique_key']!r}")
+        raise ApiError(409, "not_retryable", f"the job is {row['status']}; only a failed or"
+                                             " canceled job can be retried")
+
+    def _filters(self, environ, allowed):
+        """(the statuses, the queue) of a bulk retry or cancel's query; 400 if bad."""
+        query = self._query(environ)
+        status, queue = query.get("status"), query.get("queue")
+        if status is not None and status not in allowed:
+            raise ApiError(400, "invalid_status", f"status must be one of {', '.join(allowed)}")
+        if queue is not None and not QUEUE_RE.match(queue):
+            raise ApiError(400, "invalid_queue", f"queue must match {QUEUE_PATTERN}")
+        return (allowed if status is None else (status,)), queue
+
+    def post_jobs_retry(self, environ):
+        """Retry every failed or canceled job (?status=, ?queue=): 200 {"count": n}."""
+        statuses, queue = self._filters(environ, (FAILED, CANCELED))
+        return self._json(200, {"count": len(self.runner.retry_jobs(statuses, queue))})
+
+    def post_jobs_cancel(self, environ):
+        """Cancel every queued or running job (?status=, ?queue=): 200 {"count": n}."""
+        statuses, queue = self._filters(environ, (QUEUED, RUNNING))
+        return self._json(200, {"count": len(self.runner.cancel_jobs(statuses, queue))})
 
     def get_jobs(self, environ):
         """List jobs newest first: 200, or 400 for a bad parameter."""
@@ -4168,6 +4398,23 @@ class Client:
 
     def cancel(self, token):
         return self._call("DELETE", f"/check/{token}")
+
+    def retry(self, token):
+        """Put a failed or canceled job back in the queue: its view."""
+        return self._call("POST", f"/check/{token}/retry")
+
+    def retry_jobs(self, status=None, queue=None):
+        """Retry every failed and canceled job (or those of `status`), of `queue`: how many."""
+        return self._bulk("/jobs/retry", status, queue)
+
+    def cancel_jobs(self, status=None, queue=None):
+        """Cancel every queued and running (or `status`) job, of `queue`: how many."""
+        return self._bulk("/jobs/cancel", status, queue)
+
+    def _bulk(self, path, status, queue):
+        query = urllib.parse.urlencode([(name, value) for name, value in (
+            ("status", status), ("queue", queue)) if value is not None])
+        return self._call("POST", f"{path}?{query}" if query else path)["count"]
 
     def batch(self, batch_id, wait=None):
         """The batch view; with `wait`, once every job is final or `wait` seconds pass."""

@@ -1372,7 +1372,8 @@ def test_openapi_document_is_valid_openapi_3_1(client):
     assert document["openapi"] == "3.1.0"
     assert set(document["paths"]) == {"/", "/api", "/check/{token}", "/batch/{id}", "/jobs", "/health",
                                       "/metrics", "/openapi.json", "/schedules",
-                                      "/schedules/{name}"}
+                                      "/schedules/{name}", "/check/{token}/retry",
+                                      "/jobs/retry", "/jobs/cancel"}
 
 
 def test_openapi_item_schema_is_the_validators_own_dict(make):
@@ -1430,6 +1431,17 @@ def test_every_documented_status_is_one_the_app_returns(make, tmp_path):
         ("/jobs", "GET", 200): {"headers": key},
         ("/jobs", "GET", 400): {"path": "/jobs?limit=0", "headers": key},
         ("/jobs", "GET", 401): {},
+        ("/check/{token}/retry", "POST", 200): {"path": f"/check/{done}/retry", "headers": key},
+        ("/check/{token}/retry", "POST", 401): {"path": f"/check/{done}/retry"},
+        ("/check/{token}/retry", "POST", 404): {"path": f"/check/{UNKNOWN_TOKEN}/retry",
+                                                "headers": key},
+        ("/check/{token}/retry", "POST", 409): {"path": f"/check/{done}/retry", "headers": key},
+        ("/jobs/retry", "POST", 200): {"headers": key},
+        ("/jobs/retry", "POST", 400): {"path": "/jobs/retry?status=done", "headers": key},
+        ("/jobs/retry", "POST", 401): {},
+        ("/jobs/cancel", "POST", 200): {"path": "/jobs/cancel?status=running", "headers": key},
+        ("/jobs/cancel", "POST", 400): {"path": "/jobs/cancel?status=done", "headers": key},
+        ("/jobs/cancel", "POST", 401): {},
         ("/schedules", "GET", 200): {"headers": key},
         ("/schedules", "GET", 401): {},
         ("/schedules/{name}", "GET", 200): {"path": "/schedules/kept", "headers": key},
@@ -1551,7 +1563,9 @@ def keyed(make):
 
 GUARDED = [("POST", "/api"), ("DELETE", f"/check/{UNKNOWN_TOKEN}"), ("GET", "/jobs"),
            ("GET", "/metrics"), ("DELETE", f"/batch/{UNKNOWN_TOKEN}"), ("GET", "/schedules"),
-           ("GET", "/schedules/a"), ("PUT", "/schedules/a"), ("DELETE", "/schedules/a")]
+           ("GET", "/schedules/a"), ("PUT", "/schedules/a"), ("DELETE", "/schedules/a"),
+           ("POST", f"/check/{UNKNOWN_TOKEN}/retry"), ("POST", "/jobs/retry"),
+           ("POST", "/jobs/cancel")]
 
 
 @pytest.mark.parametrize("method, path", GUARDED)
@@ -4938,3 +4952,135 @@ def test_a_claim_never_takes_an_expired_job_even_before_it_is_canceled(store):
     assert store.get(token)["status"] == "queued"
     assert store.expire() == [token] and store.expire() == []
     assert store.get(token)["status"] == "canceled" and store.counts()["queued"] == 0
+
+
+# -- Retry and cancel by hand -----------------------------------------------------------
+
+def failing_until(attempt):
+    """A processor that raises until the job's `attempt`-th start."""
+    def process(job):
+        if job.attempts < attempt:
+            raise RuntimeError(f"boom {job.attempts}")
+        return {"attempts": job.attempts}
+    return process
+
+
+@both_stores
+def test_a_failed_job_retried_by_hand_runs_again_with_its_retries(make):
+    client = webtest.TestApp(make(process=failing_until(4), workers=1))
+    (token,) = tokens_of(submit(client, [{"item": "flaky", "valor": 0, "retries": 1}]))
+    failed = client.get(f"/check/{token}?wait=10").json
+    assert (failed["status"], failed["attempts"], failed["error"]) == ("failed", 2, "boom 2")
+    retried = client.post(f"/check/{token}/retry", status=200).json
+    assert (retried["status"], retried["message"], retried["finished_at"]) == (
+        "queued", "Na fila", None)
+    done = client.get(f"/check/{token}?wait=10").json  # attempt 3 fails, its retry: 4
+    assert (done["status"], done["attempts"], done["result"]) == ("done", 4, {"attempts": 4})
+    assert "error" not in done
+    for state_token, status in [(token, "done")]:
+        refused = client.post(f"/check/{state_token}/retry", status=409).json
+        assert refused == {"error": "not_retryable", "message":
+                           f"the job is {status}; only a failed or canceled job can be retried"}
+    client.post(f"/check/{UNKNOWN_TOKEN}/retry", status=404)
+    client.post("/check/nonsense/retry", status=404)
+    metrics = scrape(client)
+    assert metrics['queue_tool_jobs_finished_total{status="failed"}'] == 1
+    assert metrics['queue_tool_jobs_finished_total{status="done"}'] == 1
+    assert metrics['queue_tool_jobs{status="queued"}'] == 0
+
+
+@both_stores
+def test_a_canceled_or_expired_job_retried_by_hand_runs_and_live_ones_refuse(
+        make, gated, seen, gate, db):
+    client = webtest.TestApp(make(process=gated, workers=1))
+    blocker, canceled, expired = tokens_of(submit(client, [
+        {"item": "blocker", "valor": 0}, {"item": "canceled", "valor": 0},
+        {"item": "expired", "valor": 0, "expires": 0.1}]))
+    started_jobs(seen, 1)
+    client.delete(f"/check/{canceled}", status=200)
+    wait_until(lambda: client.get(f"/check/{expired}").json.get("error") == "expired", timeout=5,
+               what="the job to expire")
+    for live, status in [(blocker, "running")]:
+        assert client.post(f"/check/{live}/retry", status=409).json["message"].startswith(
+            f"the job is {status}")
+    assert client.post(f"/check/{canceled}/retry", status=200).json["status"] == "queued"
+    queued = client.post(f"/check/{expired}/retry", status=200).json
+    assert (queued["status"], "expires" in queued) == ("queued", False)  # free to start now
+    assert client.post(f"/check/{canceled}/retry", status=409).json["message"].startswith(
+        "the job is queued")
+    assert_queued_gauge_is_true(db)
+    gate.set()
+    for token in (canceled, expired):
+        assert client.get(f"/check/{token}?wait=10").json["status"] == "done"
+    assert sorted(job.item for job in seen) == ["blocker", "canceled", "expired"]
+
+
+@both_stores
+def test_a_retry_by_hand_keeps_a_unique_key_to_one_live_job(make):
+    client = webtest.TestApp(make(workers=0))
+    first, second = tokens_of(submit(client, [{"item": "a", "valor": 0, "unique": "k"},
+                                              {"item": "b", "valor": 0, "unique": "j"}]))
+    client.delete(f"/check/{first}", status=200)
+    client.delete(f"/check/{second}", status=200)
+    (holder,) = tokens_of(submit(client, [{"item": "c", "valor": 0, "unique": "k"}]))
+    refused = client.post(f"/check/{first}/retry", status=409).json
+    assert refused == {"error": "not_retryable",
+                       "message": "a queued or running job holds its unique key 'k'"}
+    assert client.post("/jobs/retry", status=200).json == {"count": 1}  # j's, not k's
+    assert client.get(f"/check/{second}").json["status"] == "queued"
+    assert client.get(f"/check/{first}").json["status"] == "canceled"
+    assert client.get(f"/check/{holder}").json["status"] == "queued"
+
+
+@both_stores
+def test_bulk_retry_and_cancel_take_the_filters_and_count_exactly(make, db):
+    client = webtest.TestApp(make(workers=0))
+    a = tokens_of(submit(client, [{"item": f"a{n}", "valor": 0, "queue": "a"} for n in range(3)]))
+    b = tokens_of(submit(client, [{"item": f"b{n}", "valor": 0, "queue": "b"} for n in range(2)]))
+    assert client.post("/jobs/cancel?queue=a", status=200).json == {"count": 3}
+    assert client.post("/jobs/cancel?status=running", status=200).json == {"count": 0}
+    assert client.post("/jobs/retry?status=failed", status=200).json == {"count": 0}
+    assert client.post("/jobs/retry?status=canceled&queue=b", status=200).json == {"count": 0}
+    assert client.post("/jobs/retry?queue=a", status=200).json == {"count": 3}
+    assert {client.get(f"/check/{t}").json["status"] for t in a + b} == {"queued"}
+    assert client.post("/jobs/cancel", status=200).json == {"count": 5}
+    assert client.post("/jobs/retry?status=canceled", status=200).json == {"count": 5}
+    for path, query in [("/jobs/retry", "status=done"), ("/jobs/retry", "status=queued"),
+                        ("/jobs/cancel", "status=failed"), ("/jobs/cancel", "status="),
+                        ("/jobs/cancel", "queue=Bad")]:
+        error = client.post(f"{path}?{query}", status=400).json["error"]
+        assert error == ("invalid_queue" if query.startswith("queue=") else "invalid_status")
+    assert_queued_gauge_is_true(db)
+    metrics = scrape(client)
+    assert metrics['queue_tool_jobs_finished_total{status="canceled"}'] == 8
+    assert (metrics['queue_tool_jobs{status="queued"}'],
+            metrics["queue_tool_jobs_submitted_total"]) == (5, 5)
+
+
+@both_stores
+def test_bulk_cancel_stops_running_jobs_and_works_past_one_transaction(make, gated, seen, db):
+    client = webtest.TestApp(make(process=gated, workers=2, max_queued=10_000))
+    many = queue_tool.PURGE_BATCH + 20
+    for start in range(0, many, 500):
+        submit(client, [{"item": f"j{n}", "valor": 0} for n in range(start, min(start + 500, many))])
+    running = started_jobs(seen, 2)
+    assert client.post("/jobs/cancel", status=200).json == {"count": many}
+    wait_until(lambda: all(job.canceled.is_set() for job in running), timeout=5,
+               what="the running jobs to hear of it")
+    assert client.post("/jobs/retry", status=200).json == {"count": many}
+    started_jobs(seen, 4)  # both workers busy (gated) again: nothing claims meanwhile
+    assert_queued_gauge_is_true(db)
+
+
+def test_client_retries_and_cancels_by_hand(servers, tmp_path):
+    server = servers("--db", str(tmp_path / "r.sqlite3"), "--workers", "0", "--api-key", "k")
+    client = queue_tool.Client(server.url, api_key="k")
+    tokens = [entry["hash"] for entry in client.submit(
+        [{"item": f"i{n}", "valor": 0, "queue": "q"} for n in range(3)])["processing_items"]]
+    assert client.cancel_jobs(queue="q") == 3 and client.cancel_jobs() == 0
+    assert client.retry(tokens[0])["status"] == "queued"
+    assert client.retry_jobs(status="canceled") == 2
+    with pytest.raises(queue_tool.ClientError) as refused:
+        client.retry(tokens[0])
+    assert (refused.value.status, refused.value.error) == (409, "not_retryable")
+    assert server.stop() == 0
