@@ -2389,15 +2389,20 @@ class PostgresStore(Store):
         if not keys:
             return jobs, {}
         with conn.pipeline():  # the locks and the look-up in one round trip
-            if len(keys) <= self.MAX_KEY_LOCKS:
-                conn.execute(self.LOCK_SOME_KEYS)
-                conn.execute(self.LOCK_KEYS, {"keys": list(keys)})
-            else:
-                conn.execute(self.LOCK_ALL_KEYS)
+            self._lock_keys(conn, list(keys))
             held = conn.execute(self.DUPLICATES_OF, {
                 "keys": list(keys), "fors": [float(s) for s in keys.values()]})
         found = {key: (token, status) for key, token, status in held.fetchall()}
         return _sort_out(jobs, found)
+
+    def _lock_keys(self, conn, keys):
+        """Take the locks on these unique keys until the transaction ends (see
+        LOCK_KEYS): one each for a few, the keys' own lock for many."""
+        if len(keys) <= self.MAX_KEY_LOCKS:
+            conn.execute(self.LOCK_SOME_KEYS)
+            conn.execute(self.LOCK_KEYS, {"keys": keys})
+        else:
+            conn.execute(self.LOCK_ALL_KEYS)
 
     def _insert(self, conn, jobs, batch=None, scheduled=False):
         if not jobs:
@@ -2515,10 +2520,7 @@ class PostgresStore(Store):
                 keys = sorted({key for _, _, key in rows if key is not None})
                 held = set()
                 if keys:
-                    conn.execute(self.LOCK_SOME_KEYS if len(keys) <= self.MAX_KEY_LOCKS
-                                 else self.LOCK_ALL_KEYS)
-                    if len(keys) <= self.MAX_KEY_LOCKS:
-                        conn.execute(self.LOCK_KEYS, {"keys": keys})
+                    self._lock_keys(conn, keys)
                     held = {key for (key,) in conn.execute(self.LIVE_KEYS, {"keys": keys})}
                 ids = _retryable(rows, held)
                 tokens = [token for (token,) in conn.execute(
