@@ -4972,8 +4972,8 @@ def test_a_failed_job_retried_by_hand_runs_again_with_its_retries(make):
     failed = client.get(f"/check/{token}?wait=10").json
     assert (failed["status"], failed["attempts"], failed["error"]) == ("failed", 2, "boom 2")
     retried = client.post(f"/check/{token}/retry", status=200).json
-    assert (retried["status"], retried["message"], retried["finished_at"]) == (
-        "queued", "Na fila", None)
+    # The idle worker may start it before the answer reads it back.
+    assert retried["status"] in ("queued", "running") and retried["finished_at"] is None
     done = client.get(f"/check/{token}?wait=10").json  # attempt 3 fails, its retry: 4
     assert (done["status"], done["attempts"], done["result"]) == ("done", 4, {"attempts": 4})
     assert "error" not in done
