@@ -2767,6 +2767,7 @@ class Runner:
         self._wake = threading.Condition(self._lock)  # idle workers wait here
         self._committer_wake = threading.Condition(self._lock)  # the committer waits here
         self._stopping = threading.Event()
+        self._grace_over = threading.Event()  # stop() gave running jobs their grace
         self._rescheduled = threading.Event()  # a schedule changed here, or stop()
         self.owner = None      # this process's name in the store, set by start()
         # Guarded by self._lock. Read without it: _pid by start() (then again with it),
@@ -2834,6 +2835,7 @@ class Runner:
         deadline = time.monotonic() + grace
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self._grace_over.set()
         with self._lock:
             live = list(self._live.values())
         for job, _ in live:
@@ -3123,8 +3125,9 @@ class Runner:
         of the next job, claimed as this one's end was recorded, or None.
 
         Every job claimed here ends here, once, whatever happens: the one place the
-        busy count goes down. A job claimed as the workers stop is not run: stop()
-        puts it back in the queue.
+        busy count goes down. A job claimed while the workers stop still runs, in
+        the grace stop() gives every running job (the store shows it running); one
+        claimed after the grace is not run: stop() puts it back in the queue.
         """
         job, ended = Job(self, row), threading.Event()
         entry = (job, ended)
@@ -3136,7 +3139,7 @@ class Runner:
         if displaced is not None:
             displaced[0].canceled.set()
         try:
-            return None if self._stopping.is_set() else self._execute(job)
+            return None if self._grace_over.is_set() else self._execute(job)
         finally:  # whatever the processor raised: a job not live here is not renewed
             with self._lock:
                 if self._live.get(job.token) is entry:  # not dropped by a cancel
