@@ -14,6 +14,7 @@ server they are left out.
 """
 
 import argparse
+import bisect
 import collections
 import http.client
 import io
@@ -152,7 +153,7 @@ class Served:
             command = [sys.executable, str(HERE / "queue_tool.py"), "worker", *args]
         else:
             command = [sys.executable, str(HERE / "queue_tool.py"), "--port", "0", *args]
-        env = {**os.environ, "PYTHONPATH": str(HERE)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(workdir)])}
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(command, cwd=workdir, stdout=log,
                                             stderr=subprocess.STDOUT, env=env)
@@ -555,12 +556,13 @@ def bench_process(dbs, quick):
     return rows
 
 
-def process_in_child(db, kind, count, trace=False):
+def process_in_child(db, kind, count, trace=False, queue=None):
     """process_queued() in a child process: (seconds, commits, disk syncs or None).
-    With `trace`, strace counts the child's fsync calls once its queue is filled."""
+    With `trace`, strace counts the child's fsync calls once its queue is filled;
+    `queue` is a merge patch of the queue's settings, applied before the run."""
     child = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--process-run",
-         json.dumps([db, kind, count])], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+         json.dumps([db, kind, count, queue])], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
     tracer = None
     try:
@@ -582,11 +584,13 @@ def process_in_child(db, kind, count, trace=False):
 
 def process_child(spec):
     """--process-run: fill the queue, wait for a line on stdin, then time the run."""
-    db, kind, count = json.loads(spec)
+    db, kind, count, queue = json.loads(spec)
     filler = queue_tool.make_app(db=db, workers=0, max_queued=count + 1)
     body = json.dumps(BATCH).encode()
     for _ in range(count // 100):
         assert call(filler, "POST", "/api", body)[0] == 202
+    if queue:
+        filler.store.set_queue("default", lambda before: queue_tool.merge_queue(before, queue))
     filler.close(grace=0)
     print("filled", flush=True)
     sys.stdin.readline()
@@ -605,6 +609,92 @@ def process_child(spec):
         wal_syncs = postgres_wal_syncs(db) - wal_syncs
     print(json.dumps([seconds, commits[0], wal_syncs]), flush=True)
     return 0
+
+
+def job_times(db, column):
+    """The `column` (started_at, finished_at) of every job, epoch seconds, sorted."""
+    if db.startswith("postgresql://"):
+        import psycopg
+        with psycopg.connect(db) as connection:
+            rows = connection.execute(f"SELECT extract(epoch FROM {column})::float8"
+                                      " FROM queue_tool_jobs").fetchall()
+    else:
+        import sqlite3
+        with sqlite3.connect(db) as connection:
+            rows = connection.execute(f"SELECT {column} FROM jobs").fetchall()
+    return sorted(value for (value,) in rows)
+
+
+def bench_limits(dbs, quick):
+    """11. Flow control: 10,000 queued valor-0 jobs processed by 16 workers in a queue
+    with `concurrency` 8, against the same queue without a limit (run in turns, the
+    median of three each); and with `rate` 1,000 a second: the starts in each whole
+    second from the first (their mean and the most in any sliding second)."""
+    count, runs = (2000, 1) if quick else (10_000, 3)
+    rows = []
+    for kind in dbs.kinds():
+        plain, limited = [], []
+        for n in range(runs):
+            plain.append(process_in_child(dbs.new(f"plain-{n}", kind), kind, count)[0])
+            limited.append(process_in_child(dbs.new(f"limited-{n}", kind), kind, count,
+                                            queue={"concurrency": 8})[0])
+        ours, reference = (rate(count, sorted(times)[len(times) // 2])
+                           for times in (limited, plain))
+        db = dbs.new("rated", kind)
+        process_in_child(db, kind, count, queue={"rate": {"limit": 1000, "per": 1}})
+        starts = job_times(db, "started_at")
+        whole = int(starts[-1] - starts[0])
+        per_second = collections.Counter(int(start - starts[0]) for start in starts)
+        mean = sum(per_second[k] for k in range(whole)) / whole
+        most = max(bisect.bisect_left(starts, start + 1) - n for n, start in enumerate(starts))
+        rows += [(f"limits, {kind}, concurrency 8 (jobs/s; ref: no limit)", ours, reference,
+                  ">= 0.8 of reference", ours >= 0.8 * reference),
+                 (f"limits, {kind}, rate 1,000/s: starts per whole second", mean, None,
+                  "within 5% of 1,000", abs(mean - 1000) <= 50),
+                 (f"limits, {kind}, rate 1,000/s: most starts in any second", most, None,
+                  "<= 1,000", most <= 1000)]
+    return rows
+
+
+SPIN = """
+def spin(job):
+    total = 0
+    for n in range({rounds}):  # pure Python, holding the GIL: about 5 ms
+        total += n * n
+    return total
+"""
+
+
+def bench_cpu(dbs, quick):
+    """12. CPU-bound jobs (a processor spinning ~5 ms of pure Python): jobs/s of
+    `queue-tool worker --processes 2 --workers 1` against `--workers 2` in one
+    process, from the first start to the last end (SQLite)."""
+    count = 200 if quick else 1000
+    rounds, began = 10_000, time.perf_counter()
+    sum(n * n for n in range(rounds))
+    rounds = int(rounds * 0.005 / (time.perf_counter() - began))
+    (dbs.workdir / "spinning.py").write_text(SPIN.format(rounds=rounds))
+    figures = []
+    for args in (["--processes", "2", "--workers", "1"], ["--workers", "2"]):
+        db = dbs.new(f"cpu-{len(figures)}")
+        filler = queue_tool.make_app(db=db, workers=0, max_queued=count + 1)
+        for _ in range(count // 100):
+            assert call(filler, "POST", "/api", json.dumps(BATCH).encode())[0] == 202
+        filler.close(grace=0)
+        served = Served(dbs.workdir, "--db", db, "--process", "spinning:spin", *args,
+                        worker=True)
+        store = queue_tool.open_store(db)
+        try:
+            while store.counters()["finished_done"] < count:
+                time.sleep(0.05)
+        finally:
+            served.stop()
+            store.close()
+        figures.append(rate(count, max(job_times(db, "finished_at"))
+                            - min(job_times(db, "started_at"))))
+    ours, reference = figures
+    return [("cpu-bound jobs, --processes 2 (jobs/s; ref: --workers 2, one process)", ours,
+             reference, ">= 1.7x reference", ours >= 1.7 * reference)]
 
 
 def counted(store, method):
@@ -856,7 +946,8 @@ MEASURES = {"submit": bench_submit, "check": bench_check, "http": bench_http,
             "dispatch": bench_dispatch, "across": bench_dispatch_across,
             "makespan": bench_makespan, "memory": bench_memory, "scale": bench_scale,
             "process": bench_process, "gunicorn": bench_gunicorn,
-            "schedules": bench_schedules, "unique": bench_unique}
+            "schedules": bench_schedules, "unique": bench_unique, "limits": bench_limits,
+            "cpu": bench_cpu}
 
 
 def main(argv=None):

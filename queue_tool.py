@@ -63,12 +63,14 @@ import datetime
 import decimal
 import functools
 import hashlib
+import heapq
 import hmac
 import html
 import http
 import http.client
 import http.server
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -81,6 +83,7 @@ import signal
 import socket
 import socketserver
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -131,6 +134,7 @@ class Settings:
     pooler: str = "none"  # what stands between us and PostgreSQL: see POOLERS
     listen_db: str = None  # the listener's own PostgreSQL URL; None: the db URL
     schedules: str = None  # a JSON file of schedules to apply at start-up
+    timeout: float = None  # seconds one run may take, when the item sets none
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -203,6 +207,7 @@ SETTING_HELP = {
     "listen_db": "PostgreSQL URL of the listener's own session, direct or a session-mode"
                  " pool; none: the db URL",
     "schedules": "JSON file of schedules ({name: schedule}) to create or replace at start-up",
+    "timeout": "seconds one run may take, when the item sets none (default: no limit)",
 }
 # A direct connection and a session-mode pool keep a server session per client: the
 # store prepares its statements there. Behind a transaction-mode pool it prepares
@@ -240,6 +245,10 @@ def _check_setting(name, value):
     elif name == "process":
         if value is not None and (not isinstance(value, str) or not PROCESS_RE.match(value)):
             raise SettingsError(f"process must be module:function, not {value!r}")
+    elif name == "timeout":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not (0 < value < math.inf)):
+            raise SettingsError(f"timeout must be a number of seconds above 0, not {value!r}")
     elif name == "pooler":
         if value not in POOLERS:
             raise SettingsError(f"pooler must be one of {', '.join(POOLERS)}, not {value!r}")
@@ -284,6 +293,8 @@ def parse_setting(name, text):
         if lowered in ("0", "false", "no", "off", ""):
             return False
         raise SettingsError(f"{name} must be true or false, not {text!r}")
+    if name == "timeout" and text.lower() in ("", "none"):
+        return None
     if kind in (int, float):
         try:
             return int(text) if kind is int else float(text)
@@ -371,6 +382,9 @@ def item_schema(max_valor=Settings.max_valor, max_delay=Settings.max_delay):
             "expires": {"type": "number", "exclusiveMinimum": 0, "maximum": max_delay,
                         "description": "seconds after its first run_at that a job not yet"
                                        " started is canceled instead"},
+            "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": max_valor,
+                        "description": "seconds one run may take (default: the timeout"
+                                       " setting): then it fails, \"timed out after S s\""},
         },
         "required": ["item", "valor"],
         "dependentRequired": {"unique_for": ["unique"]},
@@ -717,24 +731,27 @@ PURGE_BATCH = 500  # rows per purge transaction: short, so writers never wait lo
 JOB_FIELDS = ("token", "item", "valor", "status", "created_at", "started_at", "finished_at",
               "attempts", "owner", "lease_until", "progress", "result", "error", "queue",
               "priority", "run_at", "retries", "retried", "batch", "unique_key", "expires_at",
-              "schedule")
+              "schedule", "timeout")
 SCHEDULE_FIELDS = ("name", "cron", "every", "timezone", "job", "paused", "next_run_at",
                    "last_run_at", "last_job", "created_at", "updated_at")
 FIRE_BATCH = 500  # schedules one transaction makes the jobs of, at most
+QUEUE_FIELDS = ("name", "paused", "concurrency", "rate_limit", "rate_per")
+LIMIT_POLL = 0.05  # seconds between looks at a queue held at its concurrency
 LAST_ID = 2 ** 63 - 1  # above every job id: a listing's `before` when none is given
 WORK_TIMEOUT = 30.0  # seconds the workers' claims, ends and upkeep may wait for the store
 
 
 class NewJob(collections.namedtuple(
         "NewJob", "token item valor delay priority queue retries unique unique_for expires"
-                  " schedule slot",
-        defaults=(0, 0, DEFAULT_QUEUE, 0, None, 0.0, 0.0, None, None))):
+                  " schedule slot timeout",
+        defaults=(0, 0, DEFAULT_QUEUE, 0, None, 0.0, 0.0, None, None, 0.0))):
     """A job to submit; `retries` is its limit, `delay` seconds before its first start.
 
     `unique` is its key (None: none), `unique_for` how many seconds a job with that
     key created earlier keeps it out whatever its state (0: only a queued or running
     one), `expires` the seconds after its first run_at it may still start (0: no
-    limit); `schedule` and `slot` name the schedule slot that made it.
+    limit); `schedule` and `slot` name the schedule slot that made it; `timeout` the
+    seconds one run may take (0: the timeout setting's).
     """
 
     @classmethod
@@ -746,7 +763,7 @@ class NewJob(collections.namedtuple(
                    float(item.get("delay", 0)), int(item.get("priority", 0)),
                    item.get("queue", DEFAULT_QUEUE), int(item.get("retries", retries)),
                    item.get("unique"), float(item.get("unique_for", 0)),
-                   float(item.get("expires", 0)))
+                   float(item.get("expires", 0)), timeout=float(item.get("timeout", 0)))
 
 
 def _job(row):
@@ -832,6 +849,51 @@ def _next_run_at(before, schedule, now):
     return next_slot(schedule, now)
 
 
+def _queue(row):
+    """A queue's settings, from a row of QUEUE_FIELDS."""
+    name, paused, concurrency, limit, per = row[:5]
+    return {"name": name, "paused": bool(paused), "concurrency": concurrency,
+            "rate": None if limit is None else {"limit": limit, "per": per}}
+
+
+def _queue_view(row):
+    """A queue's view, from a row of QUEUE_FIELDS, queued, running."""
+    return {**_queue(row), "queued": int(row[5]), "running": int(row[6])}
+
+
+def _claim_scope(queues, limits):
+    """How a claim of `queues` (None: every queue) splits, given `limits` ({name:
+    settings} of the queues paused or limited): (the limited ones, claimed under
+    their lock, sorted; the others, claimed as always: a list of queues, None for
+    every queue, [] for none; the queues that claim of every queue skips)."""
+    if not limits:
+        return [], queues, None
+    locked = sorted(name for name, queue in limits.items()
+                    if not queue["paused"] and (queues is None or name in queues))
+    if queues is None:
+        return locked, None, sorted(limits)
+    return locked, [queue for queue in queues if queue not in limits], None
+
+
+def _limited_due(rows):
+    """Seconds until a job of the limited queues may start, from their rows of
+    (seconds to the first run_at, starts left by concurrency, by rate, seconds until
+    the rate's window frees one): None when none is queued. A queue at its
+    concurrency is looked at again every LIMIT_POLL seconds: what frees it is an
+    end in any process, which wakes nobody here."""
+    dues = []
+    for first, by_concurrency, by_rate, frees in rows:
+        if first is None:
+            continue
+        due = max(0.0, first)
+        if by_concurrency is not None and by_concurrency <= 0:
+            due = max(due, LIMIT_POLL)
+        if by_rate is not None and by_rate <= 0:
+            due = max(due, frees or 0.0)
+        dues.append(due)
+    return min(dues, default=None)
+
+
 def _batch(batch_id, rows, job):
     """A batch from rows of (created_at, total, job fields...); None without rows."""
     if not rows:
@@ -915,12 +977,13 @@ class Store:
         """Every counter of COUNTERS: {name: value}, summed over every process."""
         raise NotImplementedError
 
-    def next_due(self, queues=None):
+    def next_due(self, queues=None, limits=None):
         """Seconds until a queued job (of `queues`, or any) may start: 0 if one may
-        now, None if there is none."""
+        now, None if there is none. `limits` as finish_and_claim takes them: a
+        paused queue has none, one at its rate's limit waits for its window."""
         raise NotImplementedError
 
-    def finish_and_claim(self, owner, finishes, claims, lease, queues=None):
+    def finish_and_claim(self, owner, finishes, claims, lease, queues=None, limits=None):
         """End runs of `owner` and claim up to `claims` more jobs, in one transaction:
         the workers' group commit.
 
@@ -930,6 +993,11 @@ class Store:
         and counts one more attempt; no job is claimed twice, across every process.
         Returns (the tokens finished, the claimed rows in claim order); a run that
         no longer holds its job (canceled, taken back) is not among the finished.
+
+        `limits` is queue_limits() as the caller last read it: those queues are
+        claimed under their limits, read again in the transaction (no claim
+        anywhere takes a paused queue's job, more than its concurrency, or more
+        starts within `per` seconds than its rate allows); the others as always.
         """
         raise NotImplementedError
 
@@ -1028,9 +1096,24 @@ class Store:
         that makes the job, and a unique (schedule, slot) index backs it up."""
         raise NotImplementedError
 
+    def queues(self, name=None):
+        """Every queue a job or a setting named (or the one `name`), by name: its
+        settings (see _queue) with its "queued" and "running" jobs."""
+        raise NotImplementedError
+
+    def set_queue(self, name, change):
+        """Change a queue's settings, creating it if need be, in one transaction:
+        `change(settings before)` gives those after, or raises, and nothing changes.
+        Wakes other processes' listeners."""
+        raise NotImplementedError
+
+    def queue_limits(self):
+        """{name: settings} of the queues paused or limited."""
+        raise NotImplementedError
+
     def listen(self, most):
-        """A Listener of other processes' submits and cancels, which reports at
-        most `most` waiting jobs at a time."""
+        """A Listener of other processes' submits, cancels and queue settings, which
+        reports at most `most` waiting jobs at a time."""
         raise NotImplementedError
 
     def close(self, final=True):
@@ -1042,7 +1125,8 @@ class Listener:
     """Wake-ups from other processes on the same store; see `Store.listen`."""
 
     def wait(self, timeout):
-        """Block up to `timeout` seconds: (jobs that may be waiting, a cancel seen)."""
+        """Block up to `timeout` seconds: (jobs that may be waiting, a cancel or a
+        change of a queue's settings seen)."""
         raise NotImplementedError
 
     def close(self):
@@ -1105,9 +1189,23 @@ class SQLiteStore(Store):
             updated_at REAL NOT NULL)""",
         "CREATE INDEX schedules_next ON schedules (next_run_at) WHERE NOT paused",
     )
+    # (Shared by SCHEMA and version 5's upgrade.) The queues: every name a job or a
+    # setting gave, with its settings; the starts of the rate-limited ones, one row
+    # per claim, pruned by maintain().
+    QUEUES = (
+        """CREATE TABLE queues (
+            name TEXT PRIMARY KEY,
+            paused INTEGER NOT NULL DEFAULT 0,
+            concurrency INTEGER,
+            rate_limit INTEGER,
+            rate_per REAL,
+            updated_at REAL NOT NULL DEFAULT 0)""",
+        "CREATE TABLE queue_starts (queue TEXT NOT NULL, at REAL NOT NULL, count INTEGER NOT NULL)",
+        "CREATE INDEX queue_starts_queue_at ON queue_starts (queue, at)",
+    )
 
     # -- Schema: the tables as they are now, and how an older file gets there.
-    VERSION = 4  # PRAGMA user_version; 0.1.0 recorded none, its layout is version 1
+    VERSION = 5  # PRAGMA user_version; 0.1.0 recorded none, its layout is version 1
     SCHEMA = (
         """CREATE TABLE jobs (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -1133,7 +1231,8 @@ class SQLiteStore(Store):
             unique_key TEXT,
             expires_at REAL,
             schedule TEXT,
-            slot REAL)""",
+            slot REAL,
+            timeout REAL)""",
         "CREATE INDEX jobs_status_id ON jobs (status, id)",
         "CREATE INDEX jobs_finished_at ON jobs (finished_at) WHERE finished_at IS NOT NULL",
         # The claim's order over only the queued rows, and their next start.
@@ -1151,6 +1250,7 @@ class SQLiteStore(Store):
             response TEXT)""",
         "CREATE INDEX batches_created_at ON batches (created_at)",
         *UNIQUE_AND_SCHEDULES,
+        *QUEUES,
     )
     # (v, statements): what takes a version v-1 file to version v, in order; the
     # result is SCHEMA, which a test checks.
@@ -1174,6 +1274,8 @@ class SQLiteStore(Store):
              "ALTER TABLE jobs ADD COLUMN schedule TEXT",
              "ALTER TABLE jobs ADD COLUMN slot REAL",
              *UNIQUE_AND_SCHEDULES)),
+        (5, ("ALTER TABLE jobs ADD COLUMN timeout REAL", *QUEUES,
+             "INSERT INTO queues (name) SELECT DISTINCT queue FROM jobs")),
     )
     SCHEMA_VERSION = "PRAGMA user_version"
     SET_SCHEMA_VERSION = f"PRAGMA user_version = {VERSION}"
@@ -1192,15 +1294,16 @@ class SQLiteStore(Store):
             response)
         VALUES (?, ?, ?, ?, ?, ?)"""
     INSERT_JOB = """INSERT INTO jobs (token, item, valor, status, created_at, run_at, queue,
-            priority, retries, batch, unique_key, expires_at)
-        VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)"""
+            priority, retries, batch, unique_key, expires_at, timeout)
+        VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
     # A schedule slot's job: its own statement, so that a submit pays for neither the
     # two columns nor the conflict check (measured: 40% of a job's insert).
     INSERT_SCHEDULED_JOB = """INSERT INTO jobs (token, item, valor, status, created_at, run_at,
-            queue, priority, retries, unique_key, expires_at, schedule, slot)
-        VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            queue, priority, retries, unique_key, expires_at, schedule, slot, timeout)
+        VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
         ON CONFLICT (schedule, slot) WHERE schedule IS NOT NULL DO NOTHING"""
     ADD_TO_COUNTER = "UPDATE counters SET value = value + ? WHERE name = ?"
+    NAME_QUEUE = "INSERT OR IGNORE INTO queues (name) VALUES (?)"
     # The jobs that may keep a batch's keys out, in one statement for all of them
     # (:keys is [[key, since], ...], since NULL for no unique_for): live ones, and
     # those created since; the method keeps a live one first, else the newest.
@@ -1227,24 +1330,49 @@ class SQLiteStore(Store):
     COUNTER_VALUES = "SELECT name, value FROM counters"
 
     # -- Claiming and ending runs. INDEXED BY: without statistics SQLite would take
-    # the (status, id) index and sort every queued row for each claim.
-    ANY_READY = """SELECT 1 FROM jobs INDEXED BY jobs_ready
+    # the (status, id) index and sort every queued row for each claim. A claim of
+    # queues without limits is CLAIM (of `queues`, or every queue); with some
+    # limited, CLAIM_EXCEPT skips those, and each limited queue not paused is
+    # claimed by CLAIM_QUEUE, up to its QUEUE_ROOM, in the same transaction: the
+    # write lock makes it the only claim anywhere, so none can overshoot.
+    IN_QUEUES = "(:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))"
+    NOT_SKIPPED = "queue NOT IN (SELECT value FROM json_each(:skip))"
+    ANY_READY = f"""SELECT 1 FROM jobs INDEXED BY jobs_ready
         WHERE status = 'queued' AND run_at <= :now
-          AND (expires_at IS NULL OR expires_at > :now OR attempts > 0)
-          AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
+          AND (expires_at IS NULL OR expires_at > :now OR attempts > 0) AND {IN_QUEUES}
         LIMIT 1"""
-    NEXT_DUE = """SELECT MIN(run_at) FROM jobs INDEXED BY jobs_due
-        WHERE status = 'queued'
-          AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))"""
-    CLAIM = f"""UPDATE jobs SET status = 'running', owner = :owner, lease_until = :now + :lease,
-            started_at = :now, attempts = attempts + 1, progress = NULL
+    NEXT_DUE_OF = "SELECT MIN(run_at) FROM jobs INDEXED BY jobs_due WHERE status = 'queued' AND {}"
+    NEXT_DUE, NEXT_DUE_EXCEPT = NEXT_DUE_OF.format(IN_QUEUES), NEXT_DUE_OF.format(NOT_SKIPPED)
+    CLAIM_OF = f"""UPDATE jobs SET status = 'running', owner = :owner,
+            lease_until = :now + :lease, started_at = :now, attempts = attempts + 1,
+            progress = NULL
         WHERE id IN (
             SELECT id FROM jobs INDEXED BY jobs_ready
             WHERE status = 'queued' AND run_at <= :now
-              AND (expires_at IS NULL OR expires_at > :now OR attempts > 0)
-              AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
+              AND (expires_at IS NULL OR expires_at > :now OR attempts > 0) AND {{}}
             ORDER BY priority DESC, run_at, id LIMIT :limit)
         RETURNING {COLUMNS}"""
+    CLAIM, CLAIM_EXCEPT = CLAIM_OF.format(IN_QUEUES), CLAIM_OF.format(NOT_SKIPPED)
+    CLAIM_QUEUE = CLAIM_OF.format("queue = :queue")
+    # A limited queue's starts left, by its concurrency and by its rate (NULL: no
+    # such limit): its running jobs (few: the index's running rows), and the starts
+    # in its window.
+    RUNNING_OF = """(SELECT COUNT(*) FROM jobs INDEXED BY jobs_status_id
+        WHERE status = 'running' AND queue = q.name)"""
+    STARTS_OF = """(SELECT {} FROM queue_starts
+        WHERE queue = q.name AND at > :now - q.rate_per)"""
+    LIMITED = "FROM queues AS q WHERE name IN (SELECT value FROM json_each(:names)) AND NOT paused"
+    QUEUE_ROOM = f"""SELECT name, rate_limit IS NOT NULL, concurrency - {RUNNING_OF},
+            rate_limit - {STARTS_OF.format("COALESCE(SUM(count), 0)")}
+        {LIMITED} ORDER BY name"""
+    ADD_STARTS = "INSERT INTO queue_starts (queue, at, count) VALUES (?, ?, ?)"
+    # Their rows for _limited_due.
+    LIMITED_DUE = f"""SELECT (SELECT MIN(run_at) FROM jobs INDEXED BY jobs_due
+                WHERE status = 'queued' AND queue = q.name) - :now,
+            concurrency - {RUNNING_OF},
+            rate_limit - {STARTS_OF.format("COALESCE(SUM(count), 0)")},
+            {STARTS_OF.format("MIN(at)")} + rate_per - :now
+        {LIMITED}"""
     # Positional, unlike the rest: it runs once per job, where named parameters cost
     # about 30% more to bind (5% of a group commit, measured).
     FINISH = """UPDATE jobs SET status = ?, finished_at = ?, result = ?, error = ?,
@@ -1335,6 +1463,25 @@ class SQLiteStore(Store):
     SCHEDULE_FIRED = """UPDATE schedules SET next_run_at = ?, last_run_at = ?, last_job = ?
         WHERE name = ?"""
 
+    # -- Queues: their settings, and their jobs by live state.
+    QUEUE_COLUMNS = ", ".join(QUEUE_FIELDS)
+    GET_QUEUE = f"SELECT {QUEUE_COLUMNS} FROM queues WHERE name = ?"
+    LIST_QUEUES = f"""SELECT {QUEUE_COLUMNS} FROM queues WHERE :name IS NULL OR name = :name
+        ORDER BY name"""
+    QUEUE_COUNTS = """SELECT queue, status, COUNT(*) FROM jobs INDEXED BY jobs_status_id
+        WHERE status IN ('queued', 'running') AND (:name IS NULL OR queue = :name)
+        GROUP BY queue, status"""
+    QUEUE_LIMITS = f"""SELECT {QUEUE_COLUMNS} FROM queues
+        WHERE paused OR concurrency IS NOT NULL OR rate_limit IS NOT NULL"""
+    PUT_QUEUE = """INSERT INTO queues (name, paused, concurrency, rate_limit, rate_per, updated_at)
+        VALUES (:name, :paused, :concurrency, :rate_limit, :rate_per, :now)
+        ON CONFLICT (name) DO UPDATE SET paused = excluded.paused,
+            concurrency = excluded.concurrency, rate_limit = excluded.rate_limit,
+            rate_per = excluded.rate_per, updated_at = excluded.updated_at"""
+    # The starts that no window counts any more.
+    PRUNE_STARTS = """DELETE FROM queue_starts WHERE at <= ? - COALESCE((SELECT rate_per
+        FROM queues WHERE name = queue_starts.queue AND rate_limit IS NOT NULL), 0)"""
+
     # -- Retention.
     PURGE_JOBS = """DELETE FROM jobs WHERE id IN (
         SELECT id FROM jobs WHERE finished_at < ? LIMIT ?)"""
@@ -1347,7 +1494,9 @@ class SQLiteStore(Store):
     DATA_VERSION = "PRAGMA data_version"
     READY_COUNT = """SELECT COUNT(*) FROM (
         SELECT 1 FROM jobs INDEXED BY jobs_due WHERE status = 'queued' AND run_at <= ? LIMIT ?)"""
-    CANCELED_TOTAL = "SELECT value FROM counters WHERE name = 'finished_canceled'"
+    # A cancel, or a queue's settings changed: the runner looks at both.
+    CHANGES = """SELECT (SELECT value FROM counters WHERE name = 'finished_canceled'),
+        (SELECT MAX(updated_at) FROM queues)"""
 
     listen_interval = 0.005  # seconds between looks at PRAGMA data_version
 
@@ -1516,10 +1665,16 @@ class SQLiteStore(Store):
         return _sort_out(jobs, {key: found[2:] for key, found in best.items()})
 
     def _insert(self, conn, jobs, now, batch=None):
+        self._name_queues(conn, jobs)
         conn.executemany(self.INSERT_JOB, [
             (job.token, job.item, job.valor, now, now + job.delay, job.queue, job.priority,
              job.retries, batch, job.unique,
-             now + job.delay + job.expires if job.expires else None) for job in jobs])
+             now + job.delay + job.expires if job.expires else None, job.timeout or None)
+            for job in jobs])
+
+    def _name_queues(self, conn, jobs):
+        names = {job.queue for job in jobs}
+        conn.executemany(self.NAME_QUEUE, [(name,) for name in names])
 
     def get(self, token):
         return _job(next(iter(self._read(self.GET_JOB, (token,))), None))
@@ -1541,14 +1696,22 @@ class SQLiteStore(Store):
     def counters(self):
         return dict(self._read(self.COUNTER_VALUES))
 
-    def next_due(self, queues=None):
-        ((run_at,),) = self._read(self.NEXT_DUE, {"queues": self._json_list(queues)})
-        return None if run_at is None else max(0.0, run_at - time.time())
+    def next_due(self, queues=None, limits=None):
+        locked, others, skip = _claim_scope(queues, limits)
+        now, dues = time.time(), []
+        if others is None or others:
+            ((run_at,),) = self._read(*(
+                (self.NEXT_DUE_EXCEPT, {"skip": json.dumps(skip)}) if skip else
+                (self.NEXT_DUE, {"queues": self._json_list(others)})))
+            dues.append(None if run_at is None else max(0.0, run_at - now))
+        if locked:
+            dues.append(_limited_due(self._read(self.LIMITED_DUE, {
+                "names": json.dumps(locked), "now": now})))
+        return min((due for due in dues if due is not None), default=None)
 
-    def finish_and_claim(self, owner, finishes, claims, lease, queues=None):
-        queues = self._json_list(queues)
+    def finish_and_claim(self, owner, finishes, claims, lease, queues=None, limits=None):
         if not finishes and (not claims or not self._read(
-                self.ANY_READY, {"now": time.time(), "queues": queues})):
+                self.ANY_READY, {"now": time.time(), "queues": self._json_list(queues)})):
             return set(), []  # a read takes no write lock
         finished, counts = set(), collections.Counter()
         with self._transaction(durable=False) as conn:
@@ -1558,13 +1721,31 @@ class SQLiteStore(Store):
                                               attempt)).rowcount:
                     finished.add(token)
                     counts["finished_" + status] += 1
-            claimed = [] if not claims else conn.execute(self.CLAIM, {
-                "owner": owner, "now": now, "lease": lease, "queues": queues,
-                "limit": claims}).fetchall()
+            claimed = self._claim(conn, {"owner": owner, "now": now, "lease": lease},
+                                  claims, *_claim_scope(queues, limits)) if claims else []
             self._count(conn, queued=-len(claimed), **counts)
         claimed = [_job(row) for row in claimed]  # RETURNING has no order of its own
         claimed.sort(key=lambda job: (-job["priority"], job["run_at"], job["created_at"]))
         return finished, claimed
+
+    def _claim(self, conn, params, claims, locked, others, skip):
+        """Up to `claims` rows claimed: of the limited queues first, each up to its
+        room, recording a rate-limited queue's starts; then of the others."""
+        claimed = []
+        for name, rated, *rooms in conn.execute(self.QUEUE_ROOM, {
+                "names": json.dumps(locked), "now": params["now"]}).fetchall() if locked else ():
+            room = min([claims - len(claimed), *(n for n in rooms if n is not None)])
+            if room > 0:
+                rows = conn.execute(self.CLAIM_QUEUE, {**params, "queue": name,
+                                                       "limit": room}).fetchall()
+                if rated and rows:
+                    conn.execute(self.ADD_STARTS, (name, params["now"], len(rows)))
+                claimed += rows
+        if len(claimed) < claims and (others is None or others):
+            which = {"skip": json.dumps(skip)} if skip else {"queues": self._json_list(others)}
+            claimed += conn.execute(self.CLAIM_EXCEPT if skip else self.CLAIM, {
+                **params, **which, "limit": claims - len(claimed)}).fetchall()
+        return claimed
 
     def retry(self, token, owner, attempt, error, delay):
         with self._transaction() as conn:
@@ -1670,7 +1851,10 @@ class SQLiteStore(Store):
                     + conn.execute(self.PURGE_BATCHES, (before, batch)).rowcount)
 
     def maintain(self):
-        """Nothing to do: the claim's queries name their indexes (INDEXED BY)."""
+        """Prune the starts no rate window counts (the claim's queries name their
+        indexes: INDEXED BY, no statistics needed)."""
+        with self._transaction() as conn:
+            conn.execute(self.PRUNE_STARTS, (time.time(),))
 
     def expire(self):
         params = {"now": time.time()}
@@ -1714,9 +1898,11 @@ class SQLiteStore(Store):
             rows = conn.execute(self.DUE_SCHEDULES, {"now": now, "limit": FIRE_BATCH}).fetchall()
             fired = _fired(map(_schedule, rows), now, retries)
             jobs, duplicates = self._sort_out(conn, [job for _, _, job in fired], now)
+            self._name_queues(conn, jobs)
             conn.executemany(self.INSERT_SCHEDULED_JOB, [
                 (job.token, job.item, job.valor, now, now, job.queue, job.priority, job.retries,
-                 job.unique, now + job.expires if job.expires else None, job.schedule, job.slot)
+                 job.unique, now + job.expires if job.expires else None, job.schedule, job.slot,
+                 job.timeout or None)
                 for job in jobs])
             conn.executemany(self.SCHEDULE_FIRED, [
                 (next_slot(schedule, now), slot,
@@ -1724,6 +1910,28 @@ class SQLiteStore(Store):
                 for n, (schedule, slot, job) in enumerate(fired)])
             self._count(conn, submitted=len(jobs), queued=len(jobs), duplicate=len(duplicates))
         return [job.token for job in jobs]
+
+    def queues(self, name=None):
+        rows = self._read(self.LIST_QUEUES, {"name": name})
+        counts = collections.Counter()
+        for queue, status, n in self._read(self.QUEUE_COUNTS, {"name": name}):
+            counts[queue, status] = n
+        return [_queue_view((*row, counts[row[0], QUEUED], counts[row[0], RUNNING]))
+                for row in rows]
+
+    def set_queue(self, name, change):
+        with self._transaction(timeout=self.timeout) as conn:
+            before = _queue(conn.execute(self.GET_QUEUE, (name,)).fetchone() or (name, 0, None,
+                                                                                    None, None))
+            after = change(before)
+            rate = after["rate"] or {}
+            conn.execute(self.PUT_QUEUE, {
+                "name": name, "paused": after["paused"], "concurrency": after["concurrency"],
+                "rate_limit": rate.get("limit"), "rate_per": rate.get("per"),
+                "now": time.time()})
+
+    def queue_limits(self):
+        return {row[0]: _queue(row) for row in self._read(self.QUEUE_LIMITS)}
 
     def listen(self, most):
         """PRAGMA data_version changes when another connection commits; only then
@@ -1736,7 +1944,7 @@ class SQLiteStore(Store):
 class _SQLiteListener(Listener):
     def __init__(self, store, most):
         self._store, self._most = store, most
-        self._version = self._canceled = None
+        self._version = self._changes = None
 
     def wait(self, timeout):
         store = self._store
@@ -1748,9 +1956,9 @@ class _SQLiteListener(Listener):
             if version != self._version:
                 self._version = version
                 ((ready,),) = store._read(store.READY_COUNT, (time.time(), self._most))
-                ((canceled,),) = store._read(store.CANCELED_TOTAL)
-                seen, self._canceled = self._canceled, canceled
-                return ready, seen is not None and canceled != seen
+                (changes,) = store._read(store.CHANGES)
+                seen, self._changes = self._changes, changes
+                return ready, seen is not None and changes != seen
             if time.monotonic() >= deadline:
                 return 0, False
             time.sleep(store.listen_interval)
@@ -1803,9 +2011,24 @@ class PostgresStore(Store):
         """CREATE INDEX queue_tool_schedules_next ON queue_tool_schedules (next_run_at)
             WHERE NOT paused""",
     )
+    # (Shared by SCHEMA and version 5's upgrade; see SQLiteStore's.)
+    QUEUES = (
+        """CREATE TABLE queue_tool_queues (
+            name text PRIMARY KEY,
+            paused boolean NOT NULL DEFAULT false,
+            concurrency integer,
+            rate_limit integer,
+            rate_per double precision,
+            updated_at timestamptz NOT NULL DEFAULT now())""",
+        """CREATE TABLE queue_tool_queue_starts (
+            queue text NOT NULL,
+            at timestamptz NOT NULL,
+            count integer NOT NULL)""",
+        """CREATE INDEX queue_tool_queue_starts_queue_at ON queue_tool_queue_starts (queue, at)""",
+    )
 
     # -- Schema: the tables as they are now, and how an older database gets there.
-    VERSION = 4
+    VERSION = 5
     SCHEMA = (
         """CREATE TABLE queue_tool_jobs (
             id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -1831,7 +2054,8 @@ class PostgresStore(Store):
             unique_key text,
             expires_at timestamptz,
             schedule text,
-            slot timestamptz)""",
+            slot timestamptz,
+            timeout double precision)""",
         "CREATE INDEX queue_tool_jobs_status_id ON queue_tool_jobs (status, id)",
         "CREATE INDEX queue_tool_jobs_running ON queue_tool_jobs (owner) WHERE status = 'running'",
         """CREATE INDEX queue_tool_jobs_finished_at ON queue_tool_jobs (finished_at)
@@ -1857,6 +2081,7 @@ class PostgresStore(Store):
             response text)""",
         """CREATE INDEX queue_tool_batches_created_at ON queue_tool_batches (created_at)""",
         *UNIQUE_AND_SCHEDULES,
+        *QUEUES,
     )
     # (v, statements): what takes a version v-1 database to version v, in order; the
     # result is SCHEMA, which a test checks.
@@ -1885,6 +2110,9 @@ class PostgresStore(Store):
                  ADD COLUMN expires_at timestamptz, ADD COLUMN schedule text,
                  ADD COLUMN slot timestamptz""",
              *UNIQUE_AND_SCHEDULES)),
+        (5, ("ALTER TABLE queue_tool_jobs ADD COLUMN timeout double precision", *QUEUES,
+             """INSERT INTO queue_tool_queues (name)
+                 SELECT DISTINCT queue FROM queue_tool_jobs""")),
     )
     # Processes starting together set the schema up one at a time.
     LOCK_SCHEMA = f"SELECT pg_advisory_xact_lock({0x7175657565})"
@@ -1909,29 +2137,38 @@ class PostgresStore(Store):
         WHERE idempotency_key = %s"""
     QUEUED_GAUGE = """SELECT coalesce(sum(value), 0) FROM queue_tool_counters
         WHERE name = 'queued'"""
-    INSERT_JOBS = """INSERT INTO queue_tool_jobs (token, item, valor, run_at, priority, queue,
-            retries, batch, status, unique_key, expires_at)
+    # The jobs' queues get a row each (in order, so two first submits of two new
+    # queues cannot deadlock); an existing row is neither written nor locked.
+    NAME_QUEUES = """WITH named AS (
+            INSERT INTO queue_tool_queues (name)
+            SELECT DISTINCT name FROM unnest(%(queues)s::text[]) AS name ORDER BY name
+            ON CONFLICT DO NOTHING)
+        """
+    INSERT_JOBS = NAME_QUEUES + """INSERT INTO queue_tool_jobs (token, item, valor, run_at,
+            priority, queue, retries, batch, status, unique_key, expires_at, timeout)
         SELECT token, item, valor, now() + delay * interval '1 second', priority, queue,
             retries, %(batch)s, 'queued', unique_key,
-            CASE WHEN expires > 0 THEN now() + (delay + expires) * interval '1 second' END
+            CASE WHEN expires > 0 THEN now() + (delay + expires) * interval '1 second' END,
+            nullif(timeout, 0)
         FROM unnest(%(tokens)s::text[], %(items)s::text[], %(valors)s::numeric[],
             %(delays)s::float8[], %(priorities)s::smallint[], %(queues)s::text[],
-            %(retries)s::smallint[], %(unique_keys)s::text[], %(expires)s::float8[])
-            WITH ORDINALITY
-            AS j (token, item, valor, delay, priority, queue, retries, unique_key, expires, n)
+            %(retries)s::smallint[], %(unique_keys)s::text[], %(expires)s::float8[],
+            %(timeouts)s::float8[]) WITH ORDINALITY
+            AS j (token, item, valor, delay, priority, queue, retries, unique_key, expires,
+                  timeout, n)
         ORDER BY n"""
     # A schedule slot's jobs (see SQLiteStore's INSERT_SCHEDULED_JOB).
-    INSERT_SCHEDULED_JOBS = """INSERT INTO queue_tool_jobs (token, item, valor, priority, queue,
-            retries, status, unique_key, expires_at, schedule, slot)
+    INSERT_SCHEDULED_JOBS = NAME_QUEUES + """INSERT INTO queue_tool_jobs (token, item, valor,
+            priority, queue, retries, status, unique_key, expires_at, schedule, slot, timeout)
         SELECT token, item, valor, priority, queue, retries, 'queued', unique_key,
             CASE WHEN expires > 0 THEN now() + expires * interval '1 second' END,
-            schedule, to_timestamp(slot)
+            schedule, to_timestamp(slot), nullif(timeout, 0)
         FROM unnest(%(tokens)s::text[], %(items)s::text[], %(valors)s::numeric[],
             %(priorities)s::smallint[], %(queues)s::text[], %(retries)s::smallint[],
-            %(unique_keys)s::text[], %(expires)s::float8[], %(schedules)s::text[],
-            %(slots)s::float8[])
-            AS j (token, item, valor, priority, queue, retries, unique_key, expires, schedule,
-                  slot)
+            %(unique_keys)s::text[], %(expires)s::float8[], %(timeouts)s::float8[],
+            %(schedules)s::text[], %(slots)s::float8[])
+            AS j (token, item, valor, priority, queue, retries, unique_key, expires, timeout,
+                  schedule, slot)
         ON CONFLICT (schedule, slot) WHERE schedule IS NOT NULL DO NOTHING"""
     # Unique keys. A submit of a few keys takes the keys' lock shared, then a lock on
     # each key (on its hash: two keys may share one, and then only wait for each
@@ -1971,7 +2208,7 @@ class PostgresStore(Store):
         attempts, owner, extract(epoch FROM lease_until)::float8 AS lease_until,
         progress, result, error, queue, priority, extract(epoch FROM run_at)::float8 AS run_at,
         retries, retried, batch, unique_key,
-        extract(epoch FROM expires_at)::float8 AS expires_at, schedule"""
+        extract(epoch FROM expires_at)::float8 AS expires_at, schedule, timeout"""
     GET_JOB = f"SELECT {COLUMNS} FROM queue_tool_jobs WHERE token = %s"
     GET_BATCH = f"""SELECT extract(epoch FROM b.created_at)::float8, b.total, j.*
         FROM queue_tool_batches AS b
@@ -1997,13 +2234,24 @@ class PostgresStore(Store):
     # (CLAIM.format(limit=n)), not bound: with a bound LIMIT the cached plan cannot
     # know the row count, and PostgreSQL plans every claim anew (measured: a quarter
     # of the transaction's time).
-    NEXT_DUE = """SELECT extract(epoch FROM min(run_at) - now())::float8 FROM queue_tool_jobs
-        WHERE status = 'queued' AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s))"""
-    CLAIM = f"""WITH next AS MATERIALIZED (
+    #
+    # A claim of queues without limits is CLAIM; with some limited, CLAIM_EXCEPT
+    # skips those, and the limited ones not paused are claimed by CLAIM_LIMITED, in
+    # the same transaction, after LOCK_QUEUES took their locks (transaction-level
+    # advisory locks, on the queue names' hashes, in order: only these claims take
+    # them). A statement of its own after the locks, so its snapshot sees every
+    # claim of those queues committed before: their running jobs and recorded
+    # starts, counted under the lock, so no claim anywhere can overshoot.
+    IN_QUEUES = "(%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s))"
+    NOT_SKIPPED = "queue <> ALL(%(skip)s::text[])"
+    NEXT_DUE_OF = """SELECT extract(epoch FROM min(run_at) - now())::float8 FROM queue_tool_jobs
+        WHERE status = 'queued' AND {}"""
+    NEXT_DUE, NEXT_DUE_EXCEPT = NEXT_DUE_OF.format(IN_QUEUES), NEXT_DUE_OF.format(NOT_SKIPPED)
+    CLAIM_OF = f"""WITH next AS MATERIALIZED (
             SELECT id FROM queue_tool_jobs
             WHERE status = 'queued' AND run_at <= now()
               AND (expires_at IS NULL OR expires_at > now() OR attempts > 0)
-              AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s))
+              AND {{queues}}
             ORDER BY priority DESC, run_at, id LIMIT {{limit}}
             FOR UPDATE SKIP LOCKED),
         job AS (
@@ -2017,6 +2265,60 @@ class PostgresStore(Store):
             SELECT 'queued', mod(pg_backend_pid(), 64), -count(*) FROM job HAVING count(*) > 0
             ON CONFLICT (name, shard) DO UPDATE SET value = c.value + EXCLUDED.value)
         SELECT * FROM job ORDER BY priority DESC, run_at, created_at"""
+    CLAIM = CLAIM_OF.replace("{queues}", IN_QUEUES)
+    CLAIM_EXCEPT = CLAIM_OF.replace("{queues}", NOT_SKIPPED)
+    LOCK_QUEUES = """SELECT pg_advisory_xact_lock(h) FROM (
+            SELECT DISTINCT hashtextextended(name, 8123) AS h
+            FROM unnest(%(names)s::text[]) AS name ORDER BY h) AS locks"""
+    # A limited queue's starts left, by its concurrency and by its rate (NULL: no
+    # such limit), at clock.now: its running jobs (few: the index's running rows),
+    # and the starts in its window.
+    RUNNING_OF = """(SELECT count(*) FROM queue_tool_jobs
+        WHERE status = 'running' AND queue = q.name)"""
+    STARTS_OF = """(SELECT {} FROM queue_tool_queue_starts AS s
+        WHERE s.queue = q.name AND s.at > clock.now - q.rate_per * interval '1 second')"""
+    LIMITED = """FROM queue_tool_queues AS q, clock
+        WHERE q.name = ANY(%(names)s::text[]) AND NOT q.paused"""
+    # The clock is read once, after the locks (now() is the transaction's start,
+    # which may be before another claim's): the starts it records, in order.
+    CLAIM_LIMITED = f"""WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now),
+        room AS MATERIALIZED (
+            SELECT q.name, q.rate_limit IS NOT NULL AS rated, greatest(0, coalesce(least(
+                q.concurrency - {RUNNING_OF},
+                q.rate_limit - {STARTS_OF.format("coalesce(sum(s.count), 0)")}), {{limit}})) AS n
+            {LIMITED}),
+        next AS MATERIALIZED (
+            SELECT c.id FROM room CROSS JOIN LATERAL (
+                SELECT id FROM queue_tool_jobs
+                WHERE status = 'queued' AND queue = room.name AND run_at <= now()
+                  AND (expires_at IS NULL OR expires_at > now() OR attempts > 0)
+                ORDER BY priority DESC, run_at, id LIMIT room.n
+                FOR UPDATE SKIP LOCKED) AS c
+            LIMIT {{limit}}),
+        job AS (
+            UPDATE queue_tool_jobs AS j SET status = 'running', owner = %(owner)s,
+                lease_until = now() + %(lease)s * interval '1 second', started_at = clock.now,
+                attempts = j.attempts + 1, progress = NULL
+            FROM next, clock WHERE j.id = next.id
+            RETURNING {COLUMNS}),
+        started AS (
+            INSERT INTO queue_tool_queue_starts (queue, at, count)
+            SELECT job.queue, clock.now, count(*) FROM job, clock, room
+            WHERE room.name = job.queue AND room.rated GROUP BY job.queue, clock.now),
+        counted AS (
+            INSERT INTO queue_tool_counters AS c (name, shard, value)
+            SELECT 'queued', mod(pg_backend_pid(), 64), -count(*) FROM job HAVING count(*) > 0
+            ON CONFLICT (name, shard) DO UPDATE SET value = c.value + EXCLUDED.value)
+        SELECT * FROM job ORDER BY priority DESC, run_at, created_at"""
+    # Their rows for _limited_due.
+    LIMITED_DUE = f"""WITH clock AS (SELECT now() AS now)
+        SELECT extract(epoch FROM (SELECT min(run_at) FROM queue_tool_jobs
+                WHERE status = 'queued' AND queue = q.name) - clock.now)::float8,
+            q.concurrency - {RUNNING_OF},
+            q.rate_limit - {STARTS_OF.format("coalesce(sum(s.count), 0)")},
+            extract(epoch FROM {STARTS_OF.format("min(s.at)")}
+                + q.rate_per * interval '1 second' - clock.now)::float8
+        {LIMITED}"""
     FINISH = """WITH mine AS MATERIALIZED (
             SELECT j.id, f.status, f.result, f.error
             FROM queue_tool_jobs AS j
@@ -2185,6 +2487,26 @@ class PostgresStore(Store):
         FROM unnest(%(names)s::text[], %(nexts)s::float8[], %(slots)s::float8[],
             %(jobs)s::text[]) AS f (name, next, slot, job)
         WHERE s.name = f.name"""
+
+    # -- Queues: their settings, and their jobs by live state.
+    QUEUE_COLUMNS = ", ".join(QUEUE_FIELDS)
+    LIST_QUEUES = f"""SELECT {QUEUE_COLUMNS} FROM queue_tool_queues
+        WHERE %(name)s::text IS NULL OR name = %(name)s ORDER BY name"""
+    QUEUE_COUNTS = """SELECT queue, status, count(*) FROM queue_tool_jobs
+        WHERE status IN ('queued', 'running') AND (%(name)s::text IS NULL OR queue = %(name)s)
+        GROUP BY queue, status"""
+    QUEUE_LIMITS = f"""SELECT {QUEUE_COLUMNS} FROM queue_tool_queues
+        WHERE paused OR concurrency IS NOT NULL OR rate_limit IS NOT NULL"""
+    NAME_QUEUE = "INSERT INTO queue_tool_queues (name) VALUES (%s) ON CONFLICT DO NOTHING"
+    LOCK_QUEUE = f"SELECT {QUEUE_COLUMNS} FROM queue_tool_queues WHERE name = %s FOR UPDATE"
+    PUT_QUEUE = """UPDATE queue_tool_queues SET paused = %(paused)s,
+            concurrency = %(concurrency)s, rate_limit = %(rate_limit)s,
+            rate_per = %(rate_per)s, updated_at = now()
+        WHERE name = %(name)s"""
+    # The starts that no window counts any more.
+    PRUNE_STARTS = """DELETE FROM queue_tool_queue_starts AS s
+        WHERE at <= now() - coalesce((SELECT rate_per FROM queue_tool_queues
+            WHERE name = s.queue AND rate_limit IS NOT NULL), 0) * interval '1 second'"""
 
     # -- Retention.
     PURGE_JOBS = """DELETE FROM queue_tool_jobs WHERE id IN (
@@ -2416,7 +2738,8 @@ class PostgresStore(Store):
             "queues": [job.queue for job in jobs],
             "retries": [int(job.retries) for job in jobs],
             "unique_keys": [job.unique for job in jobs],
-            "expires": [float(job.expires) for job in jobs]}
+            "expires": [float(job.expires) for job in jobs],
+            "timeouts": [float(job.timeout) for job in jobs]}
         if scheduled:
             conn.execute(self.INSERT_SCHEDULED_JOBS, {
                 **columns, "schedules": [job.schedule for job in jobs],
@@ -2446,16 +2769,26 @@ class PostgresStore(Store):
     def counters(self):
         return {name: int(value) for name, value in self._read(self.COUNTER_VALUES)}
 
-    def next_due(self, queues=None):
-        ((seconds,),) = self._read(self.NEXT_DUE, {"queues": list(queues) if queues else None})
-        return None if seconds is None else max(0.0, seconds)
+    def next_due(self, queues=None, limits=None):
+        locked, others, skip = _claim_scope(queues, limits)
+        dues = []
+        if others is None or others:
+            ((seconds,),) = self._read(*(
+                (self.NEXT_DUE_EXCEPT, {"skip": skip}) if skip else
+                (self.NEXT_DUE, {"queues": list(others) if others else None})))
+            dues.append(None if seconds is None else max(0.0, seconds))
+        if locked:
+            dues.append(_limited_due(self._read(self.LIMITED_DUE, {"names": locked})))
+        return min((due for due in dues if due is not None), default=None)
 
-    def finish_and_claim(self, owner, finishes, claims, lease, queues=None):
-        done = taken = None
+    def finish_and_claim(self, owner, finishes, claims, lease, queues=None, limits=None):
+        locked, others, skip = _claim_scope(queues, limits) if claims else ([], [], None)
+        done = limited = taken = None
         with self._connection(WORK_TIMEOUT) as (conn, _):
             # Pipelined: BEGIN, both statements and COMMIT go out at once, and their
             # answers come back together: one round trip for the whole transaction.
             # (psycopg's conn.transaction() would add two more: 0.28 ms against 0.09.)
+            # Limited queues take a second: the others' claim waits for their count.
             with conn.pipeline():
                 conn.execute("BEGIN")
                 conn.execute(self.WORK_SETTINGS)
@@ -2465,14 +2798,30 @@ class PostgresStore(Store):
                     done = conn.execute(self.FINISH, {
                         "tokens": tokens, "attempts": attempts, "statuses": statuses,
                         "results": results, "errors": errors, "owner": owner})
-                if claims:
-                    taken = conn.execute(self.CLAIM.format(limit=int(claims)), {
-                        "queues": list(queues) if queues else None, "owner": owner,
-                        "lease": lease})
-                conn.execute("COMMIT")
+                if locked:
+                    conn.execute(self.LOCK_QUEUES, {"names": locked})
+                    limited = conn.execute(self.CLAIM_LIMITED.format(limit=int(claims)), {
+                        "names": locked, "owner": owner, "lease": lease})
+                else:
+                    taken = self._claim(conn, claims, others, skip, owner, lease)
+                    conn.execute("COMMIT")
+            claimed = [self._job(row) for row in limited.fetchall()] if limited else []
+            if locked:
+                with conn.pipeline():
+                    taken = self._claim(conn, claims - len(claimed), others, skip, owner, lease)
+                    conn.execute("COMMIT")
             finished = {token for (token,) in done.fetchall()} if done else set()
-            claimed = [self._job(row) for row in taken.fetchall()] if taken else []
+            claimed += [self._job(row) for row in taken.fetchall()] if taken else []
         return finished, claimed
+
+    def _claim(self, conn, claims, others, skip, owner, lease):
+        """The cursor of a claim of up to `claims` jobs of queues without limits: of
+        `others` (None: any, unless in `skip`); None when there is nothing to claim."""
+        if claims <= 0 or not (others is None or others):
+            return None
+        return conn.execute((self.CLAIM_EXCEPT if skip else self.CLAIM).format(limit=int(claims)), {
+            "queues": list(others) if others else None, "skip": skip, "owner": owner,
+            "lease": lease})
 
     def retry(self, token, owner, attempt, error, delay):
         return bool(self._write(self.RETRY, {"error": error, "delay": delay, "token": token,
@@ -2575,8 +2924,10 @@ class PostgresStore(Store):
                     + conn.execute(self.PURGE_BATCHES, (retention, batch)).rowcount)
 
     def maintain(self):
-        """Refresh the planner's statistics of the jobs table."""
+        """Refresh the planner's statistics of the jobs table; prune the starts no
+        rate window counts."""
         self._write(self.ANALYZE)
+        self._write(self.PRUNE_STARTS)
 
     def expire(self):
         if not self._read(self.ANY_EXPIRED):
@@ -2627,6 +2978,27 @@ class PostgresStore(Store):
             self._count(conn, submitted=len(jobs), queued=len(jobs), duplicate=len(duplicates))
         return [job.token for job in jobs]
 
+    def queues(self, name=None):
+        rows = self._read(self.LIST_QUEUES, {"name": name})
+        counts = collections.Counter()
+        for queue, status, n in self._read(self.QUEUE_COUNTS, {"name": name}):
+            counts[queue, status] = n
+        return [_queue_view((*row, counts[row[0], QUEUED], counts[row[0], RUNNING]))
+                for row in rows]
+
+    def set_queue(self, name, change):
+        with self._transaction(self.timeout) as conn:
+            conn.execute(self.NAME_QUEUE, (name,))
+            after = change(_queue(conn.execute(self.LOCK_QUEUE, (name,)).fetchone()))
+            rate = after["rate"] or {}
+            conn.execute(self.PUT_QUEUE, {
+                "name": name, "paused": after["paused"], "concurrency": after["concurrency"],
+                "rate_limit": rate.get("limit"), "rate_per": rate.get("per")})
+            conn.execute(self.NOTIFY, ("queues:0",))
+
+    def queue_limits(self):
+        return {row[0]: _queue(row) for row in self._read(self.QUEUE_LIMITS)}
+
     def listen(self, most):
         """LISTEN on a dedicated connection (to listen_url when given), woken by the
         NOTIFY that submits, cancels and requeues send inside their transactions.
@@ -2657,7 +3029,7 @@ class _PostgresListener(Listener):
                 for notice in list(self._conn.notifies(timeout=timeout, stop_after=1)):
                     kind, _, count = notice.payload.partition(":")
                     waiting += int(count) if kind == "submitted" else 0
-                    canceled = canceled or kind == "canceled"
+                    canceled = canceled or kind in ("canceled", "queues")
                 return min(waiting, self._most), canceled
         except StoreError:
             self.close()
@@ -2693,8 +3065,8 @@ class Retry(Exception):
 class Job:
     """What a processor receives: one running job.
 
-    `canceled` is an Event set when the job is canceled or the service shuts
-    down; a long processor should wait on it or poll it.
+    `canceled` is an Event set when the job is canceled, passes its `timeout` or
+    the service shuts down; a long processor should wait on it or poll it.
     """
 
     def __init__(self, runner, row):
@@ -2702,7 +3074,10 @@ class Job:
         self.token, self.item, self.valor = row["token"], row["item"], row["valor"]
         self.attempts, self.queue, self.priority = row["attempts"], row["queue"], row["priority"]
         self._retries, self._retried = row["retries"], row["retried"]  # limit, made
+        self.timeout = row["timeout"] or runner.timeout  # seconds, or None
         self.canceled = threading.Event()
+        self._thread = threading.current_thread()  # the worker running it
+        self._timed_out = False  # set by the timer, under the runner's lock
 
     def set_progress(self, fraction):
         """Report progress from 0 to 1; shown by GET /check while the job runs."""
@@ -2736,7 +3111,14 @@ class Runner:
     """The threads of one process: workers that claim and run jobs; a housekeeper that
     renews leases, recovers lost jobs and purges; a clock that makes the jobs of
     due schedule slots (every process has one: the store decides which makes each
-    slot's job) and expires the jobs that could not start in time.
+    slot's job), expires the jobs that could not start in time and reads the
+    queues' limits; a timer that ends the runs that pass their timeout.
+
+    A run past its timeout ends as an error at once, and its worker thread is
+    abandoned (Python cannot stop a thread): a new one takes its place, and what
+    the old one's processor returns later is dropped. With `restart_stuck` (a
+    child of `worker --processes`) a processor still running `grace` seconds after
+    its timeout ends the whole process, which its supervisor starts again.
 
     Holds a token -> Event map of the jobs running here; the Event is set when
     the job ends, and the entry is dropped.
@@ -2751,8 +3133,9 @@ class Runner:
 
     def __init__(self, store, process=wait_valor, workers=16, lease=30.0, max_attempts=3,
                  retention=7 * 86400.0, grace=10.0, queues=None, retry_delay=1.0,
-                 max_delay=30 * 86400.0, retries=0):
+                 max_delay=30 * 86400.0, retries=0, timeout=None, restart_stuck=False):
         self.store, self.process = store, process
+        self.timeout, self.restart_stuck = timeout, restart_stuck  # timeout: None, no limit
         self.workers, self.lease, self.max_attempts = workers, lease, max_attempts
         self.retention, self.grace = retention, grace
         self.queues = tuple(queues) if queues else None  # None: every queue
@@ -2783,6 +3166,12 @@ class Runner:
         self._working = 0      # worker threads not yet ended
         self._busy = 0         # jobs claimed here whose run has not ended (_run settles it)
         self._typical = 1.0    # seconds a job runs here: a moving average
+        # The queues paused or limited, as last read from the store (replaced whole,
+        # read without the lock): a claim passes them on; the store enforces them.
+        self._limits = {}
+        self._deadlines = []   # heap of (monotonic time, n, what, Job, entry): the timer's
+        self._timer_wake = threading.Condition(self._lock)  # a run with a deadline began
+        self._abandoned = set()  # worker threads whose run timed out and went on
 
     # Starting and stopping.
 
@@ -2811,9 +3200,12 @@ class Runner:
             if self.workers:
                 threads.append(threading.Thread(target=self._listen, args=(stopping,),
                                                 name="queue_tool-listener", daemon=True))
+                threads.append(threading.Thread(target=self._timer, name="queue_tool-timer",
+                                                daemon=True))
             self._threads = threads
         try:
             self._recover()
+            self.refresh_limits()
         except StoreError as exc:  # an outage: the housekeeper tries again
             log.error("recovering lost jobs failed: %s", exc)
         for thread in threads:
@@ -2831,12 +3223,14 @@ class Runner:
             self._stopping.set()
             self._rescheduled.set()
             self._wake.notify_all()
-            threads = [thread for thread in self._threads if thread is not self._committer]
+            threads = [thread for thread in self._threads if thread is not self._committer
+                       and thread.name != "queue_tool-timer" and thread not in self._abandoned]
         deadline = time.monotonic() + grace
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._grace_over.set()
         with self._lock:
+            self._timer_wake.notify()
             live = list(self._live.values())
         for job, _ in live:
             job.canceled.set()  # the default processor returns at once
@@ -2877,6 +3271,20 @@ class Runner:
             # sends one worker looking, not every worker that was busy at the time.
             self._wakeups = min(self._wakeups + count, self.workers)
             self._wake.notify(count)
+
+    def set_queue(self, name, change):
+        """Change a queue's settings (see Store.set_queue); this process obeys them
+        at once, the others within a second."""
+        self.store.set_queue(name, change)
+        self.refresh_limits()
+
+    def refresh_limits(self):
+        """Read the queues' limits again; wake idle workers if they changed (a
+        queue resumed, say)."""
+        limits = self.store.queue_limits()
+        if limits != self._limits:
+            self._limits = limits
+            self.notify_submitted(self.workers)
 
     def schedules_changed(self):
         """A schedule was put or deleted here: the clock looks again at once."""
@@ -2976,7 +3384,8 @@ class Runner:
         """Worker threads running in this process now."""
         with self._lock:
             threads = self._threads if self._pid == os.getpid() else []
-            return sum(t.is_alive() for t in threads if t.name.startswith("queue_tool-worker"))
+            return sum(t.is_alive() for t in threads if t.name.startswith("queue_tool-worker")
+                       and t not in self._abandoned)
 
     # The threads.
 
@@ -2987,7 +3396,10 @@ class Runner:
             log.error("%s ended: %r", threading.current_thread().name, exc)
         finally:
             with self._lock:
-                self._working -= 1
+                if threading.current_thread() in self._abandoned:  # its place is taken
+                    self._abandoned.discard(threading.current_thread())
+                else:
+                    self._working -= 1
                 self._committer_wake.notify()  # one worker fewer for the commit window
 
     def _claim_and_run(self, stopping):
@@ -2996,7 +3408,7 @@ class Runner:
             if row is None:
                 try:
                     row = self._commit(claim=True)[1]
-                    due = self.store.next_due(self.queues) if row is None else None
+                    due = None if row else self.store.next_due(self.queues, self._limits)
                 except StoreError as exc:
                     if stopping.is_set():
                         break
@@ -3014,6 +3426,8 @@ class Runner:
                         self._wakeups = max(self._wakeups - 1, 0)
                     continue
             row = self._run(row)
+            if threading.current_thread() in self._abandoned:
+                return
 
     def _commit(self, finish=None, claim=False, ran=None):
         """Record a job's end and/or claim one job, in the committer's next transaction.
@@ -3047,7 +3461,7 @@ class Runner:
                     claims = [request for request in batch if request.claim]
                     finished, rows = self.store.finish_and_claim(
                         self.owner, [request.finish for request in batch if request.finish],
-                        len(claims), self.lease, self.queues)
+                        len(claims), self.lease, self.queues, self._limits)
                     self._hand_out(batch, claims, finished, rows)
                 except StoreError as exc:
                     error = exc
@@ -3138,13 +3552,16 @@ class Runner:
             self._live[job.token] = entry
         if displaced is not None:
             displaced[0].canceled.set()
+        if job.timeout:
+            self._watch(job.timeout, "timeout", job, entry)
         try:
             return None if self._grace_over.is_set() else self._execute(job)
         finally:  # whatever the processor raised: a job not live here is not renewed
             with self._lock:
                 if self._live.get(job.token) is entry:  # not dropped by a cancel
                     del self._live[job.token]
-                self._busy -= 1
+                if not job._timed_out:  # else the timer settled it
+                    self._busy -= 1
                 self._committer_wake.notify()
             ended.set()
 
@@ -3160,9 +3577,16 @@ class Runner:
             log.warning("job %s failed", job.token, exc_info=True)
             status, result, error = FAILED, None, str(exc) or type(exc).__name__
         if job.canceled.is_set():
-            # Canceled (already final in the store) or cut short by a shutdown,
-            # which puts it back in the queue: either way it did not end here.
+            # Canceled (already final in the store), timed out (ended by the timer)
+            # or cut short by a shutdown, which puts it back in the queue: either
+            # way it does not end here.
             return None
+        return self._end(job, status, result, error, delay, time.monotonic() - started,
+                         claim=not self._stopping.is_set())
+
+    def _end(self, job, status, result, error, delay, ran, claim):
+        """Record how a run ended: a failure with retries left goes back to the queue
+        (in `delay` seconds, or the backoff's). The row claimed with it, or None."""
         try:
             if status == FAILED and job._retried < job._retries:
                 delay = self.backoff(job._retried + 1) if delay is None else delay
@@ -3172,16 +3596,70 @@ class Runner:
                              job.attempts, job._retried + 1, job._retries, delay)
                 return None
             finished, row = self._commit((job.token, job.attempts, status, result, error),
-                                         claim=not self._stopping.is_set(),
-                                         ran=time.monotonic() - started)
+                                         claim=claim, ran=ran)
         except StoreError as exc:
             # The lease runs out and another worker takes it again: at-least-once.
             if not self._stopping.is_set():
                 log.error("recording job %s as %s failed: %s", job.token, status, exc)
             return None
         if finished:
-            log.info("job %s %s in %.3fs", job.token, status, time.monotonic() - started)
+            log.info("job %s %s in %.3fs", job.token, status, ran)
         return row
+
+    def _watch(self, seconds, what, job, entry):
+        """Have the timer look at this run in `seconds`: `what` is "timeout" (end it)
+        or "stuck" (its processor should have returned by then)."""
+        with self._lock:
+            heapq.heappush(self._deadlines, (time.monotonic() + seconds, next(_ticket), what,
+                                             job, entry))
+            self._timer_wake.notify()
+
+    def _timer(self):
+        """The timer thread: ends each run that passes its timeout, until the
+        workers' grace is over."""
+        while True:
+            with self._lock:
+                while not self._grace_over.is_set() and not (
+                        self._deadlines and self._deadlines[0][0] <= time.monotonic()):
+                    self._timer_wake.wait(
+                        self._deadlines[0][0] - time.monotonic() if self._deadlines else None)
+                if self._grace_over.is_set():
+                    return
+                _, _, what, job, entry = heapq.heappop(self._deadlines)
+                if what == "timeout" and self._live.get(job.token) is entry:
+                    del self._live[job.token]  # over for its waiters and the lease renewals
+                    job._timed_out = True
+                    self._busy -= 1
+                    self._abandoned.add(job._thread)
+                    worker = threading.Thread(target=self._work, args=(self._stopping,),
+                                              name=f"{job._thread.name}+", daemon=True)
+                    self._threads.append(worker)
+                else:
+                    worker = None
+            if worker is not None:
+                self._time_out(job, entry, worker)
+            elif what == "stuck" and job._thread.is_alive() and job._thread in self._abandoned:
+                self._stuck(job)
+
+    def _time_out(self, job, entry, worker):
+        job.canceled.set()
+        entry[1].set()
+        worker.start()
+        error = f"timed out after {job.timeout:g} s"
+        log.warning("job %s %s (attempt %d); a new worker takes its thread's place",
+                    job.token, error, job.attempts)
+        self._end(job, FAILED, None, error, None, job.timeout, claim=False)
+        self._watch(self.grace, "stuck", job, entry)
+
+    def _stuck(self, job):
+        if self.restart_stuck:
+            log.error("job %s still runs %gs after its timeout: this process ends, and its"
+                      " supervisor starts another", job.token, self.grace)
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            log.warning("job %s still runs %gs after its timeout, in an abandoned thread"
+                        " (worker --processes restarts a process instead)", job.token,
+                        self.grace)
 
     def backoff(self, retry):
         """Seconds before the n-th retry: retry_delay x 2^(n-1), at most an hour,
@@ -3208,7 +3686,7 @@ class Runner:
         last_purge = 0.0
         while not stopping.wait(tick):
             try:
-                if self.workers and self.store.next_due(self.queues) == 0:
+                if self.workers and self.store.next_due(self.queues, self._limits) == 0:
                     self.notify_submitted(self.workers)  # the fallback: no wake-up came
                 self._renew_leases()
                 self._recover()
@@ -3234,6 +3712,7 @@ class Runner:
                 made = self.store.fire_schedules(self.retries)
                 if made:
                     self.notify_submitted(len(made))
+                self.refresh_limits()  # the fallback: no signal came
                 due = self.store.next_schedule()
                 if failing:
                     log.info("making scheduled jobs works again")
@@ -3264,9 +3743,10 @@ class Runner:
         try:
             while not stopping.is_set():
                 try:
-                    waiting, canceled = listener.wait(self.listen_timeout)
-                    if canceled:
+                    waiting, changed = listener.wait(self.listen_timeout)
+                    if changed:  # a cancel, or a queue's settings
                         self._renew_leases()
+                        self.refresh_limits()
                 except StoreError as exc:
                     if not stopping.wait(self.poll_interval) and not deaf:
                         log.warning("listening for other processes failed: wake-ups wait"
@@ -3297,6 +3777,9 @@ class Runner:
         if total:
             log.info("purged %d finished jobs", total)
         return total
+
+
+_ticket = itertools.count()  # orders the timer's deadlines that fall at one time
 
 
 def _owner_is_gone(owner):
@@ -3340,7 +3823,11 @@ GUARDED = frozenset({("POST", "/api"), ("DELETE", "/check/{token}"), ("DELETE", 
                      ("GET", "/jobs"), ("GET", "/metrics"), ("GET", "/schedules"),
                      ("GET", "/schedules/{name}"), ("PUT", "/schedules/{name}"),
                      ("DELETE", "/schedules/{name}"), ("POST", "/check/{token}/retry"),
-                     ("POST", "/jobs/retry"), ("POST", "/jobs/cancel")})
+                     ("POST", "/jobs/retry"), ("POST", "/jobs/cancel"), ("GET", "/queues"),
+                     ("GET", "/queues/{name}"), ("PATCH", "/queues/{name}")})
+QUEUE_SETTINGS = ("paused", "concurrency", "rate")
+MAX_LIMIT_VALUE = 2 ** 31 - 1  # the largest concurrency or rate limit (PostgreSQL's integer)
+MAX_RATE_PER = 86400.0
 
 
 def iso_time(timestamp):
@@ -3379,6 +3866,8 @@ def job_view(row, now):
         view["expires"] = iso_time(row["expires_at"])
     if row["schedule"] is not None:
         view["schedule"] = row["schedule"]
+    if row["timeout"] is not None:
+        view["timeout"] = row["timeout"]
     return view
 
 
@@ -3420,6 +3909,58 @@ def load_schedules(path, validator, fast_check=None):
         except ValueError as exc:
             raise SettingsError(f"schedules: {name!r}: {exc}") from None
     return schedules
+
+
+class InvalidQueueSettings(ValueError):
+    """A PATCH of a queue's settings that cannot be applied; the message says why."""
+
+
+def merge_queue(before, patch):
+    """A queue's settings after `patch`, a JSON merge patch (RFC 7396) of paused,
+    concurrency and rate; InvalidQueueSettings saying what is wrong. A rate given without
+    `per` counts starts per second."""
+    if not isinstance(patch, dict):
+        raise InvalidQueueSettings("the body must be a JSON object: a merge patch of"
+                         f" {', '.join(QUEUE_SETTINGS)}")
+    for key in patch.keys() - set(QUEUE_SETTINGS):
+        raise InvalidQueueSettings(f"a queue has no setting {key!r}; it has"
+                         f" {', '.join(QUEUE_SETTINGS)}")
+    after = dict(before)
+    if "paused" in patch:
+        if patch["paused"] is not None and not isinstance(patch["paused"], bool):
+            raise InvalidQueueSettings("paused must be true or false (null: false)")
+        after["paused"] = bool(patch["paused"])
+    if "concurrency" in patch:
+        after["concurrency"] = _limit_value("concurrency", patch["concurrency"], nullable=True)
+    if "rate" in patch:
+        rate = patch["rate"]
+        if rate is not None and not isinstance(rate, dict):
+            raise InvalidQueueSettings("rate must be an object {limit, per} (null: no limit)")
+        for key in (rate or {}).keys() - {"limit", "per"}:
+            raise InvalidQueueSettings(f"a rate has no {key!r}; it has limit and per")
+        merged = {key: value for key, value in {**(before["rate"] or {}), **rate}.items()
+                  if value is not None} if rate is not None else None
+        if merged is not None:
+            per = merged.get("per", 1.0)
+            if isinstance(per, bool) or not isinstance(per, (int, float)) or not (
+                    0 < per <= MAX_RATE_PER):
+                raise InvalidQueueSettings(f"rate's per must be a number of seconds above 0, at most"
+                                 f" {MAX_RATE_PER:g} (a day)")
+            merged = {"limit": _limit_value("rate's limit", merged.get("limit")),
+                      "per": float(per)}
+        after["rate"] = merged
+    return after
+
+
+def _limit_value(name, value, nullable=False):
+    """A concurrency or a rate's limit: a whole number from 1 (or None if `nullable`)."""
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            float(value).is_integer() and 1 <= value <= MAX_LIMIT_VALUE):
+        raise InvalidQueueSettings(f"{name} must be a whole number from 1 to {MAX_LIMIT_VALUE}"
+                         + (" (null: no limit)" if nullable else ""))
+    return int(value)
 
 
 def batch_view(batch, now):
@@ -3577,6 +4118,8 @@ def openapi_document(schema, settings):
     no_schedule = {"404": reply("no schedule has this name", error)}
     time_or_null = {"type": ["string", "null"], "format": "date-time"}
     count = {"type": "object", "required": ["count"], "properties": {"count": {"type": "integer"}}}
+    queue_ref = {"$ref": "#/components/schemas/Queue"}
+    limit_value = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT_VALUE}
 
     def operation(summary, parameters=(), *, responses, **extra):
         op = {"summary": summary, "responses": responses}
@@ -3674,6 +4217,24 @@ def openapi_document(schema, settings):
                         "415": reply("Content-Type is not JSON", error)}),
                 "delete": operation("Remove a schedule", [name], responses={
                     "200": reply("its last view", schedule_ref), **no_schedule})},
+            "/queues": {"get": operation("List the queues a job or a setting named", responses={
+                "200": reply("every queue, by name", {
+                    "type": "object", "required": ["queues"],
+                    "properties": {"queues": {"type": "array", "items": queue_ref}}})})},
+            "/queues/{name}": {
+                "get": operation("Read a queue", [name], responses={
+                    "200": reply("the queue", queue_ref), **bad,
+                    "404": reply("no job or setting names this queue", error)}),
+                "patch": operation(
+                    "Pause, resume or limit a queue (a JSON merge patch)", [name],
+                    requestBody={"required": True, "content": {
+                        media: {"schema": {"$ref": "#/components/schemas/QueuePatch"}}
+                        for media in ("application/merge-patch+json", "application/json")}},
+                    responses={
+                        "200": reply("the queue as it is now", queue_ref),
+                        "400": reply("invalid_queue_settings or invalid_queue (or a malformed"
+                                     " body); nothing changed", error),
+                        "415": reply("Content-Type is not JSON", error)})},
             "/health": {"get": operation("Liveness and queue depth", responses={
                 "200": reply("the service can read its store", {
                     "type": "object", "properties": {
@@ -3736,7 +4297,8 @@ def openapi_document(schema, settings):
                     "unique": {"type": "string"},
                     "expires": {"type": "string", "format": "date-time",
                                 "description": "the latest it may start"},
-                    "schedule": {"type": "string", "description": "the schedule that made it"}}},
+                    "schedule": {"type": "string", "description": "the schedule that made it"},
+                    "timeout": {"type": "number", "description": "seconds one run may take"}}},
                 "ScheduleBody": {
                     "type": "object", "required": ["job"], "additionalProperties": False,
                     "oneOf": [{"required": ["cron"]}, {"required": ["every"]}],
@@ -3750,6 +4312,23 @@ def openapi_document(schema, settings):
                         "job": {"$ref": "#/components/schemas/Item",
                                 "description": "an item; any option but delay"},
                         "paused": {"type": "boolean", "default": False}}},
+                "QueuePatch": {"type": "object", "additionalProperties": False, "properties": {
+                    "paused": {"type": ["boolean", "null"],
+                               "description": "true: no job of the queue starts anywhere"},
+                    "concurrency": {**limit_value, "type": ["integer", "null"],
+                                    "description": "most jobs running at once, fleet-wide"},
+                    "rate": {"type": ["object", "null"], "additionalProperties": False,
+                             "description": "most starts within any `per` seconds",
+                             "properties": {
+                                 "limit": limit_value,
+                                 "per": {"type": "number", "exclusiveMinimum": 0,
+                                         "maximum": MAX_RATE_PER, "default": 1}}}}},
+                "Queue": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "queued": {"type": "integer"},
+                    "running": {"type": "integer"}, "paused": {"type": "boolean"},
+                    "concurrency": {"type": ["integer", "null"]},
+                    "rate": {"type": ["object", "null"], "properties": {
+                        "limit": {"type": "integer"}, "per": {"type": "number"}}}}},
                 "Schedule": {"type": "object", "properties": {
                     "name": {"type": "string"}, "cron": {"type": "string"},
                     "every": {"type": "number"}, "timezone": {"type": ["string", "null"]},
@@ -3794,6 +4373,8 @@ class App:
             "/jobs": {"GET": self.get_jobs},
             "/jobs/retry": {"POST": self.post_jobs_retry},
             "/jobs/cancel": {"POST": self.post_jobs_cancel},
+            "/queues": {"GET": self.get_queues},
+            "/queues/{name}": {"GET": self.get_queue, "PATCH": self.patch_queue},
             "/schedules": {"GET": self.get_schedules},
             "/schedules/{name}": {"GET": self.get_schedule, "PUT": self.put_schedule,
                                   "DELETE": self.delete_schedule},
@@ -3848,7 +4429,8 @@ class App:
                 ("/check/", "/check/{token}", TOKEN_RE, "job has this token"),
                 ("/batch/", "/batch/{id}", TOKEN_RE, "batch has this id"),
                 # Any name here: the handlers say what is wrong with one (a PUT: 400).
-                ("/schedules/", "/schedules/{name}", SEGMENT_RE, "schedule has this name")):
+                ("/schedules/", "/schedules/{name}", SEGMENT_RE, "schedule has this name"),
+                ("/queues/", "/queues/{name}", SEGMENT_RE, "queue has this name")):
             if path.startswith(prefix):
                 name, path = path[len(prefix):], route
                 if route == "/check/{token}" and name.endswith("/retry"):
@@ -4107,6 +4689,38 @@ class App:
         return self._json(200, {"jobs": [job_view(row, now) for row in rows],
                                 "next": None if next_id is None else encode_cursor(next_id)})
 
+    def get_queues(self, environ):
+        """Every queue a job or a setting named, by name: 200."""
+        return self._json(200, {"queues": self.store.queues()})
+
+    @staticmethod
+    def _queue_name(name):
+        if not QUEUE_RE.match(name):
+            raise ApiError(400, "invalid_queue", f"a queue's name must match {QUEUE_PATTERN}")
+        return name
+
+    def get_queue(self, environ, name):
+        """One queue: 200, or 404 if no job or setting named it."""
+        found = self.store.queues(self._queue_name(name))
+        if not found:
+            raise ApiError(404, "not_found", "no job or setting names this queue")
+        return self._json(200, found[0])
+
+    def patch_queue(self, environ, name):
+        """Change a queue's settings with a JSON merge patch: 200 with its view;
+        400 invalid_queue_settings, changing nothing, if bad."""
+        self._queue_name(name)
+        self._require_json(environ)
+        patch = parse_json(self._read_body(environ))
+        try:
+            self.runner.set_queue(name, lambda before: merge_queue(before, patch))
+        except InvalidQueueSettings as exc:
+            raise ApiError(400, "invalid_queue_settings", str(exc)) from None
+        view = self.store.queues(name)[0]
+        log.info("queue %s: paused %s, concurrency %s, rate %s", name, view["paused"],
+                 view["concurrency"], view["rate"])
+        return self._json(200, view)
+
     def get_schedules(self, environ):
         """Every schedule, by name: 200."""
         return self._json(200, {"schedules": [schedule_view(row)
@@ -4228,7 +4842,7 @@ def make_app(settings=None, process=None, **overrides):
                     retention=settings.retention, grace=settings.grace,
                     queues=settings.queues and settings.queues.split(","),
                     retry_delay=settings.retry_delay, max_delay=settings.max_delay,
-                    retries=settings.retries)
+                    retries=settings.retries, timeout=settings.timeout)
     service = App(settings, store, runner)
     if settings.schedules is not None:
         try:
@@ -4460,6 +5074,18 @@ class Client:
         """Remove a schedule: its last view."""
         return self._call("DELETE", f"/schedules/{urllib.parse.quote(name)}")
 
+    def queues(self):
+        """Every queue's view, by name."""
+        return self._call("GET", "/queues")["queues"]
+
+    def queue(self, name):
+        return self._call("GET", f"/queues/{urllib.parse.quote(name)}")
+
+    def set_queue(self, name, **settings):
+        """Change a queue's settings (paused, concurrency, rate; None removes a limit):
+        its view. set_queue("mail", rate={"limit": 10, "per": 1}), say."""
+        return self._call("PATCH", f"/queues/{urllib.parse.quote(name)}", settings)
+
     def _hold(self, path, timeout, final):
         """GET `path` with ?wait= (30 s at a time) until final(value) or `timeout`."""
         deadline = time.monotonic() + timeout
@@ -4607,6 +5233,10 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("command", nargs="?", choices=("serve", "worker"), default="serve",
                         help="serve: HTTP and workers (the default); worker: workers only")
+    parser.add_argument("--processes", type=_processes, metavar="N",
+                        help="worker only: N worker processes (each with --workers threads)"
+                             " under a supervisor that restarts any that dies")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # from the supervisor
     for field in dataclasses.fields(Settings):
         flag = "--" + field.name.replace("_", "-")
         if field.type is bool:
@@ -4631,6 +5261,16 @@ def _flag_type(name):
     return convert
 
 
+def _processes(text):
+    if not DIGITS_RE.match(text.strip()) or not 1 <= int(text) <= MAX_PROCESSES:
+        raise argparse.ArgumentTypeError(f"processes must be a whole number from 1 to"
+                                         f" {MAX_PROCESSES}, not {text!r}")
+    return int(text)
+
+
+MAX_PROCESSES = 256
+
+
 def main(argv=None):
     """Serve (or with `worker`, only work) until SIGINT or SIGTERM; the exit status
     (2 for a bad setting or a database that cannot be used)."""
@@ -4639,23 +5279,30 @@ def main(argv=None):
         flags = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a bad flag already reported
         return exc.code
-    command = flags.command
+    command, processes, child = flags.command, flags.processes, flags.child
     overrides = {name: value for name, value in vars(flags).items()
-                 if value is not None and name != "command"}
+                 if value is not None and name not in ("command", "processes", "child")}
     try:
         settings = settings_from_env(**overrides)
         if command == "worker" and settings.workers == 0:
             raise SettingsError("worker runs jobs: it needs --workers 1 or more")
+        if processes is not None and command != "worker":
+            raise SettingsError("--processes is for the worker command")
         service = make_app(settings)
     except (SettingsError, StoreError) as exc:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
+    who = "" if child is None else f"[child {child}] "
     logging.basicConfig(level=logging.DEBUG if settings.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+                        format=f"%(asctime)s %(levelname)s {who}%(message)s", stream=sys.stderr)
     # The pool's own reconnection notes repeat what the service logs in one line.
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+    if processes is not None:
+        service.close(grace=0)  # the schema is set up, the settings work: the children work
+        return Supervisor(processes, overrides, settings.grace).run()
     if command == "worker":
+        service.runner.restart_stuck = child is not None
         return _work(service, settings)
     try:
         server = wsgiref.simple_server.make_server(
@@ -4691,6 +5338,78 @@ def _work(service, settings):
             pass
         _stop(service)
     return 0
+
+
+class Supervisor:
+    """`worker --processes N`: N worker processes (this module run again, as `worker
+    --child n`), each started again when it ends, after a backoff that doubles
+    while it keeps ending within a minute; SIGTERM or SIGINT is passed on to all,
+    and they get their grace (and 10 s more) before they are killed."""
+
+    backoff, max_backoff, steady = 0.5, 30.0, 60.0  # seconds
+    look = 0.1  # seconds between looks at the children
+
+    def __init__(self, count, overrides, grace):
+        self.count, self.grace = count, grace
+        self.args = []
+        for name, value in overrides.items():
+            flag = "--" + name.replace("_", "-")
+            self.args += [flag] if value is True else [] if value is False else [flag, str(value)]
+        self.children = {}  # n -> (Popen, monotonic start)
+        self.failures = collections.Counter()  # n -> quick ends in a row
+        self.due = {}  # n -> monotonic time to start it again
+
+    def run(self):
+        stopping = threading.Event()
+        with _signals_call(stopping.set):
+            log.info("queue_tool %s supervising %d worker processes", __version__, self.count)
+            for n in range(1, self.count + 1):
+                self._start(n)
+            while not stopping.wait(self.look):
+                self._look()
+            self._stop_all()
+        return 0
+
+    def _start(self, n):
+        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker",
+                                  "--child", str(n), *self.args])
+        self.children[n] = (child, time.monotonic())
+        log.info("child %d started (pid %d)", n, child.pid)
+
+    def _look(self):
+        now = time.monotonic()
+        for n, (child, started) in list(self.children.items()):
+            status = child.poll()
+            if status is None:
+                continue
+            del self.children[n]
+            self.failures[n] = self.failures[n] + 1 if now - started < self.steady else 0
+            wait = min(self.backoff * 2 ** (self.failures[n] - 1), self.max_backoff) \
+                if self.failures[n] else 0.0
+            how = f"was killed by {signal.Signals(-status).name}" if status < 0 \
+                else f"exited with status {status}"
+            log.warning("child %d (pid %d) %s; starting it again in %gs", n, child.pid, how,
+                        wait)
+            self.due[n] = now + wait
+        for n, when in list(self.due.items()):
+            if when <= now:
+                del self.due[n]
+                self._start(n)
+
+    def _stop_all(self):
+        for n, (child, _) in self.children.items():
+            log.info("stopping child %d (pid %d)", n, child.pid)
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace + 10
+        for n, (child, _) in self.children.items():
+            try:
+                status = child.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("child %d (pid %d) did not stop in time; killing it", n, child.pid)
+                child.kill()
+                status = child.wait()
+            log.info("child %d (pid %d) stopped (status %d)", n, child.pid, status)
 
 
 @contextlib.contextmanager

@@ -982,12 +982,12 @@ def test_stop_puts_jobs_back_only_after_the_claim_under_way(make):
     in_flight, hold = threading.Event(), threading.Event()
     original_claim, original_release = store.finish_and_claim, store.release
 
-    def slow_claim(owner, finishes, claims, lease, queues=None):
+    def slow_claim(owner, finishes, claims, lease, queues=None, limits=None):
         held = claims and not in_flight.is_set()  # the first claim: the job is queued
         if held:
             in_flight.set()
             hold.wait(30)
-        result = original_claim(owner, finishes, claims, lease, queues)
+        result = original_claim(owner, finishes, claims, lease, queues, limits)
         if held:
             order.append("claimed")
         return result
@@ -1373,7 +1373,8 @@ def test_openapi_document_is_valid_openapi_3_1(client):
     assert set(document["paths"]) == {"/", "/api", "/check/{token}", "/batch/{id}", "/jobs", "/health",
                                       "/metrics", "/openapi.json", "/schedules",
                                       "/schedules/{name}", "/check/{token}/retry",
-                                      "/jobs/retry", "/jobs/cancel"}
+                                      "/jobs/retry", "/jobs/cancel", "/queues",
+                                      "/queues/{name}"}
 
 
 def test_openapi_item_schema_is_the_validators_own_dict(make):
@@ -1459,6 +1460,19 @@ def test_every_documented_status_is_one_the_app_returns(make, tmp_path):
         ("/schedules/{name}", "DELETE", 200): {"path": "/schedules/gone", "headers": key},
         ("/schedules/{name}", "DELETE", 401): {"path": "/schedules/gone"},
         ("/schedules/{name}", "DELETE", 404): {"path": "/schedules/nope", "headers": key},
+        ("/queues", "GET", 200): {"headers": key},
+        ("/queues", "GET", 401): {},
+        ("/queues/{name}", "GET", 200): {"path": "/queues/default", "headers": key},
+        ("/queues/{name}", "GET", 400): {"path": "/queues/Bad", "headers": key},
+        ("/queues/{name}", "GET", 401): {"path": "/queues/default"},
+        ("/queues/{name}", "GET", 404): {"path": "/queues/nope", "headers": key},
+        ("/queues/{name}", "PATCH", 200): {"path": "/queues/mail", "body": b"{}",
+                                           "headers": key},
+        ("/queues/{name}", "PATCH", 400): {"path": "/queues/mail", "body": b"[]",
+                                           "headers": key},
+        ("/queues/{name}", "PATCH", 401): {"path": "/queues/mail", "body": b"{}"},
+        ("/queues/{name}", "PATCH", 415): {"path": "/queues/mail", "body": b"{}",
+                                           "headers": key, "content_type": "text/plain"},
         ("/health", "GET", 200): {},
         ("/metrics", "GET", 200): {"headers": key},
         ("/metrics", "GET", 401): {},
@@ -1565,7 +1579,8 @@ GUARDED = [("POST", "/api"), ("DELETE", f"/check/{UNKNOWN_TOKEN}"), ("GET", "/jo
            ("GET", "/metrics"), ("DELETE", f"/batch/{UNKNOWN_TOKEN}"), ("GET", "/schedules"),
            ("GET", "/schedules/a"), ("PUT", "/schedules/a"), ("DELETE", "/schedules/a"),
            ("POST", f"/check/{UNKNOWN_TOKEN}/retry"), ("POST", "/jobs/retry"),
-           ("POST", "/jobs/cancel")]
+           ("POST", "/jobs/cancel"), ("GET", "/queues"), ("GET", "/queues/a"),
+           ("PATCH", "/queues/a")]
 
 
 @pytest.mark.parametrize("method, path", GUARDED)
@@ -2691,9 +2706,9 @@ def test_workers_share_commits_and_run_each_job_once(make):
     commits = []
     original = built.store.finish_and_claim
 
-    def counting(owner, finishes, claims, lease, queues=None):
+    def counting(owner, finishes, claims, lease, queues=None, limits=None):
         commits.append((len(finishes), claims))
-        return original(owner, finishes, claims, lease, queues)
+        return original(owner, finishes, claims, lease, queues, limits)
     built.store.finish_and_claim = counting
     client = webtest.TestApp(built)
     tokens = []
@@ -3150,9 +3165,9 @@ def test_sqlite_file_of_0_1_0_is_upgraded_with_its_jobs_and_counters(make, tmp_p
 
 
 @both_stores
-def test_a_database_of_version_3_opens_as_version_4_with_its_jobs_and_counters(make, db):
+def test_a_database_of_version_3_opens_at_this_version_with_its_jobs_and_counters(make, db):
     """Today's released schema (version 3: built here from the oldest one and the
-    upgrades up to 3) with a job in each state, then opened by this version."""
+    upgrades up to 3) with a job in each state, then opened by this version (5)."""
     postgres = is_postgres(db)
     store_class = queue_tool.PostgresStore if postgres else queue_tool.SQLiteStore
     steps = [statement for version, statements in store_class.UPGRADES if version <= 3
@@ -3180,13 +3195,17 @@ def test_a_database_of_version_3_opens_as_version_4_with_its_jobs_and_counters(m
     views = [client.get(f"/check/{name * 32}", status=200).json for name in "ab"]
     assert [(view["item"], view["status"], view["valor"]) for view in views] == [
         ("waiting", "queued", 1), ("finished", "done", 2.5)]
-    assert not any({"unique", "expires", "schedule"} & set(view) for view in views)
+    assert not any({"unique", "expires", "schedule", "timeout"} & set(view) for view in views)
+    # The upgrade named the jobs' queue: it is listed, without limits.
+    assert client.get("/queues").json["queues"] == [
+        {"name": "default", "queued": 1, "running": 0, "paused": False, "concurrency": None,
+         "rate": None}]
     metrics = scrape(client)
     assert (metrics["queue_tool_jobs_submitted_total"], metrics["queue_tool_items_invalid_total"],
             metrics["queue_tool_items_duplicate_total"]) == (2, 4, 0)
     assert metrics['queue_tool_jobs{status="queued"}'] == 1
     version = "SELECT version FROM queue_tool_schema" if postgres else "PRAGMA user_version"
-    assert sql(db, version) == [(4,)]
+    assert sql(db, version) == [(5,)] == [(store_class.VERSION,)]
     (entry,) = entries(submit(client, [{"item": "new", "valor": 0, "unique": "k"}]))
     assert "duplicate" not in entry and client.get("/schedules").json == {"schedules": []}
 
@@ -5084,3 +5103,346 @@ def test_client_retries_and_cancels_by_hand(servers, tmp_path):
         client.retry(tokens[0])
     assert (refused.value.status, refused.value.error) == (409, "not_retryable")
     assert server.stop() == 0
+
+
+# -- Flow control: queues, limits, timeouts, worker processes ------------------------------
+
+def patch_queue(client, name, body, status=200, content_type="application/merge-patch+json"):
+    return client.patch(f"/queues/{name}", json.dumps(body), status=status,
+                        content_type=content_type)
+
+
+@both_stores
+def test_queues_are_listed_and_changed_with_json_merge_patches(make):
+    client = webtest.TestApp(make(workers=0))
+    assert client.get("/queues", status=200).json == {"queues": []}
+    submit(client, [{"item": "a", "valor": 1, "queue": "mail"}] * 2 + [{"item": "b", "valor": 1}])
+    plain = {"paused": False, "concurrency": None, "rate": None, "running": 0}
+    assert client.get("/queues").json == {"queues": [
+        {"name": "default", "queued": 1, **plain}, {"name": "mail", "queued": 2, **plain}]}
+    steps = [  # each patch, and the settings after it
+        ({"concurrency": 4}, {"paused": False, "concurrency": 4, "rate": None}),
+        ({"rate": {"limit": 10}}, {"concurrency": 4, "rate": {"limit": 10, "per": 1.0}}),
+        ({"rate": {"per": 2.5}}, {"rate": {"limit": 10, "per": 2.5}}),
+        ({"paused": True, "concurrency": None}, {"paused": True, "concurrency": None}),
+        ({}, {"paused": True, "concurrency": None, "rate": {"limit": 10, "per": 2.5}}),
+        ({"rate": {"per": None}}, {"rate": {"limit": 10, "per": 1.0}}),
+        ({"rate": None, "paused": None}, {"paused": False, "rate": None}),
+        ({"concurrency": 2.0}, {"concurrency": 2}),
+    ]
+    for patch, expected in steps:
+        view = patch_queue(client, "mail", patch).json
+        assert {key: view[key] for key in expected} == expected, patch
+        assert (view["name"], view["queued"]) == ("mail", 2)
+        assert client.get("/queues/mail").json == view
+    # A PATCH of a queue nothing named yet creates it; a GET of one does not.
+    client.get("/queues/later", status=404)
+    assert patch_queue(client, "later", {"paused": True}).json == {
+        "name": "later", "queued": 0, "running": 0, "paused": True, "concurrency": None,
+        "rate": None}
+    assert [queue["name"] for queue in client.get("/queues").json["queues"]] == [
+        "default", "later", "mail"]
+    for route in ("/queues/Mail", "/queues/-x", "/queues/" + "a" * 65):
+        assert client.get(route, status=400).json["error"] == "invalid_queue"
+        assert patch_queue(client, route.split("/")[-1], {}, status=400).json[
+            "error"] == "invalid_queue"
+    refused = patch_queue(client, "mail", {}, status=415, content_type="text/plain").json
+    assert refused["error"] == "unsupported_media_type"
+
+
+@both_stores
+def test_bad_queue_settings_are_400_and_change_nothing(make):
+    client = webtest.TestApp(make(workers=0))
+    before = patch_queue(client, "mail", {"concurrency": 3, "rate": {"limit": 5, "per": 2}}).json
+    cases = [
+        ([], "the body must be a JSON object"), ("paused", "the body must be a JSON object"),
+        ({"pause": True}, "a queue has no setting 'pause'"),
+        ({"paused": 1}, "paused must be true or false"),
+        ({"paused": "yes"}, "paused must be true or false"),
+        ({"concurrency": 0}, "concurrency must be a whole number from 1"),
+        ({"concurrency": -1}, "concurrency must be a whole number from 1"),
+        ({"concurrency": 1.5}, "concurrency must be a whole number from 1"),
+        ({"concurrency": True}, "concurrency must be a whole number from 1"),
+        ({"concurrency": "2"}, "concurrency must be a whole number from 1"),
+        ({"concurrency": 2 ** 31}, "concurrency must be a whole number from 1 to 2147483647"),
+        ({"rate": 5}, "rate must be an object"),
+        ({"rate": {"limit": 0}}, "rate's limit must be a whole number from 1"),
+        ({"rate": {"limit": None}}, "rate's limit must be a whole number from 1"),
+        ({"rate": {"limit": 2, "per": 0}}, "rate's per must be a number of seconds above 0"),
+        ({"rate": {"per": -1}}, "rate's per must be a number of seconds above 0"),
+        ({"rate": {"per": 86401}}, "at most 86400 (a day)"),
+        ({"rate": {"per": "1"}}, "rate's per must be a number"),
+        ({"rate": {"limit": 2, "burst": 3}}, "a rate has no 'burst'"),
+        ({"concurrency": 5, "rate": {"limit": -2}}, "rate's limit must be"),  # nothing applied
+    ]
+    for body, says in cases:
+        refused = patch_queue(client, "mail", body, status=400).json
+        assert refused["error"] == "invalid_queue_settings" and says in refused["message"], body
+    assert client.get("/queues/mail").json == before
+    for text in (b"", b"{", b"[1,", b'{"paused": NaN}'):
+        response = client.patch("/queues/mail", text, content_type="application/json",
+                                status=400)
+        assert response.json["error"] == "invalid_json"
+    patch_queue(client, "fresh", {"rate": {"per": 2}}, status=400)  # a rate needs its limit
+    client.get("/queues/fresh", status=404)  # and the refused PATCH made no queue
+    assert client.get("/queues/mail").json == before
+
+
+def test_queue_settings_through_the_python_client(servers, tmp_path):
+    server = servers("--db", str(tmp_path / "q.sqlite3"), "--workers", "0")
+    client = queue_tool.Client(server.url)
+    try:
+        assert client.queues() == []
+        view = client.set_queue("mail", concurrency=2, rate={"limit": 5, "per": 60})
+        assert (view["concurrency"], view["rate"]) == (2, {"limit": 5, "per": 60.0})
+        assert client.set_queue("mail", rate=None, paused=True)["rate"] is None
+        assert client.queue("mail")["paused"] is True
+        assert [queue["name"] for queue in client.queues()] == ["mail"]
+        with pytest.raises(queue_tool.ClientError) as refused:
+            client.set_queue("mail", concurrency=0)
+        assert (refused.value.status, refused.value.error) == (400, "invalid_queue_settings")
+        with pytest.raises(queue_tool.ClientError) as unknown:
+            client.queue("nothing")
+        assert unknown.value.status == 404
+    finally:
+        client.close()
+    assert server.stop() == 0
+
+
+FLOW_TASKS = """
+import json
+import os
+import time
+
+
+def timed(job):
+    started = time.time()
+    job.canceled.wait(job.valor)
+    with open(os.environ["TIMES_FILE"], "a") as out:
+        out.write(json.dumps([job.token, job.queue, started, time.time(), os.getpid()]) + "\\n")
+
+
+def stuck(job):
+    if job.item == "stuck":
+        time.sleep(600)  # deaf to its cancel event
+    return job.item
+"""
+
+
+@pytest.fixture
+def flow(tmp_path):
+    """Start `queue_tool.py worker` processes running flowtasks:timed (or another of
+    FLOW_TASKS); runs() reads what `timed` recorded: [token, queue, start, end, pid]."""
+    (tmp_path / "flowtasks.py").write_text(FLOW_TASKS)
+    times = tmp_path / "times.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "TIMES_FILE": str(times)}
+    started = []
+
+    def start(db, *args, name="worker", process="flowtasks:timed", ready=WORKING):
+        command = [sys.executable, str(HERE / "queue_tool.py"), "worker", "--db", str(db),
+                   "--process", process, *args]
+        started.append(Server(tmp_path, command, name=name, env=env, ready=ready))
+        return started[-1]
+
+    def runs():
+        return [json.loads(line) for line in times.read_text().splitlines()] \
+            if times.exists() else []
+    start.runs = runs
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+def most_at_once(intervals):
+    """The most of these (start, end) intervals that overlap at one time."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    most = now = 0
+    for _, change in events:  # at a tie an end (-1) sorts first: touching is not overlapping
+        now += change
+        most = max(most, now)
+    return most
+
+
+def job_starts(db, queue):
+    rows = sql(db, "SELECT started_at FROM {jobs} WHERE queue = ?", (queue,))
+    return sorted(value.timestamp() if isinstance(value, datetime.datetime) else value
+                  for (value,) in rows)
+
+
+@both_stores
+def test_a_paused_queue_starts_nothing_in_any_process_and_resumes(make, flow, db):
+    client = webtest.TestApp(make(workers=0))
+    workers = [flow(db, "--workers", "4", name=f"worker{n}") for n in range(2)]
+    patched = time.time()
+    patch_queue(client, "held", {"paused": True})
+    # SPEC: a change takes effect in every process within one second.
+    while time.time() < patched + 1.0:
+        time.sleep(0.05)
+    # Higher priority than the control jobs: a claim that ignored the pause takes them first.
+    held = tokens_of(submit(client, [{"item": "h", "valor": 0, "queue": "held",
+                                      "priority": 10}] * 6))
+    control = tokens_of(submit(client, [{"item": "c", "valor": 0.05}] * 12))
+    wait_until(lambda: all(client.get(f"/check/{token}").json["status"] == "done"
+                           for token in control), what="the control jobs")
+    assert {client.get(f"/check/{token}").json["status"] for token in held} == {"queued"}
+    assert client.get("/queues/held").json["queued"] == 6
+    patch_queue(client, "held", {"paused": False})
+    for token in held:
+        assert client.get(f"/check/{token}?wait=10").json["status"] == "done"
+    assert [worker.stop() for worker in workers] == [0, 0]
+
+
+@both_stores
+def test_concurrency_and_rate_hold_over_two_processes(make, flow, db):
+    client = webtest.TestApp(make(workers=0))
+    patch_queue(client, "pair", {"concurrency": 2})
+    patch_queue(client, "paced", {"rate": {"limit": 4, "per": 1}})
+    workers = [flow(db, "--workers", "8", name=f"worker{n}") for n in range(2)]
+    tokens = tokens_of(submit(client, [{"item": "p", "valor": 0.05, "queue": "pair"}] * 24
+                              + [{"item": "r", "valor": 0, "queue": "paced"}] * 12))
+    for token in tokens:
+        assert client.get(f"/check/{token}?wait=20").json["status"] == "done"
+    pair = [(start, end) for _, queue, start, end, _ in flow.runs() if queue == "pair"]
+    assert len(pair) == 24 and most_at_once(pair) == 2
+    starts = job_starts(db, "paced")  # as the store recorded them, under its lock
+    assert len(starts) == 12
+    assert max(sum(start <= other < start + 1 for other in starts) for start in starts) == 4
+    assert starts[-1] - starts[0] >= 2  # 12 starts at 4 a second span two seconds at least
+    assert client.get("/queues/pair").json["running"] == 0
+    assert [worker.stop() for worker in workers] == [0, 0]
+
+
+@both_stores
+def test_a_run_past_its_timeout_fails_and_the_setting_is_the_default(make):
+    client = webtest.TestApp(make(workers=2, timeout=0.3))
+    own, default, quick = tokens_of(submit(client, [
+        {"item": "own", "valor": 30, "timeout": 0.2}, {"item": "default", "valor": 30},
+        {"item": "quick", "valor": 0.5, "timeout": 5}]))  # its own timeout beats the setting
+    for token, limit in ((own, "0.2"), (default, "0.3")):
+        view = client.get(f"/check/{token}?wait=10").json
+        assert (view["status"], view["error"]) == ("failed", f"timed out after {limit} s")
+        ran = iso_seconds(view["finished_at"]) - iso_seconds(view["started_at"])
+        assert float(limit) - 0.002 <= ran < 5  # on time, not after the 30 s of its valor
+    assert client.get(f"/check/{quick}?wait=10").json["status"] == "done"
+    assert client.get(f"/check/{own}").json["timeout"] == 0.2
+    assert "timeout" not in client.get(f"/check/{default}").json
+    invalid = submit(client, [{"item": "x", "valor": 1, "timeout": 0},
+                              {"item": "x", "valor": 1, "timeout": 3601}]).json
+    assert [entry["hash"] for entry in invalid["processing_items"]] == [
+        "INVALID_JOB_REQUEST"] * 2
+
+
+@both_stores
+def test_a_processor_deaf_to_its_timeout_is_abandoned_and_its_late_return_changes_nothing(
+        make, gate, seen):
+    started = []
+
+    def process(job):
+        if job.item.startswith("deaf"):
+            started.append(job)
+            gate.wait(30)  # ignores its cancel event
+            return "late"
+        seen.append(job)
+        job.canceled.wait(0.3)
+        return "on time"
+    built = make(process=process, workers=2)
+    client = webtest.TestApp(built)
+    deaf, again = tokens_of(submit(client, [
+        {"item": "deaf", "valor": 0, "timeout": 0.2},
+        {"item": "deaf again", "valor": 0, "timeout": 0.2, "retries": 1}]))
+    failed = client.get(f"/check/{deaf}?wait=10").json
+    assert (failed["status"], failed["error"]) == ("failed", "timed out after 0.2 s")
+    # Its retry timed out too, on a fresh worker thread: two attempts, both abandoned.
+    retried = client.get(f"/check/{again}?wait=10").json
+    assert (retried["status"], retried["attempts"]) == ("failed", 2)
+    assert retried["error"] == "timed out after 0.2 s"
+    assert len(started) == 3 and built.runner.alive_workers() == 2
+    # Three processors are still stuck, yet two jobs run at once here.
+    pair = tokens_of(submit(client, [{"item": "a", "valor": 0}, {"item": "b", "valor": 0}]))
+    wait_until(lambda: len(seen) == 2, what="both jobs started together")
+    assert {client.get(f"/check/{token}").json["status"] for token in pair} == {"running"}
+    for token in pair:
+        assert client.get(f"/check/{token}?wait=10").json["status"] == "done"
+    gate.set()  # the deaf processors return now: too late to count
+    wait_until(lambda: not built.runner._abandoned, what="the abandoned threads to end")
+    for token, attempts in ((deaf, 1), (again, 2)):
+        view = client.get(f"/check/{token}").json
+        assert (view["status"], view["attempts"], "result" in view) == ("failed", attempts, False)
+    metrics = scrape(client)
+    assert metrics['queue_tool_jobs_finished_total{status="failed"}'] == 2
+    assert metrics['queue_tool_jobs_finished_total{status="done"}'] == 2
+    assert metrics["queue_tool_workers"] == 2
+
+
+def children_working(server, count):
+    wait_until(lambda: server.log.read_text().count("working (db ") >= count, timeout=30,
+               what=f"{count} child processes working")
+
+
+def is_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@both_stores
+def test_worker_processes_share_jobs_a_killed_child_comes_back_and_sigterm_stops_all(
+        make, flow, db):
+    client = webtest.TestApp(make(workers=0))
+    supervisor = flow(db, "--processes", "3", "--workers", "2", "--lease", "2",
+                      ready=r"supervising 3 worker processes")
+    children_working(supervisor, 3)
+    tokens = tokens_of(submit(client, [{"item": "a", "valor": 0.05}] * 30))
+    for token in tokens:
+        assert client.get(f"/check/{token}?wait=20").json["status"] == "done"
+    assert len({pid for *_, pid in flow.runs()}) >= 2  # several children took jobs
+    long = tokens_of(submit(client, [{"item": "long", "valor": 1}] * 6))
+    wait_until(lambda: client.get("/queues/default").json["running"] == 6,
+               what="six jobs running in three children")
+    (owner,) = sql(db, "SELECT owner FROM {jobs} WHERE token = ?", (long[0],))[0]
+    victim = int(owner.split(":")[1])
+    lost = [token for (token,) in sql(db, "SELECT token FROM {jobs} WHERE owner = ?", (owner,))]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: f"(pid {victim}) was killed by SIGKILL" in supervisor.log.read_text(),
+               what="the supervisor to see its child die")
+    children_working(supervisor, 4)  # started again
+    for token in long:  # the killed child's jobs too, run again elsewhere
+        assert client.get(f"/check/{token}?wait=20").json["status"] == "done"
+    assert lost and all(client.get(f"/check/{token}").json["attempts"] == 2 for token in lost)
+    children = [int(pid) for pid in re.findall(r"child \d started \(pid (\d+)\)",
+                                               supervisor.log.read_text())]
+    assert supervisor.stop() == 0
+    assert not any(is_alive(pid) for pid in children)
+    log_text = supervisor.log.read_text()
+    assert log_text.count("stopped (status 0)") == 3 and "Traceback" not in log_text
+
+
+def test_a_run_stuck_past_its_timeout_and_grace_restarts_its_child(make, flow, db):
+    client = webtest.TestApp(make(workers=0))
+    supervisor = flow(db, "--processes", "1", "--workers", "2", "--timeout", "0.3",
+                      "--grace", "0.5", process="flowtasks:stuck",
+                      ready=r"supervising 1 worker processes")
+    children_working(supervisor, 1)
+    (stuck,) = tokens_of(submit(client, [{"item": "stuck", "valor": 0}]))
+    view = client.get(f"/check/{stuck}?wait=10").json
+    assert (view["status"], view["error"]) == ("failed", "timed out after 0.3 s")
+    wait_until(lambda: "still runs 0.5s after its timeout: this process ends" in
+               supervisor.log.read_text(), what="the stuck child to give up")
+    children_working(supervisor, 2)  # its supervisor started another
+    assert "child 1 (pid" in supervisor.log.read_text()
+    (quick,) = tokens_of(submit(client, [{"item": "quick", "valor": 0}]))
+    assert client.get(f"/check/{quick}?wait=10").json["result"] == "quick"
+    assert supervisor.stop() == 0
+
+
+def test_processes_is_for_the_worker_command(tmp_path):
+    for args, says in ((["--processes", "2"], "--processes is for the worker command"),
+                       (["worker", "--processes", "0"], "processes must be a whole number")):
+        out = subprocess.run([sys.executable, str(HERE / "queue_tool.py"), *args, "--db",
+                              str(tmp_path / "q.sqlite3")], capture_output=True, text=True,
+                             timeout=60, check=False)
+        assert out.returncode == 2 and says in out.stderr, out.stderr
