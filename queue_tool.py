@@ -894,6 +894,19 @@ def _limited_due(rows):
     return min(dues, default=None)
 
 
+def _others_due_needed(limited_due, others):
+    """Whether next_due must look at the queues without limits too: not when a
+    limited one is looked at again within LIMIT_POLL anyway (that look's claim takes
+    from every queue), as the others' look may scan every queued row of the
+    limited queues it skips."""
+    return (others is None or bool(others)) and (limited_due is None
+                                                 or limited_due > LIMIT_POLL)
+
+
+def _sooner(a, b):
+    return b if a is None else a if b is None else min(a, b)
+
+
 def _batch(batch_id, rows, job):
     """A batch from rows of (created_at, total, job fields...); None without rows."""
     if not rows:
@@ -1698,16 +1711,15 @@ class SQLiteStore(Store):
 
     def next_due(self, queues=None, limits=None):
         locked, others, skip = _claim_scope(queues, limits)
-        now, dues = time.time(), []
-        if others is None or others:
+        now = time.time()
+        due = _limited_due(self._read(self.LIMITED_DUE, {
+            "names": json.dumps(locked), "now": now})) if locked else None
+        if _others_due_needed(due, others):
             ((run_at,),) = self._read(*(
                 (self.NEXT_DUE_EXCEPT, {"skip": json.dumps(skip)}) if skip else
                 (self.NEXT_DUE, {"queues": self._json_list(others)})))
-            dues.append(None if run_at is None else max(0.0, run_at - now))
-        if locked:
-            dues.append(_limited_due(self._read(self.LIMITED_DUE, {
-                "names": json.dumps(locked), "now": now})))
-        return min((due for due in dues if due is not None), default=None)
+            due = _sooner(due, None if run_at is None else max(0.0, run_at - now))
+        return due
 
     def finish_and_claim(self, owner, finishes, claims, lease, queues=None, limits=None):
         if not finishes and (not claims or not self._read(
@@ -2235,9 +2247,9 @@ class PostgresStore(Store):
     # know the row count, and PostgreSQL plans every claim anew (measured: a quarter
     # of the transaction's time).
     #
-    # A claim of queues without limits is CLAIM; with some limited, CLAIM_EXCEPT
-    # skips those, and the limited ones not paused are claimed by CLAIM_LIMITED, in
-    # the same transaction, after LOCK_QUEUES took their locks (transaction-level
+    # A claim of queues without limits is CLAIM; with some limited, CLAIM_LIMITED
+    # claims the limited ones not paused, then the others (skipping the limited),
+    # after LOCK_QUEUES took their locks (transaction-level
     # advisory locks, on the queue names' hashes, in order: only these claims take
     # them). A statement of its own after the locks, so its snapshot sees every
     # claim of those queues committed before: their running jobs and recorded
@@ -2266,7 +2278,6 @@ class PostgresStore(Store):
             ON CONFLICT (name, shard) DO UPDATE SET value = c.value + EXCLUDED.value)
         SELECT * FROM job ORDER BY priority DESC, run_at, created_at"""
     CLAIM = CLAIM_OF.replace("{queues}", IN_QUEUES)
-    CLAIM_EXCEPT = CLAIM_OF.replace("{queues}", NOT_SKIPPED)
     LOCK_QUEUES = """SELECT pg_advisory_xact_lock(h) FROM (
             SELECT DISTINCT hashtextextended(name, 8123) AS h
             FROM unnest(%(names)s::text[]) AS name ORDER BY h) AS locks"""
@@ -2280,7 +2291,9 @@ class PostgresStore(Store):
     LIMITED = """FROM queue_tool_queues AS q, clock
         WHERE q.name = ANY(%(names)s::text[]) AND NOT q.paused"""
     # The clock is read once, after the locks (now() is the transaction's start,
-    # which may be before another claim's): the starts it records, in order.
+    # which may be before another claim's): the starts it records, in order. The
+    # jobs of the other queues (those of the claim not limited) come after, up to
+    # the claim's count: one statement, so the transaction is one round trip.
     CLAIM_LIMITED = f"""WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now),
         room AS MATERIALIZED (
             SELECT q.name, q.rate_limit IS NOT NULL AS rated, greatest(0, coalesce(least(
@@ -2288,12 +2301,20 @@ class PostgresStore(Store):
                 q.rate_limit - {STARTS_OF.format("coalesce(sum(s.count), 0)")}), {{limit}})) AS n
             {LIMITED}),
         next AS MATERIALIZED (
-            SELECT c.id FROM room CROSS JOIN LATERAL (
+            (SELECT c.id FROM room CROSS JOIN LATERAL (
                 SELECT id FROM queue_tool_jobs
                 WHERE status = 'queued' AND queue = room.name AND run_at <= now()
                   AND (expires_at IS NULL OR expires_at > now() OR attempts > 0)
                 ORDER BY priority DESC, run_at, id LIMIT room.n
-                FOR UPDATE SKIP LOCKED) AS c
+                FOR UPDATE SKIP LOCKED) AS c)
+            UNION ALL
+            (SELECT o.id FROM (
+                SELECT id FROM queue_tool_jobs
+                WHERE %(others)s AND status = 'queued' AND run_at <= now()
+                  AND (expires_at IS NULL OR expires_at > now() OR attempts > 0)
+                  AND {IN_QUEUES} AND {NOT_SKIPPED}
+                ORDER BY priority DESC, run_at, id LIMIT {{limit}}
+                FOR UPDATE SKIP LOCKED) AS o)
             LIMIT {{limit}}),
         job AS (
             UPDATE queue_tool_jobs AS j SET status = 'running', owner = %(owner)s,
@@ -2771,24 +2792,21 @@ class PostgresStore(Store):
 
     def next_due(self, queues=None, limits=None):
         locked, others, skip = _claim_scope(queues, limits)
-        dues = []
-        if others is None or others:
+        due = _limited_due(self._read(self.LIMITED_DUE, {"names": locked})) if locked else None
+        if _others_due_needed(due, others):
             ((seconds,),) = self._read(*(
                 (self.NEXT_DUE_EXCEPT, {"skip": skip}) if skip else
                 (self.NEXT_DUE, {"queues": list(others) if others else None})))
-            dues.append(None if seconds is None else max(0.0, seconds))
-        if locked:
-            dues.append(_limited_due(self._read(self.LIMITED_DUE, {"names": locked})))
-        return min((due for due in dues if due is not None), default=None)
+            due = _sooner(due, None if seconds is None else max(0.0, seconds))
+        return due
 
     def finish_and_claim(self, owner, finishes, claims, lease, queues=None, limits=None):
         locked, others, skip = _claim_scope(queues, limits) if claims else ([], [], None)
-        done = limited = taken = None
+        done = taken = None
         with self._connection(WORK_TIMEOUT) as (conn, _):
             # Pipelined: BEGIN, both statements and COMMIT go out at once, and their
             # answers come back together: one round trip for the whole transaction.
             # (psycopg's conn.transaction() would add two more: 0.28 ms against 0.09.)
-            # Limited queues take a second: the others' claim waits for their count.
             with conn.pipeline():
                 conn.execute("BEGIN")
                 conn.execute(self.WORK_SETTINGS)
@@ -2798,30 +2816,20 @@ class PostgresStore(Store):
                     done = conn.execute(self.FINISH, {
                         "tokens": tokens, "attempts": attempts, "statuses": statuses,
                         "results": results, "errors": errors, "owner": owner})
-                if locked:
+                if locked or skip:  # some queues are limited or paused
                     conn.execute(self.LOCK_QUEUES, {"names": locked})
-                    limited = conn.execute(self.CLAIM_LIMITED.format(limit=int(claims)), {
-                        "names": locked, "owner": owner, "lease": lease})
-                else:
-                    taken = self._claim(conn, claims, others, skip, owner, lease)
-                    conn.execute("COMMIT")
-            claimed = [self._job(row) for row in limited.fetchall()] if limited else []
-            if locked:
-                with conn.pipeline():
-                    taken = self._claim(conn, claims - len(claimed), others, skip, owner, lease)
-                    conn.execute("COMMIT")
+                    taken = conn.execute(self.CLAIM_LIMITED.format(limit=int(claims)), {
+                        "names": locked, "owner": owner, "lease": lease,
+                        "others": others is None or bool(others), "skip": skip or [],
+                        "queues": list(others) if others else None})
+                elif claims and (others is None or others):
+                    taken = conn.execute(self.CLAIM.format(limit=int(claims)), {
+                        "queues": list(others) if others else None, "owner": owner,
+                        "lease": lease})
+                conn.execute("COMMIT")
             finished = {token for (token,) in done.fetchall()} if done else set()
-            claimed += [self._job(row) for row in taken.fetchall()] if taken else []
+            claimed = [self._job(row) for row in taken.fetchall()] if taken else []
         return finished, claimed
-
-    def _claim(self, conn, claims, others, skip, owner, lease):
-        """The cursor of a claim of up to `claims` jobs of queues without limits: of
-        `others` (None: any, unless in `skip`); None when there is nothing to claim."""
-        if claims <= 0 or not (others is None or others):
-            return None
-        return conn.execute((self.CLAIM_EXCEPT if skip else self.CLAIM).format(limit=int(claims)), {
-            "queues": list(others) if others else None, "skip": skip, "owner": owner,
-            "lease": lease})
 
     def retry(self, token, owner, attempt, error, delay):
         return bool(self._write(self.RETRY, {"error": error, "delay": delay, "token": token,
@@ -3172,6 +3180,7 @@ class Runner:
         self._deadlines = []   # heap of (monotonic time, n, what, Job, entry): the timer's
         self._timer_wake = threading.Condition(self._lock)  # a run with a deadline began
         self._abandoned = set()  # worker threads whose run timed out and went on
+        self._polling = False  # an idle worker looks again at a full queue (LIMIT_POLL)
 
     # Starting and stopping.
 
@@ -3404,10 +3413,13 @@ class Runner:
 
     def _claim_and_run(self, stopping):
         row = None  # a job claimed with the last one's end, to run next
+        polled = False  # this worker just looked for room in a full queue
         while row is not None or not stopping.is_set():
             if row is None:
                 try:
                     row = self._commit(claim=True)[1]
+                    if polled and row is not None:
+                        self.notify_submitted(1)  # someone else looks for room next
                     due = None if row else self.store.next_due(self.queues, self._limits)
                 except StoreError as exc:
                     if stopping.is_set():
@@ -3419,10 +3431,17 @@ class Runner:
                     self._store_back()
                 if row is None:
                     # Sleep until a submit here or the listener wakes us, or until the
-                    # next delayed job is due; then look again, taking one wake-up.
+                    # next delayed job is due; then look again, taking one wake-up. A
+                    # queue at its concurrency (due is LIMIT_POLL) is looked at by one
+                    # idle worker at a time: more would only slow every claim down.
                     with self._lock:
+                        polled = due == LIMIT_POLL and not self._polling
                         if not self._wakeups and not stopping.is_set():
-                            self._wake.wait(None if due is None else max(due, 0.002))
+                            self._polling |= polled
+                            self._wake.wait(None if due is None or (
+                                due == LIMIT_POLL and not polled) else max(due, 0.002))
+                        if polled:
+                            self._polling = False
                         self._wakeups = max(self._wakeups - 1, 0)
                     continue
             row = self._run(row)
