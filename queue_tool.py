@@ -1372,6 +1372,9 @@ class SQLiteStore(Store):
         RETURNING {COLUMNS}"""
     CLAIM, CLAIM_EXCEPT = CLAIM_OF.format(IN_QUEUES), CLAIM_OF.format(NOT_SKIPPED)
     CLAIM_QUEUE = CLAIM_OF.format("queue = :queue")
+    # Whether any queue is not skipped: CLAIM_EXCEPT walks past every ready job of the
+    # skipped queues, for nothing when they are the only ones.
+    ANY_OTHER_QUEUE = "SELECT 1 FROM queues WHERE name NOT IN (SELECT value FROM json_each(:skip))"
     # A limited queue's starts left, by its concurrency and by its rate (NULL: no
     # such limit): its running jobs (few: the index's running rows), and the starts
     # in its window.
@@ -1769,7 +1772,9 @@ class SQLiteStore(Store):
                 if rated and rows:
                     conn.execute(self.ADD_STARTS, (name, params["now"], len(rows)))
                 claimed += rows
-        if len(claimed) < claims and (others is None or others):
+        if len(claimed) < claims and (others is None or others) and (
+                not skip or conn.execute(self.ANY_OTHER_QUEUE, {"skip": json.dumps(skip)})
+                .fetchone()):
             which = {"skip": json.dumps(skip)} if skip else {"queues": self._json_list(others)}
             claimed += conn.execute(self.CLAIM_EXCEPT if skip else self.CLAIM, {
                 **params, **which, "limit": claims - len(claimed)}).fetchall()
@@ -2310,7 +2315,9 @@ class PostgresStore(Store):
     # The clock is read once, after the locks (now() is the transaction's start,
     # which may be before another claim's): the starts it records, in order. The
     # jobs of the other queues (those of the claim not limited) come after, up to
-    # the claim's count: one statement, so the transaction is one round trip.
+    # the claim's count: one statement, so the transaction is one round trip. That
+    # part walks past every ready job of the skipped queues: not when no other queue
+    # exists (a queue's row comes in its first job's transaction).
     CLAIM_LIMITED = f"""WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now),
         room AS MATERIALIZED (
             SELECT q.name, q.rate_limit IS NOT NULL AS rated, greatest(0, coalesce(least(
@@ -2330,6 +2337,7 @@ class PostgresStore(Store):
                 WHERE %(others)s AND status = 'queued' AND run_at <= now()
                   AND (expires_at IS NULL OR expires_at > now() OR attempts > 0)
                   AND {IN_QUEUES} AND {NOT_SKIPPED}
+                  AND EXISTS (SELECT FROM queue_tool_queues WHERE name <> ALL(%(skip)s))
                 ORDER BY priority DESC, run_at, id LIMIT {{limit}}
                 FOR UPDATE SKIP LOCKED) AS o)
             LIMIT {{limit}}),
@@ -3198,6 +3206,7 @@ class Runner:
         self._timer_wake = threading.Condition(self._lock)  # a run with a deadline began
         self._abandoned = set()  # worker threads whose run timed out and went on
         self._polling = False  # an idle worker looks again at a full queue (LIMIT_POLL)
+        self._handoff = False  # the looking worker found a job: another takes over
 
     # Starting and stopping.
 
@@ -3435,8 +3444,10 @@ class Runner:
             if row is None:
                 try:
                     row = self._commit(claim=True)[1]
-                    if polled and row is not None:
-                        self.notify_submitted(1)  # someone else looks for room next
+                    if polled and row is not None:  # off to run it: another looks next
+                        with self._lock:
+                            self._handoff = True
+                            self._wake.notify()
                     due = None if row else self.store.next_due(self.queues, self._limits)
                 except StoreError as exc:
                     if stopping.is_set():
@@ -3457,6 +3468,11 @@ class Runner:
                             self._polling |= polled
                             self._wake.wait(None if due is None or (
                                 due == LIMIT_POLL and not polled) else max(due, 0.002))
+                            if self._handoff and not (self._polling or self._wakeups):
+                                # Woken to take the looking over: it looks in LIMIT_POLL.
+                                self._handoff, self._polling = False, True
+                                polled = True
+                                self._wake.wait(LIMIT_POLL)
                         if polled:
                             self._polling = False
                         self._wakeups = max(self._wakeups - 1, 0)
