@@ -3510,7 +3510,10 @@ class Runner:
             while (batch := self._next_commits()) is not None:
                 error = StoreError("the committer stopped")
                 try:
-                    claims = [request for request in batch if request.claim]
+                    # Rows go to the workers that just ended a run first: one of a
+                    # queue at its concurrency then gets the room its end made.
+                    claims = sorted((request for request in batch if request.claim),
+                                    key=lambda request: request.finish is None)
                     finished, rows = self.store.finish_and_claim(
                         self.owner, [request.finish for request in batch if request.finish],
                         len(claims), self.lease, self.queues, self._limits)
