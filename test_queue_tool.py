@@ -5446,3 +5446,36 @@ def test_processes_is_for_the_worker_command(tmp_path):
                               str(tmp_path / "q.sqlite3")], capture_output=True, text=True,
                              timeout=60, check=False)
         assert out.returncode == 2 and says in out.stderr, out.stderr
+
+
+@store_suite
+def test_store_claims_limited_queues_within_their_limits(store):
+    store.submit([queue_tool.NewJob(token, "x", 0, queue=queue) for queue in ("pair", "paced",
+                                                                               "held", "free")
+                  for token in hexes(*(f"{queue}{n}" for n in range(4)))], 0, 100)
+    settings = {"pair": {"concurrency": 2}, "paced": {"rate": {"limit": 3, "per": 60}},
+                "held": {"paused": True}}
+    for name, patch in settings.items():
+        store.set_queue(name, lambda before, patch=patch: queue_tool.merge_queue(before, patch))
+    limits = store.queue_limits()
+    assert sorted(limits) == ["held", "paced", "pair"]
+    _, claimed = store.finish_and_claim("o:1:x", [], 16, 60, None, limits)
+    taken = collections.Counter(job["queue"] for job in claimed)
+    assert taken == {"pair": 2, "paced": 3, "free": 4}  # and nothing of the paused queue
+    assert store.finish_and_claim("o:1:x", [], 16, 60, None, limits)[1] == []
+    assert store.next_due(None, limits) == queue_tool.LIMIT_POLL  # "pair" waits for an end
+    assert store.next_due(["paced"], limits) > 50  # its window frees a start in a minute
+    assert store.next_due(["held"], limits) is None
+    ended = next(job for job in claimed if job["queue"] == "pair")
+    finished, again = store.finish_and_claim(
+        "o:1:x", [(ended["token"], 1, "done", None, None)], 16, 60, None, limits)
+    assert finished == {ended["token"]} and [job["queue"] for job in again] == ["pair"]
+    assert {view["name"]: (view["queued"], view["running"]) for view in store.queues()} == {
+        "free": (0, 4), "held": (4, 0), "paced": (1, 3), "pair": (1, 2)}
+    # Resumed: its jobs are claimed again.
+    store.set_queue("held", lambda before: queue_tool.merge_queue(before, {"paused": False}))
+    limits = store.queue_limits()
+    assert sorted(job["queue"] for job in store.finish_and_claim(
+        "o:1:x", [], 16, 60, None, limits)[1]) == ["held"] * 4
+    store.maintain()  # prunes the rate's starts no window counts; keeps the rest
+    assert store.finish_and_claim("o:1:x", [], 16, 60, ["paced"], limits)[1] == []
