@@ -856,9 +856,18 @@ def _queue(row):
             "rate": None if limit is None else {"limit": limit, "per": per}}
 
 
-def _queue_view(row):
-    """A queue's view, from a row of QUEUE_FIELDS, queued, running."""
-    return {**_queue(row), "queued": int(row[5]), "running": int(row[6])}
+def _queue_views(rows, counts):
+    """Queues' views, from rows of QUEUE_FIELDS and of (queue, status, jobs)."""
+    jobs = {(queue, status): int(n) for queue, status, n in counts}
+    return [{**_queue(row), "queued": jobs.get((row[0], QUEUED), 0),
+             "running": jobs.get((row[0], RUNNING), 0)} for row in rows]
+
+
+def _queue_params(name, settings):
+    """A queue's settings as PUT_QUEUE's parameters."""
+    rate = settings["rate"] or {}
+    return {"name": name, "paused": settings["paused"], "concurrency": settings["concurrency"],
+            "rate_limit": rate.get("limit"), "rate_per": rate.get("per")}
 
 
 def _claim_scope(queues, limits):
@@ -1946,23 +1955,15 @@ class SQLiteStore(Store):
         return [job.token for job in jobs]
 
     def queues(self, name=None):
-        rows = self._read(self.LIST_QUEUES, {"name": name})
-        counts = collections.Counter()
-        for queue, status, n in self._read(self.QUEUE_COUNTS, {"name": name}):
-            counts[queue, status] = n
-        return [_queue_view((*row, counts[row[0], QUEUED], counts[row[0], RUNNING]))
-                for row in rows]
+        return _queue_views(self._read(self.LIST_QUEUES, {"name": name}),
+                            self._read(self.QUEUE_COUNTS, {"name": name}))
 
     def set_queue(self, name, change):
         with self._transaction(timeout=self.timeout) as conn:
             before = _queue(conn.execute(self.GET_QUEUE, (name,)).fetchone() or (name, 0, None,
                                                                                     None, None))
-            after = change(before)
-            rate = after["rate"] or {}
-            conn.execute(self.PUT_QUEUE, {
-                "name": name, "paused": after["paused"], "concurrency": after["concurrency"],
-                "rate_limit": rate.get("limit"), "rate_per": rate.get("per"),
-                "now": time.time()})
+            conn.execute(self.PUT_QUEUE, {**_queue_params(name, change(before)),
+                                          "now": time.time()})
 
     def queue_limits(self):
         return {row[0]: _queue(row) for row in self._read(self.QUEUE_LIMITS)}
@@ -3012,21 +3013,14 @@ class PostgresStore(Store):
         return [job.token for job in jobs]
 
     def queues(self, name=None):
-        rows = self._read(self.LIST_QUEUES, {"name": name})
-        counts = collections.Counter()
-        for queue, status, n in self._read(self.QUEUE_COUNTS, {"name": name}):
-            counts[queue, status] = n
-        return [_queue_view((*row, counts[row[0], QUEUED], counts[row[0], RUNNING]))
-                for row in rows]
+        return _queue_views(self._read(self.LIST_QUEUES, {"name": name}),
+                            self._read(self.QUEUE_COUNTS, {"name": name}))
 
     def set_queue(self, name, change):
         with self._transaction(self.timeout) as conn:
             conn.execute(self.NAME_QUEUE, (name,))
-            after = change(_queue(conn.execute(self.LOCK_QUEUE, (name,)).fetchone()))
-            rate = after["rate"] or {}
-            conn.execute(self.PUT_QUEUE, {
-                "name": name, "paused": after["paused"], "concurrency": after["concurrency"],
-                "rate_limit": rate.get("limit"), "rate_per": rate.get("per")})
+            before = _queue(conn.execute(self.LOCK_QUEUE, (name,)).fetchone())
+            conn.execute(self.PUT_QUEUE, _queue_params(name, change(before)))
             conn.execute(self.NOTIFY, ("queues:0",))
 
     def queue_limits(self):
