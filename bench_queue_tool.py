@@ -145,7 +145,7 @@ def rss_and_threads(pid):
 class Served:
     """A server process on a free loopback port: queue_tool itself or the trivial app."""
 
-    def __init__(self, workdir, *args, trivial=False, worker=False):
+    def __init__(self, workdir, *args, trivial=False, worker=False, ready=True):
         self.log = Path(workdir) / f"served-{time.monotonic_ns()}.log"
         if trivial:
             command = [sys.executable, str(Path(__file__).resolve()), "--serve-trivial"]
@@ -158,7 +158,7 @@ class Served:
             self.process = subprocess.Popen(command, cwd=workdir, stdout=log,
                                             stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
-        while True:
+        while ready:  # (not ready: the caller watches the store, not the log)
             found = re.search(r"serving on http://127\.0\.0\.1:(\d+)|working \(db",
                               self.log.read_text())
             if found:
@@ -626,7 +626,7 @@ def job_times(db, column):
 
 
 def bench_limits(dbs, quick):
-    """11. Flow control: 10,000 queued valor-0 jobs processed by 16 workers in a queue
+    """12. Flow control: 10,000 queued valor-0 jobs processed by 16 workers in a queue
     with `concurrency` 8, against the same queue without a limit (run in turns, the
     median of three each), and against 8 workers without a limit (as many running
     at once: the limit's own cost); and with `rate` 1,000 a second: the starts in
@@ -671,7 +671,7 @@ def spin(job):
 
 
 def bench_cpu(dbs, quick):
-    """12. CPU-bound jobs (a processor spinning ~5 ms of pure Python): jobs/s of
+    """13. CPU-bound jobs (a processor spinning ~5 ms of pure Python): jobs/s of
     `queue-tool worker --processes 2 --workers 1` against `--workers 2` in one
     process, from the first start to the last end (SQLite)."""
     count = 200 if quick else 1000
@@ -700,6 +700,40 @@ def bench_cpu(dbs, quick):
     ours, reference = figures
     return [("cpu-bound jobs, --processes 2 (jobs/s; ref: --workers 2, one process)", ours,
              reference, ">= 1.7x reference", ours >= 1.7 * reference)]
+
+
+def bench_logs(dbs, quick):
+    """14. The cost of logging: 100,000 queued valor-0 jobs processed by a served
+    `python queue_tool.py --workers 16` at the default level (info) in text and in
+    JSON, against the same with logging off (--log-level error); jobs/s from the first
+    start to the last end, as the store recorded them."""
+    count = 10_000 if quick else 100_000
+    rows = []
+    for kind in dbs.kinds():
+        figures = {}
+        for name, args in (("off", ["--log-level", "error"]), ("text", []),
+                           ("json", ["--log-format", "json"])):
+            db = dbs.new(f"logs-{name}", kind)
+            filler = queue_tool.make_app(db=db, workers=0, max_queued=count + 1)
+            body = json.dumps(BATCH).encode()
+            for _ in range(count // 100):
+                assert call(filler, "POST", "/api", body)[0] == 202
+            filler.close(grace=0)
+            store = queue_tool.open_store(db)
+            served = Served(dbs.workdir, "--db", db, "--workers", "16",
+                            "--max-queued", str(count + 1), *args, ready=False)
+            try:
+                while store.counters()["finished_done"] < count:
+                    time.sleep(0.1)
+            finally:
+                served.stop()
+                store.close()
+            figures[name] = rate(count, max(job_times(db, "finished_at"))
+                                 - min(job_times(db, "started_at")))
+        rows += [(f"logs, {kind}, {count:,} jobs at info, {name} (jobs/s; ref: logging off)",
+                  figures[name], figures["off"], ">= 0.9 of reference",
+                  figures[name] >= 0.9 * figures["off"]) for name in ("text", "json")]
+    return rows
 
 
 def counted(store, method):
@@ -917,7 +951,7 @@ def bench_schedules(dbs, quick):
 
 
 def bench_unique(dbs, quick):
-    """10. 100-item batches with a `unique` key on every item, against the same
+    """11. 100-item batches with a `unique` key on every item, against the same
     batches without, in-process on one store (items/s)."""
     batches, rounds = (20, 3) if quick else (100, 5)
     rows = []
@@ -952,7 +986,7 @@ MEASURES = {"submit": bench_submit, "check": bench_check, "http": bench_http,
             "makespan": bench_makespan, "memory": bench_memory, "scale": bench_scale,
             "process": bench_process, "gunicorn": bench_gunicorn,
             "schedules": bench_schedules, "unique": bench_unique, "limits": bench_limits,
-            "cpu": bench_cpu}
+            "cpu": bench_cpu, "logs": bench_logs}
 
 
 def main(argv=None):

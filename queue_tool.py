@@ -135,6 +135,8 @@ class Settings:
     listen_db: str = None  # the listener's own PostgreSQL URL; None: the db URL
     schedules: str = None  # a JSON file of schedules to apply at start-up
     timeout: float = None  # seconds one run may take, when the item sets none
+    log_level: str = "info"  # one of LOG_LEVELS
+    log_format: str = "text"  # one of LOG_FORMATS
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -208,7 +210,11 @@ SETTING_HELP = {
                  " pool; none: the db URL",
     "schedules": "JSON file of schedules ({name: schedule}) to create or replace at start-up",
     "timeout": "seconds one run may take, when the item sets none (default: no limit)",
+    "log_level": "least level logged: debug, info, warning or error (--debug: debug)",
+    "log_format": "text, or json: one JSON object per line",
 }
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 # A direct connection and a session-mode pool keep a server session per client: the
 # store prepares its statements there. Behind a transaction-mode pool it prepares
 # none, and LISTENs only on listen_db.
@@ -249,6 +255,10 @@ def _check_setting(name, value):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not (0 < value < math.inf)):
             raise SettingsError(f"timeout must be a number of seconds above 0, not {value!r}")
+    elif name in ("log_level", "log_format"):
+        choices = LOG_LEVELS if name == "log_level" else LOG_FORMATS
+        if value not in choices:
+            raise SettingsError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
     elif name == "pooler":
         if value not in POOLERS:
             raise SettingsError(f"pooler must be one of {', '.join(POOLERS)}, not {value!r}")
@@ -3274,7 +3284,7 @@ class Runner:
             log.error("could not put running jobs back in the queue: %s", exc)
             return []
         for token in requeued:
-            log.info("job %s requeued at shutdown", token)
+            log.info("job %s requeued at shutdown", token, extra={"token": token})
         return requeued
 
     def _stop_committer(self):
@@ -3326,7 +3336,7 @@ class Runner:
         if outcome is not None and outcome[0]["status"] not in FINAL_STATES:
             if outcome[0]["status"] == RUNNING:
                 self.cancel_local(token)
-            log.info("job %s canceled", token)
+            log.info("job %s canceled", token, extra={"token": token, "status": CANCELED})
         return outcome
 
     def cancel_batch(self, batch_id):
@@ -3615,7 +3625,8 @@ class Runner:
             ended.set()
 
     def _execute(self, job):
-        log.info("job %s running (attempt %d)", job.token, job.attempts)
+        log.debug("job %s running (attempt %d)", job.token, job.attempts,
+                  extra={"token": job.token, "attempt": job.attempts, "queue": job.queue})
         started = time.monotonic()
         delay = None
         try:
@@ -3623,7 +3634,8 @@ class Runner:
         except Retry as exc:
             status, result, error, delay = FAILED, None, str(exc), exc.delay
         except Exception as exc:
-            log.warning("job %s failed", job.token, exc_info=True)
+            log.warning("job %s failed", job.token, exc_info=True,
+                        extra={"token": job.token, "attempt": job.attempts})
             status, result, error = FAILED, None, str(exc) or type(exc).__name__
         if job.canceled.is_set():
             # Canceled (already final in the store), timed out (ended by the timer)
@@ -3642,7 +3654,9 @@ class Runner:
                 if self.store.retry(job.token, self.owner, job.attempts, error,
                                     min(delay, self.max_delay)):
                     log.info("job %s failed (attempt %d); retry %d of %d in %.3fs", job.token,
-                             job.attempts, job._retried + 1, job._retries, delay)
+                             job.attempts, job._retried + 1, job._retries, delay,
+                             extra={"token": job.token, "attempt": job.attempts,
+                                    "status": QUEUED})
                 return None
             finished, row = self._commit((job.token, job.attempts, status, result, error),
                                          claim=claim, ran=ran)
@@ -3652,7 +3666,12 @@ class Runner:
                 log.error("recording job %s as %s failed: %s", job.token, status, exc)
             return None
         if finished:
-            log.info("job %s %s in %.3fs", job.token, status, ran)
+            # A job done is a debug line: at info, two lines a job cost half the
+            # throughput of a busy service (measured); what went wrong stays info.
+            log.log(logging.DEBUG if status == DONE else logging.INFO, "job %s %s in %.3fs",
+                    job.token, status, ran, extra={
+                        "token": job.token, "attempt": job.attempts, "status": status,
+                        "duration_ms": round(ran * 1e3, 3)})
         return row
 
     def _watch(self, seconds, what, job, entry):
@@ -3696,7 +3715,8 @@ class Runner:
         worker.start()
         error = f"timed out after {job.timeout:g} s"
         log.warning("job %s %s (attempt %d); a new worker takes its thread's place",
-                    job.token, error, job.attempts)
+                    job.token, error, job.attempts,
+                    extra={"token": job.token, "attempt": job.attempts})
         self._end(job, FAILED, None, error, None, job.timeout, claim=False)
         self._watch(self.grace, "stuck", job, entry)
 
@@ -3757,7 +3777,8 @@ class Runner:
             try:
                 # Expiry first: a schedule that cannot be made does not hold it up.
                 for token in self.store.expire():
-                    log.info("job %s expired before it could start", token)
+                    log.info("job %s expired before it could start", token,
+                             extra={"token": token, "status": CANCELED})
                 made = self.store.fire_schedules(self.retries)
                 if made:
                     self.notify_submitted(len(made))
@@ -3813,7 +3834,8 @@ class Runner:
     def _recover(self):
         lost = [owner for owner in self.store.running_owners() if _owner_is_gone(owner)]
         for token, status in self.store.recover(self.max_attempts, lost):
-            log.warning("job %s lost its worker; now %s", token, status)
+            log.warning("job %s lost its worker; now %s", token, status,
+                        extra={"token": token, "status": status})
 
     def purge(self):
         """Delete finished jobs older than `retention`, in small batches."""
@@ -4466,7 +4488,9 @@ class App:
             else:
                 log.error("%s %s failed: %s: %s", method, path, type(exc).__name__, exc)
             body = json_body(payload)
-        log.info("%s %s %d %.1fms", method, path, status, (time.monotonic() - started) * 1e3)
+        took = (time.monotonic() - started) * 1e3
+        log.info("%s %s %d %.1fms", method, path, status, took, extra={
+            "method": method, "path": path, "status": status, "duration_ms": round(took, 3)})
         response = respond(start_response, status, headers, body)
         return [b""] if method == "HEAD" else response
 
@@ -4870,6 +4894,48 @@ class App:
 
 # -- Wiring ------------------------------------------------------------------
 
+# The fields a log record may carry (as `extra`), which the JSON lines show.
+LOG_FIELDS = ("token", "attempt", "status", "queue", "method", "path", "duration_ms")
+
+
+class JsonFormatter(logging.Formatter):
+    """--log-format json: one JSON object per line, with `time`, `level`, `message`
+    and the event's fields (LOG_FIELDS), `child` under a supervisor, `exception`
+    with a traceback, and `logger` for a record not of queue_tool's own."""
+
+    def __init__(self, child=None):
+        super().__init__()
+        self.child = child
+
+    def format(self, record):
+        event = {"time": iso_time(record.created), "level": record.levelname.lower(),
+                 "message": record.getMessage()}
+        for name in LOG_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                event[name] = value
+        if self.child is not None:
+            event["child"] = self.child
+        if record.exc_info:
+            event["exception"] = self.formatException(record.exc_info)
+        if record.name != log.name:
+            event["logger"] = record.name
+        return json.dumps(event, ensure_ascii=False, default=str)
+
+
+def log_handler(settings, child=None):
+    """A stderr handler formatting as `log_format` says."""
+    handler = logging.StreamHandler(sys.stderr)
+    who = "" if child is None else f"[child {child}] "
+    handler.setFormatter(JsonFormatter(child) if settings.log_format == "json" else
+                         logging.Formatter(f"%(asctime)s %(levelname)s {who}%(message)s"))
+    return handler
+
+
+def log_level(settings):
+    return logging.DEBUG if settings.debug else getattr(logging, settings.log_level.upper())
+
+
 def make_app(settings=None, process=None, **overrides):
     """Build the service: App(settings) with its store and Runner.
 
@@ -4921,13 +4987,27 @@ class EnvApp:
         with self._lock:
             if self._app is None and self._error is None:
                 try:
-                    self._app = make_app(settings_from_env(self._environ))
+                    settings = settings_from_env(self._environ)
+                    self._log_as(settings)
+                    self._app = make_app(settings)
                 except SettingsError as exc:
                     self._error = str(exc)
                     log.error("queue_tool is misconfigured: %s", exc)
                 except StoreError as exc:
                     log.error("queue_tool cannot open its store yet: %s", exc)
         return self._app
+
+    def _log_as(self, settings):
+        """Under a WSGI host, whose logging this leaves alone otherwise: queue_tool's
+        records from the level QUEUE_TOOL_LOG_LEVEL (or --debug) names, and with
+        QUEUE_TOOL_LOG_FORMAT=json as JSON lines on stderr of their own."""
+        environ = os.environ if self._environ is None else self._environ
+        if ENV_PREFIX + "LOG_LEVEL" in environ or settings.debug:
+            log.setLevel(log_level(settings))
+        if settings.log_format == "json" and not any(
+                isinstance(handler.formatter, JsonFormatter) for handler in log.handlers):
+            log.addHandler(log_handler(settings))
+            log.propagate = False
 
     def __call__(self, environ, start_response):
         app = self._app or self._build()
@@ -5342,9 +5422,7 @@ def main(argv=None):
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
-    who = "" if child is None else f"[child {child}] "
-    logging.basicConfig(level=logging.DEBUG if settings.debug else logging.INFO,
-                        format=f"%(asctime)s %(levelname)s {who}%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=log_level(settings), handlers=[log_handler(settings, child)])
     # The pool's own reconnection notes repeat what the service logs in one line.
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     if processes is not None:

@@ -1676,7 +1676,7 @@ def test_one_access_line_per_request_without_the_query(client, caplog):
 
 
 def test_job_transitions_are_logged(make, caplog, gated, seen, gate):
-    caplog.set_level("INFO", logger="queue_tool")
+    caplog.set_level("DEBUG", logger="queue_tool")  # a job's start and end are debug lines
     built = make(process=gated, workers=1)
     client = webtest.TestApp(built)
     first, second = tokens_of(submit(client, [{"item": "a", "valor": 1}] * 2))
@@ -3514,6 +3514,10 @@ def test_importing_the_module_builds_nothing(tmp_path):
     (["--listen-db", "{tmp}/q.sqlite3"], {}, "listen_db must be a postgresql:// URL"),
     ([], {"QUEUE_TOOL_POOLER": "transaction", "QUEUE_TOOL_DB": "{tmp}/q.sqlite3"},
      "listen_db and pooler are for a PostgreSQL db"),
+    (["--log-level", "loud"], {}, "log_level must be one of debug, info, warning, error"),
+    ([], {"QUEUE_TOOL_LOG_FORMAT": "xml"},
+     "QUEUE_TOOL_LOG_FORMAT: log_format must be one of text, json"),
+    (["--timeout", "0"], {}, "timeout must be a number of seconds above 0"),
 ])
 def test_main_refuses_bad_settings_with_usage_and_exit_2(
         monkeypatch, capsys, tmp_path, argv, env, says):
@@ -5479,3 +5483,77 @@ def test_store_claims_limited_queues_within_their_limits(store):
         "o:1:x", [], 16, 60, None, limits)[1]) == ["held"] * 4
     store.maintain()  # prunes the rate's starts no window counts; keeps the rest
     assert store.finish_and_claim("o:1:x", [], 16, 60, ["paced"], limits)[1] == []
+
+
+# -- Logs: levels and formats -------------------------------------------------------------
+
+def test_json_logs_are_one_object_a_line_with_the_events_fields(servers, tmp_path):
+    server = servers("--db", str(tmp_path / "q.sqlite3"), "--workers", "1",
+                     "--log-format", "json", "--log-level", "debug")
+    body = server.request("POST", "/api", [{"item": "a", "valor": 0}])[1]
+    token = body["processing_items"][0]["hash"]
+    assert server.request("GET", f"/check/{token}?wait=10")[1]["status"] == "done"
+    assert server.stop() == 0
+    events = [json.loads(line) for line in server.log.read_text().splitlines()]
+    assert all({"time", "level", "message"} <= set(event) for event in events)
+    assert all(event["level"] in ("debug", "info", "warning", "error") for event in events)
+    (posted,) = [event for event in events if event.get("path") == "/api"]
+    assert (posted["method"], posted["status"], posted["level"]) == ("POST", 202, "info")
+    assert posted["duration_ms"] >= 0 and posted["message"].startswith("POST /api 202 ")
+    done = [event for event in events if event.get("token") == token]
+    assert [(event["level"], event.get("status")) for event in done] == [
+        ("debug", None), ("debug", "done")]  # its start, then its end
+    assert done[1]["attempt"] == 1 and done[1]["duration_ms"] >= 0
+    assert datetime.datetime.fromisoformat(events[0]["time"]).tzinfo is not None
+
+
+def test_info_writes_no_line_per_job(servers, tmp_path):
+    """At the default level a busy service writes no line per job; failures still show."""
+    server = servers("--db", str(tmp_path / "q.sqlite3"), "--workers", "2")
+    body = server.request("POST", "/api", [{"item": "a", "valor": 0},
+                                           {"item": "slow", "valor": 5, "timeout": 0.1}])[1]
+    token, slow = [entry["hash"] for entry in body["processing_items"]]
+    assert server.request("GET", f"/check/{token}?wait=10")[1]["status"] == "done"
+    assert server.request("GET", f"/check/{slow}?wait=10")[1]["status"] == "failed"
+    assert server.stop() == 0
+    text = server.log.read_text()
+    assert "POST /api 202" in text and f"GET /check/{token}" in text
+    assert f"job {token}" not in text and "DEBUG" not in text
+    assert f"WARNING job {slow} timed out after 0.1 s" in text
+    assert f"INFO job {slow} failed in" in text
+
+
+@pytest.fixture
+def module_logger():
+    """queue_tool's logger as a test found it, put back after."""
+    logger = logging.getLogger("queue_tool")
+    level, handlers, propagate = logger.level, list(logger.handlers), logger.propagate
+    yield logger
+    logger.setLevel(level)
+    logger.handlers[:], logger.propagate = handlers, propagate
+
+
+def test_the_module_app_logs_at_the_level_and_in_the_format_its_variables_say(
+        tmp_path, module_logger, caplog, capfd):
+    env_app = queue_tool.EnvApp({"QUEUE_TOOL_DB": str(tmp_path / "w.sqlite3"),
+                                 "QUEUE_TOOL_WORKERS": "0", "QUEUE_TOOL_LOG_LEVEL": "warning"})
+    try:
+        webtest.TestApp(env_app).get("/health", status=200)
+    finally:
+        env_app.close()
+    assert module_logger.level == logging.WARNING
+    assert not [record for record in caplog.records if record.name == "queue_tool"
+                and record.levelno < logging.WARNING]
+    json_app = queue_tool.EnvApp({"QUEUE_TOOL_DB": str(tmp_path / "j.sqlite3"),
+                                  "QUEUE_TOOL_WORKERS": "0", "QUEUE_TOOL_LOG_FORMAT": "json",
+                                  "QUEUE_TOOL_LOG_LEVEL": "info"})
+    try:
+        webtest.TestApp(json_app).get("/health", status=200)
+    finally:
+        json_app.close()
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines()
+             if line.startswith("{")]
+    health = lines[-1]
+    assert (health["level"], health["method"], health["path"], health["status"]) == (
+        "info", "GET", "/health", 200)
+    assert health["message"].startswith("GET /health 200 ")
