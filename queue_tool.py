@@ -3452,6 +3452,7 @@ class Runner:
                         with self._lock:
                             self._handoff = True
                             self._wake.notify()
+                    polled = False
                     due = None if row else self.store.next_due(self.queues, self._limits)
                 except StoreError as exc:
                     if stopping.is_set():
