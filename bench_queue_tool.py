@@ -901,7 +901,7 @@ def scheduled_rows(db):
 
 
 def bench_schedules(dbs, quick):
-    """9. Schedules of `every: 1` served by three --workers 0 processes on one store:
+    """10. Schedules of `every: 1` served by three --workers 0 processes on one store:
     jobs per slot, lateness of created_at after the slot, and each process's CPU
     while scheduling against the same processes idle (the reference)."""
     count, seconds = (100, 8) if quick else (1000, 30)
