@@ -585,13 +585,7 @@ def process_in_child(db, kind, count, trace=False, queue=None, workers=16):
 def process_child(spec):
     """--process-run: fill the queue, wait for a line on stdin, then time the run."""
     db, kind, count, queue, workers = json.loads(spec)
-    filler = queue_tool.make_app(db=db, workers=0, max_queued=count + 1)
-    body = json.dumps(BATCH).encode()
-    for _ in range(count // 100):
-        assert call(filler, "POST", "/api", body)[0] == 202
-    if queue:
-        filler.store.set_queue("default", lambda before: queue_tool.merge_queue(before, queue))
-    filler.close(grace=0)
+    fill(db, count, queue)
     print("filled", flush=True)
     sys.stdin.readline()
     app = queue_tool.make_app(db=db, workers=workers, max_queued=count + 1)
@@ -609,6 +603,31 @@ def process_child(spec):
         wal_syncs = postgres_wal_syncs(db) - wal_syncs
     print(json.dumps([seconds, commits[0], wal_syncs]), flush=True)
     return 0
+
+
+def fill(db, count, queue=None):
+    """Queue `count` valor-0 jobs in `db`, in 100-item batches; `queue` is a merge patch
+    of the default queue's settings to apply."""
+    filler = queue_tool.make_app(db=db, workers=0, max_queued=count + 1)
+    body = json.dumps(BATCH).encode()
+    for _ in range(count // 100):
+        assert call(filler, "POST", "/api", body)[0] == 202
+    if queue:
+        filler.store.set_queue("default", lambda before: queue_tool.merge_queue(before, queue))
+    filler.close(grace=0)
+
+
+def served_rate(db, count, served):
+    """Jobs/s of the `served` process until `count` jobs are done, from the first start
+    to the last end as the store recorded them; the process is stopped after."""
+    store = queue_tool.open_store(db)
+    try:
+        while store.counters()["finished_done"] < count:
+            time.sleep(0.05)
+    finally:
+        served.stop()
+        store.close()
+    return rate(count, max(job_times(db, "finished_at")) - min(job_times(db, "started_at")))
 
 
 def job_times(db, column):
@@ -682,21 +701,9 @@ def bench_cpu(dbs, quick):
     figures = []
     for args in (["--processes", "2", "--workers", "1"], ["--workers", "2"]):
         db = dbs.new(f"cpu-{len(figures)}")
-        filler = queue_tool.make_app(db=db, workers=0, max_queued=count + 1)
-        for _ in range(count // 100):
-            assert call(filler, "POST", "/api", json.dumps(BATCH).encode())[0] == 202
-        filler.close(grace=0)
-        served = Served(dbs.workdir, "--db", db, "--process", "spinning:spin", *args,
-                        worker=True)
-        store = queue_tool.open_store(db)
-        try:
-            while store.counters()["finished_done"] < count:
-                time.sleep(0.05)
-        finally:
-            served.stop()
-            store.close()
-        figures.append(rate(count, max(job_times(db, "finished_at"))
-                            - min(job_times(db, "started_at"))))
+        fill(db, count)
+        figures.append(served_rate(db, count, Served(
+            dbs.workdir, "--db", db, "--process", "spinning:spin", *args, worker=True)))
     ours, reference = figures
     return [("cpu-bound jobs, --processes 2 (jobs/s; ref: --workers 2, one process)", ours,
              reference, ">= 1.7x reference", ours >= 1.7 * reference)]
@@ -714,22 +721,10 @@ def bench_logs(dbs, quick):
         for name, args in (("off", ["--log-level", "error"]), ("text", []),
                            ("json", ["--log-format", "json"])):
             db = dbs.new(f"logs-{name}", kind)
-            filler = queue_tool.make_app(db=db, workers=0, max_queued=count + 1)
-            body = json.dumps(BATCH).encode()
-            for _ in range(count // 100):
-                assert call(filler, "POST", "/api", body)[0] == 202
-            filler.close(grace=0)
-            store = queue_tool.open_store(db)
-            served = Served(dbs.workdir, "--db", db, "--workers", "16",
-                            "--max-queued", str(count + 1), *args, ready=False)
-            try:
-                while store.counters()["finished_done"] < count:
-                    time.sleep(0.1)
-            finally:
-                served.stop()
-                store.close()
-            figures[name] = rate(count, max(job_times(db, "finished_at"))
-                                 - min(job_times(db, "started_at")))
+            fill(db, count)
+            figures[name] = served_rate(db, count, Served(
+                dbs.workdir, "--db", db, "--workers", "16", "--max-queued", str(count + 1),
+                *args, ready=False))
         rows += [(f"logs, {kind}, {count:,} jobs at info, {name} (jobs/s; ref: logging off)",
                   figures[name], figures["off"], ">= 0.9 of reference",
                   figures[name] >= 0.9 * figures["off"]) for name in ("text", "json")]
