@@ -63,14 +63,12 @@ import datetime
 import decimal
 import functools
 import hashlib
-import heapq
 import hmac
 import html
 import http
 import http.client
 import http.server
 import importlib
-import itertools
 import json
 import logging
 import math
@@ -3114,6 +3112,7 @@ class Job:
         self.timeout = row["timeout"] or runner.timeout  # seconds, or None
         self.canceled = threading.Event()
         self._thread = threading.current_thread()  # the worker running it
+        self.deadline = None  # monotonic time its run must end by (the timer's)
         self._timed_out = False  # set by the timer, under the runner's lock
 
     def set_progress(self, fraction):
@@ -3206,7 +3205,9 @@ class Runner:
         # The queues paused or limited, as last read from the store (replaced whole,
         # read without the lock): a claim passes them on; the store enforces them.
         self._limits = {}
-        self._deadlines = []   # heap of (monotonic time, n, what, Job, entry): the timer's
+        # The timer's: a live run's deadline is its Job's; an abandoned run's processor
+        # should have returned by then (monotonic time; Job -> time).
+        self._stuck_at = {}
         self._timer_wake = threading.Condition(self._lock)  # a run with a deadline began
         self._abandoned = set()  # worker threads whose run timed out and went on
         self._polling = False  # an idle worker looks again at a full queue (LIMIT_POLL)
@@ -3613,7 +3614,9 @@ class Runner:
         if displaced is not None:
             displaced[0].canceled.set()
         if job.timeout:
-            self._watch(job.timeout, "timeout", job, entry)
+            with self._lock:
+                job.deadline = time.monotonic() + job.timeout
+                self._timer_wake.notify()
         try:
             return None if self._grace_over.is_set() else self._execute(job)
         finally:  # whatever the processor raised: a job not live here is not renewed
@@ -3675,51 +3678,54 @@ class Runner:
                         "duration_ms": round(ran * 1e3, 3)})
         return row
 
-    def _watch(self, seconds, what, job, entry):
-        """Have the timer look at this run in `seconds`: `what` is "timeout" (end it)
-        or "stuck" (its processor should have returned by then)."""
-        with self._lock:
-            heapq.heappush(self._deadlines, (time.monotonic() + seconds, next(_ticket), what,
-                                             job, entry))
-            self._timer_wake.notify()
-
     def _timer(self):
         """The timer thread: ends each run that passes its timeout, until the
-        workers' grace is over."""
+        workers' grace is over. It looks only at the runs live here (at most
+        `workers`) and the abandoned ones, so nothing it keeps grows with the jobs."""
         while True:
             with self._lock:
-                while not self._grace_over.is_set() and not (
-                        self._deadlines and self._deadlines[0][0] <= time.monotonic()):
-                    self._timer_wake.wait(
-                        self._deadlines[0][0] - time.monotonic() if self._deadlines else None)
-                if self._grace_over.is_set():
-                    return
-                _, _, what, job, entry = heapq.heappop(self._deadlines)
-                if what == "timeout" and self._live.get(job.token) is entry:
+                while True:
+                    if self._grace_over.is_set():
+                        return
+                    now = time.monotonic()
+                    late = [entry for entry in self._live.values()
+                            if entry[0].deadline is not None and entry[0].deadline <= now]
+                    stuck = [job for job, at in self._stuck_at.items() if at <= now]
+                    if late or stuck:
+                        break
+                    soonest = min([entry[0].deadline for entry in self._live.values()
+                                   if entry[0].deadline is not None]
+                                  + list(self._stuck_at.values()), default=None)
+                    self._timer_wake.wait(None if soonest is None else soonest - now)
+                workers = []
+                for job, ended in late:
                     del self._live[job.token]  # over for its waiters and the lease renewals
                     job._timed_out = True
                     self._busy -= 1
                     self._abandoned.add(job._thread)
-                    worker = threading.Thread(target=self._work, args=(self._stopping,),
-                                              name=f"{job._thread.name}+", daemon=True)
-                    self._threads.append(worker)
-                else:
-                    worker = None
-            if worker is not None:
-                self._time_out(job, entry, worker)
-            elif what == "stuck" and job._thread.is_alive() and job._thread in self._abandoned:
-                self._stuck(job)
+                    self._stuck_at[job] = now + self.grace
+                    workers.append(threading.Thread(
+                        target=self._work, args=(self._stopping,),
+                        name=f"{job._thread.name}+", daemon=True))
+                self._threads += workers
+                for job in stuck:
+                    del self._stuck_at[job]
+                stuck = [job for job in stuck if job._thread in self._abandoned]
+            for (job, ended), worker in zip(late, workers, strict=True):
+                self._time_out(job, ended, worker)
+            for job in stuck:
+                if job._thread.is_alive():
+                    self._stuck(job)
 
-    def _time_out(self, job, entry, worker):
+    def _time_out(self, job, ended, worker):
         job.canceled.set()
-        entry[1].set()
+        ended.set()
         worker.start()
         error = f"timed out after {job.timeout:g} s"
         log.warning("job %s %s (attempt %d); a new worker takes its thread's place",
                     job.token, error, job.attempts,
                     extra={"token": job.token, "attempt": job.attempts})
         self._end(job, FAILED, None, error, None, job.timeout, claim=False)
-        self._watch(self.grace, "stuck", job, entry)
 
     def _stuck(self, job):
         if self.restart_stuck:
@@ -3849,9 +3855,6 @@ class Runner:
         if total:
             log.info("purged %d finished jobs", total)
         return total
-
-
-_ticket = itertools.count()  # orders the timer's deadlines that fall at one time
 
 
 def _owner_is_gone(owner):
