@@ -731,6 +731,122 @@ def bench_logs(dbs, quick):
     return rows
 
 
+def fill_directly(db, count, queues=50):
+    """Store `count` jobs in `db` straight in SQL (a million in seconds, where submits
+    take minutes): spread over `queues` queues, a quarter queued, 1% failed, the rest
+    done, with the counters to match. For the measures and tests at scale."""
+    queue_tool.open_store(db).close()  # the schema
+    shares = {"queued": count // 4, "failed": count // 100}
+    shares["done"] = count - shares["queued"] - shares["failed"]
+    if db.startswith("postgresql://"):
+        import psycopg
+        with psycopg.connect(db) as connection:
+            connection.execute(
+                """INSERT INTO queue_tool_jobs (token, item, valor, status, queue, owner,
+                    attempts, started_at, finished_at, error)
+                SELECT md5(random()::text || i), 'item-' || i, 0,
+                    CASE WHEN mod(i, 100) < 25 THEN 'queued' WHEN mod(i, 100) = 25 THEN 'failed'
+                         ELSE 'done' END, 'q' || mod(i, %(queues)s),
+                    CASE WHEN mod(i, 100) >= 25 THEN 'bench:1:a' END,
+                    CASE WHEN mod(i, 100) >= 25 THEN 1 ELSE 0 END,
+                    CASE WHEN mod(i, 100) >= 25 THEN now() END,
+                    CASE WHEN mod(i, 100) >= 25 THEN now() END,
+                    CASE WHEN mod(i, 100) = 25 THEN 'it failed' END
+                FROM generate_series(0, %(count)s - 1) AS i""",
+                {"queues": queues, "count": count})
+            connection.execute("""INSERT INTO queue_tool_queues (name)
+                SELECT DISTINCT queue FROM queue_tool_jobs ON CONFLICT DO NOTHING""")
+            statuses = ("queued", "failed", "done")
+            connection.execute("""UPDATE queue_tool_counters SET value = value + (
+                    SELECT count(*) FROM queue_tool_jobs WHERE status = %s)
+                WHERE name = %s AND shard = 0""", ("queued", "queued"))
+            for status in statuses[1:]:
+                connection.execute("""UPDATE queue_tool_counters SET value = value + (
+                        SELECT count(*) FROM queue_tool_jobs WHERE status = %s)
+                    WHERE name = %s AND shard = 0""", (status, "finished_" + status))
+            connection.execute("""UPDATE queue_tool_counters SET value = value + %s
+                WHERE name = 'submitted' AND shard = 0""", (count,))
+            connection.execute("ANALYZE queue_tool_jobs")
+        return
+    import sqlite3
+    with sqlite3.connect(db) as connection:
+        now = time.time()
+        connection.execute(
+            """WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < :count - 1)
+            INSERT INTO jobs (token, item, valor, status, created_at, run_at, queue, owner,
+                attempts, started_at, finished_at, error)
+            SELECT lower(hex(randomblob(16))), 'item-' || i, 0,
+                CASE WHEN i % 100 < 25 THEN 'queued' WHEN i % 100 = 25 THEN 'failed'
+                     ELSE 'done' END, :now, :now, 'q' || (i % :queues),
+                CASE WHEN i % 100 >= 25 THEN 'bench:1:a' END,
+                CASE WHEN i % 100 >= 25 THEN 1 ELSE 0 END,
+                CASE WHEN i % 100 >= 25 THEN :now END, CASE WHEN i % 100 >= 25 THEN :now END,
+                CASE WHEN i % 100 = 25 THEN 'it failed' END
+            FROM n""", {"count": count, "now": now, "queues": queues})
+        connection.execute("INSERT OR IGNORE INTO queues (name) SELECT DISTINCT queue FROM jobs")
+        for name, status in (("queued", "queued"), ("finished_failed", "failed"),
+                             ("finished_done", "done")):
+            connection.execute("""UPDATE counters SET value = value + (
+                SELECT COUNT(*) FROM jobs WHERE status = ?) WHERE name = ?""", (status, name))
+        connection.execute("UPDATE counters SET value = value + ? WHERE name = 'submitted'",
+                           (count,))
+
+
+# What the page asks for each second (as its refresh does), and once each for timing.
+PAGE_REFRESH = ("/health", "/metrics", "/jobs?limit=20", "/workers", "/queues", "/schedules",
+                "/jobs?status=failed&limit=10")
+
+
+def busy_cores_during(seconds, work):
+    """The machine's busy CPU (in cores) while work() runs for `seconds`, from /proc/stat:
+    the served process and the database server alike."""
+    def busy():
+        fields = [int(n) for n in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    began, at = busy(), time.monotonic()
+    work(seconds)
+    return (busy() - began) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - at)
+
+
+def bench_fleet(dbs, quick):
+    """15. At scale: with 1,000,000 jobs in 50 queues stored, the answer time of /metrics
+    (and of every call the page makes); and the machine's CPU while one page refreshes
+    each second, against the same time idle."""
+    count = 100_000 if quick else 1_000_000
+    rows = []
+    for kind in dbs.kinds():
+        db = dbs.new("fleet", kind)
+        fill_directly(db, count)
+        served = Served(dbs.workdir, "--db", db, "--workers", "0")
+        try:
+            times = {}
+            for path in ("/", *PAGE_REFRESH):
+                began = time.perf_counter()
+                assert served.request("GET", path)[0] == 200
+                times[path] = time.perf_counter() - began
+            slowest = max(times, key=times.get)
+
+            def refresh(seconds, served=served):
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    began = time.monotonic()
+                    for path in PAGE_REFRESH:
+                        served.request("GET", path)
+                    time.sleep(max(0.0, 1 - (time.monotonic() - began)))
+            window = 3 if quick else 10
+            idle = busy_cores_during(window, time.sleep)
+            polled = busy_cores_during(window, refresh)
+        finally:
+            served.stop()
+        rows += [(f"/metrics at {count:,} jobs in 50 queues, {kind} (ms)",
+                  times["/metrics"] * 1e3, None, "<= 1000", times["/metrics"] <= 1),
+                 (f"slowest page call at {count:,} jobs, {kind}: {slowest} (ms)",
+                  times[slowest] * 1e3, None, "<= 1000", times[slowest] <= 1),
+                 (f"a page refreshing each second, {count:,} jobs, {kind} (cores; ref: idle)",
+                  polled, idle, "<= idle + 0.1", polled <= idle + 0.1)]
+    return rows
+
+
 def counted(store, method):
     """Count the calls of store.method from now on: a one-item list, read at the end."""
     calls, original = [0], getattr(store, method)
@@ -981,7 +1097,7 @@ MEASURES = {"submit": bench_submit, "check": bench_check, "http": bench_http,
             "makespan": bench_makespan, "memory": bench_memory, "scale": bench_scale,
             "process": bench_process, "gunicorn": bench_gunicorn,
             "schedules": bench_schedules, "unique": bench_unique, "limits": bench_limits,
-            "cpu": bench_cpu, "logs": bench_logs}
+            "cpu": bench_cpu, "logs": bench_logs, "fleet": bench_fleet}
 
 
 def main(argv=None):

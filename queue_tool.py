@@ -56,8 +56,10 @@ __all__ = [
 
 import argparse
 import base64
+import bisect
 import collections
 import contextlib
+import copy
 import dataclasses
 import datetime
 import decimal
@@ -745,6 +747,13 @@ SCHEDULE_FIELDS = ("name", "cron", "every", "timezone", "job", "paused", "next_r
 FIRE_BATCH = 500  # schedules one transaction makes the jobs of, at most
 QUEUE_FIELDS = ("name", "paused", "concurrency", "rate_limit", "rate_per")
 LIMIT_POLL = 0.05  # seconds between looks at a queue held at its concurrency
+# A process of the fleet: what it records of itself, and how it is listed.
+PROCESS_RECORD = ("id", "host", "pid", "version", "http", "workers", "queues")
+PROCESS_FIELDS = ("id", "host", "pid", "version", "started_at", "heartbeat_at", "http",
+                  "workers", "busy", "queues", "alive")
+HEARTBEAT = 2.0  # seconds between a process's heartbeats
+ALIVE_WITHIN = 15.0  # seconds since its last heartbeat that a process counts as alive
+GONE_KEPT = 3600.0  # seconds a gone process stays listed
 LAST_ID = 2 ** 63 - 1  # above every job id: a listing's `before` when none is given
 WORK_TIMEOUT = 30.0  # seconds the workers' claims, ends and upkeep may wait for the store
 
@@ -869,6 +878,24 @@ def _queue_views(rows, counts):
     jobs = {(queue, status): int(n) for queue, status, n in counts}
     return [{**_queue(row), "queued": jobs.get((row[0], QUEUED), 0),
              "running": jobs.get((row[0], RUNNING), 0)} for row in rows]
+
+
+def _fleet(rows, busy):
+    """The fleet's views, alive ones first: from rows of PROCESS_FIELDS without `busy`
+    (`queues` as JSON), and rows of (owner, running jobs)."""
+    running = {owner: int(n) for owner, n in busy}
+    views = [{"id": row[0], "host": row[1], "pid": row[2], "version": row[3],
+              "started_at": row[4], "heartbeat_at": row[5], "http": bool(row[6]),
+              "workers": row[7], "busy": running.get(row[0], 0),
+              "queues": None if row[8] is None else json.loads(row[8]), "alive": bool(row[9])}
+             for row in rows]
+    return sorted(views, key=lambda view: (not view["alive"], view["host"], view["pid"]))
+
+
+def _process_params(process):
+    """A process record (PROCESS_RECORD) as REGISTER's parameters."""
+    return {**process, "queues": None if process["queues"] is None
+            else json.dumps(list(process["queues"]))}
 
 
 def _queue_params(name, settings):
@@ -1141,6 +1168,26 @@ class Store:
         """{name: settings} of the queues paused or limited."""
         raise NotImplementedError
 
+    def register(self, process):
+        """Record a process of the fleet (a dict of PROCESS_RECORD), started and
+        heartbeating now; one of that id stopped before lives again."""
+        raise NotImplementedError
+
+    def heartbeat(self, process_id, workers):
+        """Refresh a live process's heartbeat: False when it has no live record (it
+        was purged, or marked stopped), so the caller registers it again."""
+        raise NotImplementedError
+
+    def unregister(self, process_id):
+        """Mark a process stopped now: listed, not alive, purged an hour later."""
+        raise NotImplementedError
+
+    def processes(self):
+        """The processes recorded, as dicts of PROCESS_FIELDS (times in epoch seconds,
+        `queues` a list or None, `busy` its running jobs, `alive` its heartbeat within
+        ALIVE_WITHIN seconds and no stop recorded)."""
+        raise NotImplementedError
+
     def listen(self, most):
         """A Listener of other processes' submits, cancels and queue settings, which
         reports at most `most` waiting jobs at a time."""
@@ -1233,9 +1280,23 @@ class SQLiteStore(Store):
         "CREATE TABLE queue_starts (queue TEXT NOT NULL, at REAL NOT NULL, count INTEGER NOT NULL)",
         "CREATE INDEX queue_starts_queue_at ON queue_starts (queue, at)",
     )
+    # (Shared by SCHEMA and version 6's upgrade.) The fleet: one row per process.
+    PROCESSES = (
+        """CREATE TABLE processes (
+            id TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            version TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL,
+            stopped_at REAL,
+            http INTEGER NOT NULL,
+            workers INTEGER NOT NULL,
+            queues TEXT)""",
+    )
 
     # -- Schema: the tables as they are now, and how an older file gets there.
-    VERSION = 5  # PRAGMA user_version; 0.1.0 recorded none, its layout is version 1
+    VERSION = 6  # PRAGMA user_version; 0.1.0 recorded none, its layout is version 1
     SCHEMA = (
         """CREATE TABLE jobs (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -1281,6 +1342,7 @@ class SQLiteStore(Store):
         "CREATE INDEX batches_created_at ON batches (created_at)",
         *UNIQUE_AND_SCHEDULES,
         *QUEUES,
+        *PROCESSES,
     )
     # (v, statements): what takes a version v-1 file to version v, in order; the
     # result is SCHEMA, which a test checks.
@@ -1306,6 +1368,7 @@ class SQLiteStore(Store):
              *UNIQUE_AND_SCHEDULES)),
         (5, ("ALTER TABLE jobs ADD COLUMN timeout REAL", *QUEUES,
              "INSERT INTO queues (name) SELECT DISTINCT queue FROM jobs")),
+        (6, PROCESSES),
     )
     SCHEMA_VERSION = "PRAGMA user_version"
     SET_SCHEMA_VERSION = f"PRAGMA user_version = {VERSION}"
@@ -1414,9 +1477,9 @@ class SQLiteStore(Store):
     # Positional, unlike the rest: it runs once per job, where named parameters cost
     # about 30% more to bind (5% of a group commit, measured).
     FINISH = """UPDATE jobs SET status = ?, finished_at = ?, result = ?, error = ?,
-            owner = NULL, lease_until = NULL
+            lease_until = NULL
         WHERE token = ? AND owner = ? AND attempts = ? AND status = 'running'"""
-    RETRY = """UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL,
+    RETRY = """UPDATE jobs SET status = 'queued', lease_until = NULL,
             progress = NULL, error = :error, run_at = :now + :delay, retried = retried + 1
         WHERE token = :token AND owner = :owner AND attempts = :attempt AND status = 'running'"""
     SET_PROGRESS = """UPDATE jobs SET progress = :progress
@@ -1426,14 +1489,12 @@ class SQLiteStore(Store):
         RETURNING token"""
 
     # -- Canceling.
-    CANCEL = f"""UPDATE jobs SET status = 'canceled', finished_at = ?, owner = NULL,
-            lease_until = NULL
+    CANCEL = f"""UPDATE jobs SET status = 'canceled', finished_at = ?, lease_until = NULL
         WHERE token = ? RETURNING {COLUMNS}"""
     BATCH_EXISTS = "SELECT 1 FROM batches WHERE id = ?"
     UNFINISHED_OF_BATCH = """SELECT token, status FROM jobs
         WHERE batch = ? AND status IN ('queued', 'running')"""
-    CANCEL_BATCH = """UPDATE jobs SET status = 'canceled', finished_at = ?, owner = NULL,
-            lease_until = NULL
+    CANCEL_BATCH = """UPDATE jobs SET status = 'canceled', finished_at = ?, lease_until = NULL
         WHERE batch = ? AND status IN ('queued', 'running')"""
 
     # -- Retrying and canceling by hand, PURGE_BATCH jobs a transaction.
@@ -1447,18 +1508,17 @@ class SQLiteStore(Store):
         WHERE unique_key IN (SELECT value FROM json_each(:keys))
           AND status IN ('queued', 'running')"""
     REQUEUE = """UPDATE jobs SET status = 'queued', run_at = :now, finished_at = NULL,
-            owner = NULL, lease_until = NULL, progress = NULL, retried = 0, expires_at = NULL
+            lease_until = NULL, progress = NULL, retried = 0, expires_at = NULL
         WHERE id IN (SELECT value FROM json_each(:ids)) RETURNING token"""
     CANCEL_CANDIDATES = """SELECT id, token, status FROM jobs
         WHERE status IN (SELECT value FROM json_each(:statuses))
           AND (:queue IS NULL OR queue = :queue)
         ORDER BY id LIMIT :limit"""
-    CANCEL_IDS = """UPDATE jobs SET status = 'canceled', finished_at = :now, owner = NULL,
-            lease_until = NULL
+    CANCEL_IDS = """UPDATE jobs SET status = 'canceled', finished_at = :now, lease_until = NULL
         WHERE id IN (SELECT value FROM json_each(:ids))"""
 
     # -- Taking jobs back: a shutdown, lost leases, dead owners.
-    RELEASE = """UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL,
+    RELEASE = """UPDATE jobs SET status = 'queued', lease_until = NULL,
             progress = NULL
         WHERE owner = ? AND status = 'running' RETURNING token"""
     RUNNING_OWNERS = """SELECT DISTINCT owner FROM jobs
@@ -1472,7 +1532,7 @@ class SQLiteStore(Store):
             finished_at = CASE WHEN attempts >= :most THEN :now END,
             error = CASE WHEN attempts >= :most THEN 'worker lost after ' || attempts || ' attempts'
                     ELSE error END,
-            owner = NULL, lease_until = NULL, progress = NULL
+            lease_until = NULL, progress = NULL
         WHERE status = 'running'
           AND (lease_until < :now OR owner IN (SELECT value FROM json_each(:lost)))
         RETURNING token, status"""
@@ -1519,6 +1579,23 @@ class SQLiteStore(Store):
     # The starts that no window counts any more.
     PRUNE_STARTS = """DELETE FROM queue_starts WHERE at <= ? - COALESCE((SELECT rate_per
         FROM queues WHERE name = queue_starts.queue AND rate_limit IS NOT NULL), 0)"""
+
+    # -- The fleet. A process's busy count is its running jobs, read when listed: the
+    # heartbeat is one row's update, whatever the jobs.
+    REGISTER = """INSERT INTO processes (id, host, pid, version, started_at, heartbeat_at, http,
+            workers, queues)
+        VALUES (:id, :host, :pid, :version, :now, :now, :http, :workers, :queues)
+        ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, stopped_at = NULL,
+            http = excluded.http, workers = excluded.workers, queues = excluded.queues"""
+    HEARTBEAT = """UPDATE processes SET heartbeat_at = ?, workers = ?
+        WHERE id = ? AND stopped_at IS NULL"""
+    UNREGISTER = "UPDATE processes SET heartbeat_at = ?, stopped_at = ? WHERE id = ?"
+    LIST_PROCESSES = """SELECT id, host, pid, version, started_at, heartbeat_at, http, workers,
+            queues, stopped_at IS NULL AND heartbeat_at > :now - :alive
+        FROM processes"""
+    BUSY = """SELECT owner, COUNT(*) FROM jobs INDEXED BY jobs_status_id
+        WHERE status = 'running' GROUP BY owner"""
+    PURGE_PROCESSES = "DELETE FROM processes WHERE heartbeat_at < ?"
 
     # -- Retention.
     PURGE_JOBS = """DELETE FROM jobs WHERE id IN (
@@ -1901,10 +1978,12 @@ class SQLiteStore(Store):
                     + conn.execute(self.PURGE_BATCHES, (before, batch)).rowcount)
 
     def maintain(self):
-        """Prune the starts no rate window counts (the claim's queries name their
-        indexes: INDEXED BY, no statistics needed)."""
+        """Prune the starts no rate window counts and the processes gone an hour (the
+        claim's queries name their indexes: INDEXED BY, no statistics needed)."""
         with self._transaction() as conn:
-            conn.execute(self.PRUNE_STARTS, (time.time(),))
+            now = time.time()
+            conn.execute(self.PRUNE_STARTS, (now,))
+            conn.execute(self.PURGE_PROCESSES, (now - GONE_KEPT,))
 
     def expire(self):
         params = {"now": time.time()}
@@ -1975,6 +2054,23 @@ class SQLiteStore(Store):
 
     def queue_limits(self):
         return {row[0]: _queue(row) for row in self._read(self.QUEUE_LIMITS)}
+
+    def register(self, process):
+        with self._transaction(durable=False) as conn:
+            conn.execute(self.REGISTER, {**_process_params(process), "now": time.time()})
+
+    def heartbeat(self, process_id, workers):
+        with self._transaction(durable=False) as conn:
+            return conn.execute(self.HEARTBEAT, (time.time(), workers, process_id)).rowcount > 0
+
+    def unregister(self, process_id):
+        with self._transaction(durable=False) as conn:
+            now = time.time()
+            conn.execute(self.UNREGISTER, (now, now, process_id))
+
+    def processes(self):
+        rows = self._read(self.LIST_PROCESSES, {"now": time.time(), "alive": ALIVE_WITHIN})
+        return _fleet(rows, self._read(self.BUSY))
 
     def listen(self, most):
         """PRAGMA data_version changes when another connection commits; only then
@@ -2069,9 +2165,23 @@ class PostgresStore(Store):
             count integer NOT NULL)""",
         """CREATE INDEX queue_tool_queue_starts_queue_at ON queue_tool_queue_starts (queue, at)""",
     )
+    # (Shared by SCHEMA and version 6's upgrade; see SQLiteStore's.)
+    PROCESSES = (
+        """CREATE TABLE queue_tool_processes (
+            id text PRIMARY KEY,
+            host text NOT NULL,
+            pid integer NOT NULL,
+            version text NOT NULL,
+            started_at timestamptz NOT NULL DEFAULT now(),
+            heartbeat_at timestamptz NOT NULL DEFAULT now(),
+            stopped_at timestamptz,
+            http boolean NOT NULL,
+            workers integer NOT NULL,
+            queues text)""",
+    )
 
     # -- Schema: the tables as they are now, and how an older database gets there.
-    VERSION = 5
+    VERSION = 6
     SCHEMA = (
         """CREATE TABLE queue_tool_jobs (
             id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -2125,6 +2235,7 @@ class PostgresStore(Store):
         """CREATE INDEX queue_tool_batches_created_at ON queue_tool_batches (created_at)""",
         *UNIQUE_AND_SCHEDULES,
         *QUEUES,
+        *PROCESSES,
     )
     # (v, statements): what takes a version v-1 database to version v, in order; the
     # result is SCHEMA, which a test checks.
@@ -2156,6 +2267,7 @@ class PostgresStore(Store):
         (5, ("ALTER TABLE queue_tool_jobs ADD COLUMN timeout double precision", *QUEUES,
              """INSERT INTO queue_tool_queues (name)
                  SELECT DISTINCT queue FROM queue_tool_jobs""")),
+        (6, PROCESSES),
     )
     # Processes starting together set the schema up one at a time.
     LOCK_SCHEMA = f"SELECT pg_advisory_xact_lock({0x7175657565})"
@@ -2385,7 +2497,7 @@ class PostgresStore(Store):
             ORDER BY j.id FOR UPDATE OF j),
         done AS (
             UPDATE queue_tool_jobs AS j SET status = mine.status, finished_at = now(),
-                result = mine.result, error = mine.error, owner = NULL, lease_until = NULL
+                result = mine.result, error = mine.error, lease_until = NULL
             FROM mine WHERE j.id = mine.id
             RETURNING j.token, j.status),
         counted AS (
@@ -2395,7 +2507,7 @@ class PostgresStore(Store):
             ON CONFLICT (name, shard) DO UPDATE SET value = c.value + EXCLUDED.value)
         SELECT token FROM done"""
     RETRY = """WITH job AS (
-            UPDATE queue_tool_jobs SET status = 'queued', owner = NULL, lease_until = NULL,
+            UPDATE queue_tool_jobs SET status = 'queued', lease_until = NULL,
                 progress = NULL, error = %(error)s,
                 run_at = now() + %(delay)s * interval '1 second', retried = retried + 1
             WHERE token = %(token)s AND owner = %(owner)s AND attempts = %(attempt)s
@@ -2423,11 +2535,11 @@ class PostgresStore(Store):
     # -- Canceling.
     LOCK_JOB = f"SELECT {COLUMNS} FROM queue_tool_jobs WHERE token = %s FOR UPDATE"
     CANCEL = f"""UPDATE queue_tool_jobs SET status = 'canceled', finished_at = now(),
-            owner = NULL, lease_until = NULL
+            lease_until = NULL
         WHERE token = %s RETURNING {COLUMNS}"""
     BATCH_EXISTS = "SELECT 1 FROM queue_tool_batches WHERE id = %s"
     CANCEL_BATCH = """UPDATE queue_tool_jobs AS j SET status = 'canceled', finished_at = now(),
-            owner = NULL, lease_until = NULL
+            lease_until = NULL
         FROM (SELECT id, status FROM queue_tool_jobs
               WHERE batch = %s AND status IN ('queued', 'running')
               ORDER BY id FOR UPDATE) AS old
@@ -2446,7 +2558,7 @@ class PostgresStore(Store):
         WHERE unique_key = ANY(%(keys)s::text[]) AND status IN ('queued', 'running')"""
     REQUEUE = """WITH job AS (
             UPDATE queue_tool_jobs SET status = 'queued', run_at = now(), finished_at = NULL,
-                owner = NULL, lease_until = NULL, progress = NULL, retried = 0,
+                lease_until = NULL, progress = NULL, retried = 0,
                 expires_at = NULL
             WHERE id = ANY(%(ids)s::bigint[])
             RETURNING token),
@@ -2456,7 +2568,7 @@ class PostgresStore(Store):
             ON CONFLICT (name, shard) DO UPDATE SET value = c.value + EXCLUDED.value)
         SELECT token FROM job"""
     CANCEL_JOBS = """UPDATE queue_tool_jobs AS j SET status = 'canceled', finished_at = now(),
-            owner = NULL, lease_until = NULL
+            lease_until = NULL
         FROM (SELECT id, status FROM queue_tool_jobs
               WHERE status = ANY(%(statuses)s::text[])
                 AND (%(queue)s::text IS NULL OR queue = %(queue)s)
@@ -2468,7 +2580,7 @@ class PostgresStore(Store):
     RELEASE = """WITH mine AS MATERIALIZED (
             SELECT id FROM queue_tool_jobs WHERE owner = %s AND status = 'running'
             ORDER BY id FOR UPDATE)
-        UPDATE queue_tool_jobs AS j SET status = 'queued', owner = NULL, lease_until = NULL,
+        UPDATE queue_tool_jobs AS j SET status = 'queued', lease_until = NULL,
             progress = NULL
         FROM mine WHERE j.id = mine.id
         RETURNING j.token"""
@@ -2486,7 +2598,7 @@ class PostgresStore(Store):
             finished_at = CASE WHEN attempts >= %(most)s THEN now() END,
             error = CASE WHEN attempts >= %(most)s
                     THEN 'worker lost after ' || attempts || ' attempts' ELSE error END,
-            owner = NULL, lease_until = NULL, progress = NULL
+            lease_until = NULL, progress = NULL
         FROM lost WHERE j.id = lost.id
         RETURNING j.token, j.status"""
 
@@ -2562,6 +2674,23 @@ class PostgresStore(Store):
     PRUNE_STARTS = """DELETE FROM queue_tool_queue_starts AS s
         WHERE at <= now() - coalesce((SELECT rate_per FROM queue_tool_queues
             WHERE name = s.queue AND rate_limit IS NOT NULL), 0) * interval '1 second'"""
+
+    # -- The fleet (see SQLiteStore's).
+    REGISTER = """INSERT INTO queue_tool_processes (id, host, pid, version, http, workers, queues)
+        VALUES (%(id)s, %(host)s, %(pid)s, %(version)s, %(http)s, %(workers)s, %(queues)s)
+        ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL,
+            http = excluded.http, workers = excluded.workers, queues = excluded.queues"""
+    HEARTBEAT = """UPDATE queue_tool_processes SET heartbeat_at = now(), workers = %s
+        WHERE id = %s AND stopped_at IS NULL RETURNING id"""
+    UNREGISTER = """UPDATE queue_tool_processes SET heartbeat_at = now(), stopped_at = now()
+        WHERE id = %s"""
+    LIST_PROCESSES = """SELECT id, host, pid, version, extract(epoch FROM started_at)::float8,
+            extract(epoch FROM heartbeat_at)::float8, http, workers, queues,
+            stopped_at IS NULL AND heartbeat_at > now() - %s * interval '1 second'
+        FROM queue_tool_processes"""
+    BUSY = "SELECT owner, count(*) FROM queue_tool_jobs WHERE status = 'running' GROUP BY owner"
+    PURGE_PROCESSES = """DELETE FROM queue_tool_processes
+        WHERE heartbeat_at < now() - %s * interval '1 second'"""
 
     # -- Retention.
     PURGE_JOBS = """DELETE FROM queue_tool_jobs WHERE id IN (
@@ -2967,9 +3096,10 @@ class PostgresStore(Store):
 
     def maintain(self):
         """Refresh the planner's statistics of the jobs table; prune the starts no
-        rate window counts."""
+        rate window counts and the processes gone an hour."""
         self._write(self.ANALYZE)
         self._write(self.PRUNE_STARTS)
+        self._write(self.PURGE_PROCESSES, (GONE_KEPT,))
 
     def expire(self):
         if not self._read(self.ANY_EXPIRED):
@@ -3034,6 +3164,18 @@ class PostgresStore(Store):
     def queue_limits(self):
         return {row[0]: _queue(row) for row in self._read(self.QUEUE_LIMITS)}
 
+    def register(self, process):
+        self._write(self.REGISTER, _process_params(process))
+
+    def heartbeat(self, process_id, workers):
+        return bool(self._write(self.HEARTBEAT, (workers, process_id)))
+
+    def unregister(self, process_id):
+        self._write(self.UNREGISTER, (process_id,))
+
+    def processes(self):
+        return _fleet(self._read(self.LIST_PROCESSES, (ALIVE_WITHIN,)), self._read(self.BUSY))
+
     def listen(self, most):
         """LISTEN on a dedicated connection (to listen_url when given), woken by the
         NOTIFY that submits, cancels and requeues send inside their transactions.
@@ -3097,6 +3239,45 @@ class Retry(Exception):
         self.delay = delay
 
 
+class Histograms:
+    """Prometheus histograms of one process, by their labels' values; the caller
+    holds a lock. Buckets from a millisecond to a day: the same for a job that
+    sleeps 2 ms and one that runs for hours, or waits days for its delay."""
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+               30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
+
+    def __init__(self):
+        self.series = {}  # label values -> [count in each bucket (not cumulative), +Inf, sum]
+
+    def observe(self, labels, value):
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = [0] * (len(self.BUCKETS) + 1) + [0.0]
+        series[bisect.bisect_left(self.BUCKETS, value)] += 1
+        series[-1] += value
+
+    def copy(self):
+        copied = Histograms()
+        copied.series = {labels: list(series) for labels, series in self.series.items()}
+        return copied
+
+    def samples(self, name, label_names):
+        """The text format's sample lines: cumulative buckets, _sum and _count."""
+        lines = []
+        for values, series in sorted(self.series.items()):
+            labels = ",".join(f'{label}="{value}"' for label, value in zip(
+                label_names, values, strict=True))
+            total = 0
+            for bound, count in zip((*self.BUCKETS, "+Inf"), series, strict=False):
+                total += count
+                le = bound if bound == "+Inf" else repr(bound)
+                lines.append(f'{name}_bucket{{{labels},le="{le}"}} {total}')
+            lines += [f"{name}_sum{{{labels}}} {series[-1]!r}",
+                      f"{name}_count{{{labels}}} {total}"]
+        return lines
+
+
 class Job:
     """What a processor receives: one running job.
 
@@ -3114,6 +3295,8 @@ class Job:
         self._thread = threading.current_thread()  # the worker running it
         self.deadline = None  # monotonic time its run must end by (the timer's)
         self._timed_out = False  # set by the timer, under the runner's lock
+        self._cut = False  # its run stopped without an outcome: a shutdown, a lost lease
+        self._outcome = None  # ("done" | "error" | "canceled", seconds) once it ended
 
     def set_progress(self, fraction):
         """Report progress from 0 to 1; shown by GET /check while the job runs."""
@@ -3169,8 +3352,10 @@ class Runner:
 
     def __init__(self, store, process=wait_valor, workers=16, lease=30.0, max_attempts=3,
                  retention=7 * 86400.0, grace=10.0, queues=None, retry_delay=1.0,
-                 max_delay=30 * 86400.0, retries=0, timeout=None, restart_stuck=False):
+                 max_delay=30 * 86400.0, retries=0, timeout=None, restart_stuck=False,
+                 http=False):
         self.store, self.process = store, process
+        self.http = http  # what it tells the fleet: this process serves HTTP
         self.timeout, self.restart_stuck = timeout, restart_stuck  # timeout: None, no limit
         self.workers, self.lease, self.max_attempts = workers, lease, max_attempts
         self.retention, self.grace = retention, grace
@@ -3210,6 +3395,8 @@ class Runner:
         self._stuck_at = {}
         self._timer_wake = threading.Condition(self._lock)  # a run with a deadline began
         self._abandoned = set()  # worker threads whose run timed out and went on
+        # This process's runs for /metrics, by (queue,) and by (queue, outcome); guarded.
+        self.wait_seconds, self.run_seconds = Histograms(), Histograms()
         self._polling = False  # an idle worker looks again at a full queue (LIMIT_POLL)
         self._handoff = False  # the looking worker found a job: another takes over
 
@@ -3244,12 +3431,26 @@ class Runner:
                                                 daemon=True))
             self._threads = threads
         try:
+            self.store.register(self._record())
             self._recover()
             self.refresh_limits()
-        except StoreError as exc:  # an outage: the housekeeper tries again
+        except StoreError as exc:  # an outage: the housekeeper and the clock try again
             log.error("recovering lost jobs failed: %s", exc)
         for thread in threads:
             thread.start()
+
+    def _record(self):
+        """This process as the fleet lists it (PROCESS_RECORD)."""
+        return {"id": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                "version": __version__, "http": self.http, "workers": self.workers,
+                "queues": self.queues}
+
+    def _heartbeat(self):
+        """Refresh this process's record; make it again if it is gone (an outage at
+        start, or a purge that a skewed clock brought early)."""
+        if not self.store.heartbeat(self.owner, self.alive_workers()) \
+                and not self._stopping.is_set():  # stop() marked it stopped: it stays so
+            self.store.register(self._record())
 
     def stop(self, grace=None):
         """Stop claiming, give running jobs `grace` seconds, requeue the rest.
@@ -3265,6 +3466,16 @@ class Runner:
             self._wake.notify_all()
             threads = [thread for thread in self._threads if thread is not self._committer
                        and thread.name != "queue_tool-timer" and thread not in self._abandoned]
+        try:
+            return self._wind_down(threads, grace)
+        finally:
+            try:
+                self.store.unregister(self.owner)
+            except StoreError as exc:  # its heartbeat stops: gone in ALIVE_WITHIN seconds
+                log.warning("could not record this process as stopped: %s", exc)
+
+    def _wind_down(self, threads, grace):
+        """stop()'s work once the threads were told: grace, then the release."""
         deadline = time.monotonic() + grace
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -3273,6 +3484,7 @@ class Runner:
             self._timer_wake.notify()
             live = list(self._live.values())
         for job, _ in live:
+            job._cut = True  # put back in the queue, not ended: no outcome of its own
             job.canceled.set()  # the default processor returns at once
         if not self._stop_committer():
             log.error("a claim or an end was still being recorded after %gs; running jobs"
@@ -3419,6 +3631,11 @@ class Runner:
             else:
                 time.sleep(min(pause, remaining))
                 pause = min(pause * 2, 0.25)
+
+    def histograms(self):
+        """Copies of this process's (wait_seconds, run_seconds)."""
+        with self._lock:
+            return self.wait_seconds.copy(), self.run_seconds.copy()
 
     def alive_workers(self):
         """Worker threads running in this process now."""
@@ -3611,7 +3828,9 @@ class Runner:
             # job was claimed again: the old run holds it no more, so it is told to stop.
             displaced = self._live.get(job.token)
             self._live[job.token] = entry
+            self.wait_seconds.observe((job.queue,), max(0.0, row["started_at"] - row["run_at"]))
         if displaced is not None:
+            displaced[0]._cut = True
             displaced[0].canceled.set()
         if job.timeout:
             with self._lock:
@@ -3625,6 +3844,8 @@ class Runner:
                     del self._live[job.token]
                 if not job._timed_out:  # else the timer settled it
                     self._busy -= 1
+                if job._outcome is not None:
+                    self.run_seconds.observe((job.queue, job._outcome[0]), job._outcome[1])
                 self._committer_wake.notify()
             ended.set()
 
@@ -3641,12 +3862,16 @@ class Runner:
             log.warning("job %s failed", job.token, exc_info=True,
                         extra={"token": job.token, "attempt": job.attempts})
             status, result, error = FAILED, None, str(exc) or type(exc).__name__
+        ran = time.monotonic() - started
         if job.canceled.is_set():
             # Canceled (already final in the store), timed out (ended by the timer)
             # or cut short by a shutdown, which puts it back in the queue: either
             # way it does not end here.
+            if not (job._timed_out or job._cut):
+                job._outcome = ("canceled", ran)
             return None
-        return self._end(job, status, result, error, delay, time.monotonic() - started,
+        job._outcome = ("done" if status == DONE else "error", ran)
+        return self._end(job, status, result, error, delay, ran,
                          claim=not self._stopping.is_set())
 
     def _end(self, job, status, result, error, delay, ran, claim):
@@ -3702,6 +3927,7 @@ class Runner:
                     del self._live[job.token]  # over for its waiters and the lease renewals
                     job._timed_out = True
                     self._busy -= 1
+                    self.run_seconds.observe((job.queue, "error"), job.timeout)
                     self._abandoned.add(job._thread)
                     self._stuck_at[job] = now + self.grace
                     workers.append(threading.Thread(
@@ -3776,11 +4002,18 @@ class Runner:
 
     def _clock(self, stopping):
         """Make the jobs of due schedule slots, waking at the next slot (and at least
-        every clock_interval, for schedules put by other processes); expire jobs."""
-        failing = False
+        every clock_interval, for schedules put by other processes); expire jobs;
+        refresh this process's heartbeat every HEARTBEAT seconds."""
+        failing, beat_at = False, time.monotonic() + HEARTBEAT
         while not stopping.is_set():
             self._rescheduled.clear()  # before the look: a change meanwhile wakes the wait
             made = []
+            if time.monotonic() >= beat_at:
+                beat_at = time.monotonic() + HEARTBEAT
+                try:
+                    self._heartbeat()
+                except StoreError as exc:  # an outage: the schedules' look says so
+                    log.debug("heartbeat failed: %s", exc)
             try:
                 # Expiry first: a schedule that cannot be made does not hold it up.
                 for token in self.store.expire():
@@ -3899,8 +4132,12 @@ GUARDED = frozenset({("POST", "/api"), ("DELETE", "/check/{token}"), ("DELETE", 
                      ("GET", "/schedules/{name}"), ("PUT", "/schedules/{name}"),
                      ("DELETE", "/schedules/{name}"), ("POST", "/check/{token}/retry"),
                      ("POST", "/jobs/retry"), ("POST", "/jobs/cancel"), ("GET", "/queues"),
-                     ("GET", "/queues/{name}"), ("PATCH", "/queues/{name}")})
+                     ("GET", "/queues/{name}"), ("PATCH", "/queues/{name}"),
+                     ("GET", "/workers")})
 QUEUE_SETTINGS = ("paused", "concurrency", "rate")
+# GET /queues and the per-queue gauge: a read slower than QUEUES_SLOW seconds is used
+# again for QUEUES_FRESH times as long (QUEUES_FRESH_MOST seconds at most).
+QUEUES_SLOW, QUEUES_FRESH, QUEUES_FRESH_MOST = 0.01, 20, 10.0
 MAX_LIMIT_VALUE = 2 ** 31 - 1  # the largest concurrency or rate limit (PostgreSQL's integer)
 MAX_RATE_PER = 86400.0
 
@@ -3928,7 +4165,8 @@ def job_view(row, now):
             "started_at": iso_time(row["started_at"]),
             "finished_at": iso_time(row["finished_at"]), "attempts": row["attempts"],
             "queue": row["queue"], "priority": row["priority"], "retries": row["retries"],
-            "run_at": iso_time(row["run_at"]), "batch": row["batch"]}
+            "run_at": iso_time(row["run_at"]), "batch": row["batch"],
+            "worker": row["owner"]}
     if status == RUNNING:
         view["progress"] = job_progress(row, now)
     elif status == DONE and row["result"] is not None:
@@ -4310,6 +4548,12 @@ def openapi_document(schema, settings):
                         "400": reply("invalid_queue_settings or invalid_queue (or a malformed"
                                      " body); nothing changed", error),
                         "415": reply("Content-Type is not JSON", error)})},
+            "/workers": {"get": operation(
+                "List the processes of the fleet, alive ones first", responses={
+                    "200": reply(f"every process seen within {GONE_KEPT / 3600:g} hour", {
+                        "type": "object", "required": ["processes"],
+                        "properties": {"processes": {"type": "array", "items": {
+                            "$ref": "#/components/schemas/Process"}}}})})},
             "/health": {"get": operation("Liveness and queue depth", responses={
                 "200": reply("the service can read its store", {
                     "type": "object", "properties": {
@@ -4367,6 +4611,8 @@ def openapi_document(schema, settings):
                     "run_at": {"type": "string", "format": "date-time",
                                "description": "when it may start next"},
                     "batch": {"type": ["string", "null"]},
+                    "worker": {"type": ["string", "null"],
+                               "description": "the process that runs or last ran it"},
                     "progress": {"type": "number", "minimum": 0, "maximum": 1},
                     "result": {}, "error": {"type": "string"},
                     "unique": {"type": "string"},
@@ -4404,6 +4650,18 @@ def openapi_document(schema, settings):
                     "concurrency": {"type": ["integer", "null"]},
                     "rate": {"type": ["object", "null"], "properties": {
                         "limit": {"type": "integer"}, "per": {"type": "number"}}}}},
+                "Process": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "host": {"type": "string"},
+                    "pid": {"type": "integer"}, "version": {"type": "string"},
+                    "started_at": {"type": "string", "format": "date-time"},
+                    "heartbeat_at": {"type": "string", "format": "date-time"},
+                    "http": {"type": "boolean", "description": "it serves HTTP"},
+                    "workers": {"type": "integer"},
+                    "busy": {"type": "integer", "description": "jobs it runs now"},
+                    "queues": {"type": ["array", "null"], "items": {"type": "string"},
+                               "description": "the queues it works; null: every queue"},
+                    "alive": {"type": "boolean",
+                              "description": f"a heartbeat within {ALIVE_WITHIN:g} s"}}},
                 "Schedule": {"type": "object", "properties": {
                     "name": {"type": "string"}, "cron": {"type": "string"},
                     "every": {"type": "number"}, "timezone": {"type": ["string", "null"]},
@@ -4453,11 +4711,13 @@ class App:
             "/schedules": {"GET": self.get_schedules},
             "/schedules/{name}": {"GET": self.get_schedule, "PUT": self.put_schedule,
                                   "DELETE": self.delete_schedule},
+            "/workers": {"GET": self.get_workers},
             "/health": {"GET": self.get_health},
             "/metrics": {"GET": self.get_metrics},
             "/openapi.json": {"GET": self.get_openapi},
         }
         self._openapi = None
+        self._queues_read = (0.0, [])  # (monotonic time it is stale, queue views)
 
     def start(self):
         self.runner.start()
@@ -4768,7 +5028,21 @@ class App:
 
     def get_queues(self, environ):
         """Every queue a job or a setting named, by name: 200."""
-        return self._json(200, {"queues": self.store.queues()})
+        return self._json(200, {"queues": self._queue_list()})
+
+    def _queue_list(self):
+        """Every queue's view. A read that took long (the counting, on a store of
+        millions of jobs) is used again until QUEUES_FRESH times its time has passed:
+        the pages and scrapers that poll it cost the store a bounded share (a
+        twentieth), however many they are. A settings change made here is seen at once."""
+        now = time.monotonic()
+        fresh, views = self._queues_read
+        if now >= fresh:
+            views = self.store.queues()
+            took = time.monotonic() - now
+            if took >= QUEUES_SLOW:
+                self._queues_read = (now + min(QUEUES_FRESH * took, QUEUES_FRESH_MOST), views)
+        return copy.deepcopy(views)
 
     @staticmethod
     def _queue_name(name):
@@ -4793,6 +5067,7 @@ class App:
             self.runner.set_queue(name, lambda before: merge_queue(before, patch))
         except InvalidQueueSettings as exc:
             raise ApiError(400, "invalid_queue_settings", str(exc)) from None
+        self._queues_read = (0.0, [])
         view = self.store.queues(name)[0]
         log.info("queue %s: paused %s, concurrency %s, rate %s", name, view["paused"],
                  view["concurrency"], view["rate"])
@@ -4845,6 +5120,14 @@ class App:
         log.info("schedule %s deleted", name)
         return self._json(200, schedule_view(row))
 
+    def get_workers(self, environ):
+        """The processes of the fleet: 200."""
+        processes = self.store.processes()
+        for process in processes:
+            process["started_at"] = iso_time(process["started_at"])
+            process["heartbeat_at"] = iso_time(process["heartbeat_at"])
+        return self._json(200, {"processes": processes})
+
     def get_health(self, environ):
         """Liveness and queue depth: 200, or 503 when the store cannot be read."""
         counts = self.store.counts()
@@ -4871,9 +5154,21 @@ class App:
              [(f'{{status="{s}"}}', counts[s]) for s in (QUEUED, RUNNING)]),
             ("queue_tool_workers", "gauge", "Worker threads alive in this process.",
              [("", self.runner.alive_workers())]),
+            ("queue_tool_queue_jobs", "gauge", "Jobs queued or running now, by queue.",
+             [(f'{{queue="{queue["name"]}",status="{s}"}}', queue[s])
+              for queue in self._queue_list() for s in (QUEUED, RUNNING)]),
         ):
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
             lines += [f"{name}{labels} {value}" for labels, value in samples]
+        waits, runs = self.runner.histograms()
+        for name, text, histograms, labels in (
+            ("queue_tool_job_wait_seconds", "Seconds from a job's run_at to its start, here.",
+             waits, ("queue",)),
+            ("queue_tool_job_run_seconds", "Seconds one run took here, by how it ended.",
+             runs, ("queue", "status")),
+        ):
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram",
+                      *histograms.samples(name, labels)]
         body = ("\n".join(lines) + "\n").encode()
         return 200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], body
 
@@ -4961,7 +5256,7 @@ def make_app(settings=None, process=None, **overrides):
                     retention=settings.retention, grace=settings.grace,
                     queues=settings.queues and settings.queues.split(","),
                     retry_delay=settings.retry_delay, max_delay=settings.max_delay,
-                    retries=settings.retries, timeout=settings.timeout)
+                    retries=settings.retries, timeout=settings.timeout, http=True)
     service = App(settings, store, runner)
     if settings.schedules is not None:
         try:
@@ -5433,7 +5728,7 @@ def main(argv=None):
         service.close(grace=0)  # the schema is set up, the settings work: the children work
         return Supervisor(processes, overrides, settings.grace).run()
     if command == "worker":
-        service.runner.restart_stuck = child is not None
+        service.runner.restart_stuck, service.runner.http = child is not None, False
         return _work(service, settings)
     try:
         server = wsgiref.simple_server.make_server(
@@ -5600,13 +5895,19 @@ button.primary { background: var(--accent); border-color: var(--accent); color: 
 input, select, textarea { font: inherit; padding: 4px 6px; border: 1px solid var(--line);
   border-radius: 6px; box-sizing: border-box; }
 .row { display: flex; gap: 6px; margin-bottom: 6px; }
-#chart { width: 100%; height: 150px; background: var(--bg); border: 1px solid var(--line);
+.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 12px; }
+.chart { width: 100%; height: auto; background: var(--bg); border: 1px solid var(--line);
   border-radius: 8px; display: block; }
-#chart .axis { stroke: var(--line); } #chart polyline { fill: none; stroke-width: 2; }
-#chart .finished { stroke: #11622d; } #chart .queued { stroke: var(--accent); }
+.chart .grid { stroke: var(--line); } .chart .base { stroke: #9aa5b1; }
+.chart text { font-size: 13px; fill: var(--muted); } figure { margin: 0; } .chart polyline { fill: none; stroke-width: 2; }
+.chart .finished { stroke: #11622d; } .chart .queued { stroke: var(--accent); }
 .key { display: inline-block; width: 14px; height: 4px; vertical-align: middle; }
 .key.finished { background: #11622d; } .key.queued { background: var(--accent); }
 .legend { display: flex; gap: 18px; flex-wrap: wrap; margin: 6px 0; }
+.badge.alive { background: #dcf5e3; color: #11622d; border-color: #8fd3a5; }
+.badge.gone, .badge.paused { background: #fff1d6; color: #7a4b00; border-color: #eac37a; }
+.badge.active { background: #eef1f4; color: #38424c; border-color: #c9d1d9; }
+.panel-note { margin: 4px 0; }
 #detail { background: var(--bg); border: 1px solid var(--line); border-radius: 8px;
   padding: 4px 12px 10px; margin-top: 14px; }
 #detail dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 6px 0; }
@@ -5638,7 +5939,8 @@ progress { width: 7em; vertical-align: middle; }
 <body data-base="__BASE__">
 <header><h1>queue_tool</h1><span id="status" class="muted">connecting</span></header>
 <form id="key-form" hidden>
-  <p>This service needs its API key to list, submit and cancel jobs.</p>
+  <p>This service needs its API key to list, submit, cancel and retry jobs and to steer its
+    queues and schedules. The page keeps it in memory only: a reload asks again.</p>
   <div class="actions"><input id="key" type="password" autocomplete="off" aria-label="API key"
     placeholder="API key"><button class="primary">Use key</button></div>
 </form>
@@ -5649,21 +5951,53 @@ progress { width: 7em; vertical-align: middle; }
   <div class="count"><span class="badge failed">Falhou</span><strong id="n-failed">-</strong>failed, all time</div>
   <div class="count"><span class="badge canceled">Cancelado</span><strong id="n-canceled">-</strong>canceled, all time</div>
   <div class="count"><span class="muted">workers</span><strong id="n-workers">-</strong>in this process</div>
+  <div class="count"><span class="muted">processes</span><strong id="n-processes">-</strong>alive in the fleet</div>
 </section>
 <section id="activity" aria-label="Activity over the last five minutes">
   <h2>Last five minutes</h2>
-  <svg id="chart" viewBox="0 0 600 150" preserveAspectRatio="none" role="img"
-    aria-label="jobs finished per second and jobs queued, each second">
-    <line class="axis" x1="0" y1="140" x2="600" y2="140"></line>
-    <polyline id="line-finished" class="finished" points=""></polyline>
-    <polyline id="line-queued" class="queued" points=""></polyline>
-  </svg>
-  <div class="legend">
-    <span><span class="key finished"></span> finished per second: <strong id="rate-now">-</strong>
-      (peak <span id="rate-max">-</span>)</span>
-    <span><span class="key queued"></span> queued: <strong id="depth-now">-</strong>
-      (peak <span id="depth-max">-</span>)</span>
+  <div class="charts">
+    <figure>
+      <svg id="chart-finished" class="chart" viewBox="0 0 600 170" role="img"
+        aria-label="jobs finished per second, each second">
+        <g class="axes"></g><polyline id="line-finished" class="finished" points=""></polyline>
+      </svg>
+      <figcaption class="legend"><span><span class="key finished"></span> finished per second:
+        <strong id="rate-now">-</strong> (peak <span id="rate-max">-</span>)</span></figcaption>
+    </figure>
+    <figure>
+      <svg id="chart-queued" class="chart" viewBox="0 0 600 170" role="img"
+        aria-label="jobs queued, each second">
+        <g class="axes"></g><polyline id="line-queued" class="queued" points=""></polyline>
+      </svg>
+      <figcaption class="legend"><span><span class="key queued"></span> queued:
+        <strong id="depth-now">-</strong> (peak <span id="depth-max">-</span>)</span></figcaption>
+    </figure>
   </div>
+</section>
+<section id="fleet-panel" aria-label="The processes of the fleet">
+  <h2>Processes</h2>
+  <p id="fleet-note" class="muted panel-note"></p>
+  <table><thead><tr><th>Host</th><th>Pid</th><th>Role</th><th>Workers</th><th>Busy</th>
+    <th>Queues</th><th>Heartbeat</th><th>State</th></tr></thead><tbody id="fleet"></tbody></table>
+</section>
+<section id="queues-panel" aria-label="Queues">
+  <h2>Queues</h2>
+  <p id="queues-note" class="muted panel-note"></p>
+  <table><thead><tr><th>Queue</th><th>Queued</th><th>Running</th><th>Concurrency</th>
+    <th>Rate</th><th>State</th><th></th></tr></thead><tbody id="queues"></tbody></table>
+</section>
+<section id="schedules-panel" aria-label="Schedules">
+  <h2>Schedules</h2>
+  <p id="schedules-note" class="muted panel-note"></p>
+  <table><thead><tr><th>Schedule</th><th>Timing</th><th>Next run</th><th>Last job</th>
+    <th>State</th><th></th></tr></thead><tbody id="schedules"></tbody></table>
+</section>
+<section id="failed-panel" aria-label="Failed jobs">
+  <h2>Failed jobs</h2>
+  <div class="toolbar"><button type="button" id="retry-all">Retry all shown</button>
+    <span id="failed-note" class="muted"></span></div>
+  <table><thead><tr><th>Token</th><th>Item</th><th>Queue</th><th>Attempts</th><th>Error</th>
+    <th>Finished</th><th></th></tr></thead><tbody id="failed"></tbody></table>
 </section>
 <section>
   <h2>Submit a batch</h2>
@@ -5708,7 +6042,8 @@ progress { width: 7em; vertical-align: middle; }
 "use strict";
 const base = document.body.dataset.base;
 const $ = (id) => document.getElementById(id);
-let key = sessionStorage.getItem("queue_tool.key") || "";
+let key = "";  // the API key: in this page's memory only, asked for once
+let keyAsked = [];  // actions waiting for the key
 let before = null, next = null, busy = false;
 
 function el(tag, text, className) {
@@ -5717,18 +6052,61 @@ function el(tag, text, className) {
   if (className) node.className = className;
   return node;
 }
-async function api(method, path, body) {
-  const headers = {};
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  if (key) headers["Authorization"] = "Bearer " + key;
-  const response = await fetch(base + path, {method, headers, body, cache: "no-store"});
-  const text = await response.text();
-  let data = text;
-  try { data = JSON.parse(text); } catch (e) { /* /metrics is text */ }
-  if (response.status === 401) $("key-form").hidden = false;
-  return {status: response.status, data};
+// One call of the API. An action refused for want of the key (401) asks for it, once,
+// then goes again with it; a refresh refused only shows the form.
+async function api(method, path, body, contentType) {
+  for (let again = false; ; again = true) {
+    const headers = {};
+    if (body !== undefined) headers["Content-Type"] = contentType || "application/json";
+    if (key) headers["Authorization"] = "Bearer " + key;
+    const response = await fetch(base + path, {method, headers, body, cache: "no-store"});
+    const text = await response.text();
+    let data = text;
+    try { data = JSON.parse(text); } catch (e) { /* /metrics is text */ }
+    if (response.status === 401) {
+      $("key-form").hidden = false;
+      if (method !== "GET" && !again) {
+        await new Promise((resolve) => keyAsked.push(resolve));
+        continue;
+      }
+    }
+    return {status: response.status, data};
+  }
 }
 function when(iso) { return iso ? new Date(iso).toLocaleString() : ""; }
+function ago(iso) {
+  const seconds = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  return seconds < 90 ? Math.round(seconds) + " s ago" : Math.round(seconds / 60) + " min ago";
+}
+function button(text, action) {
+  const node = el("button", text);
+  node.type = "button";
+  node.addEventListener("click", async () => {
+    node.disabled = true;
+    try { await action(); } finally { node.disabled = false; refresh(); }
+  });
+  return node;
+}
+function tableRow(cells) {
+  const row = el("tr");
+  for (const [label, content] of cells) {
+    const td = el("td");
+    if (label) td.dataset.label = label;
+    if (content instanceof Node) td.append(content); else td.textContent = content;
+    row.append(td);
+  }
+  return row;
+}
+function fill(bodyId, noteId, answer, rows, empty) {
+  if (answer.status !== 200) {
+    $(bodyId).replaceChildren();
+    $(noteId).textContent = answer.status === 401 ? "The API key is needed to see this."
+      : (answer.data.message || "cannot read this: " + answer.status);
+    return;
+  }
+  $(noteId).textContent = rows.length ? "" : empty;
+  $(bodyId).replaceChildren(...rows);
+}
 
 async function refreshCounts() {
   const health = await api("GET", "/health");
@@ -5747,9 +6125,9 @@ async function refreshCounts() {
   sample(health.status === 200 ? health.data.queued : null, finished);
 }
 
-// The chart: one sample a second for five minutes, from what /health and /metrics
-// already say. Each line has its own scale, its peak named in the legend.
-const samples = [];
+// The charts: one sample a second for five minutes, from what /health and /metrics
+// already say; each has its own scale, marked on its axis.
+const samples = [], WIDTH = 600, LEFT = 52, TOP = 10, BASE = 140, SPAN = 300;
 let lastFinished = null, lastTime = null;
 function sample(queued, finished) {
   const now = performance.now() / 1000;
@@ -5759,27 +6137,119 @@ function sample(queued, finished) {
   }
   if (finished !== null) { lastFinished = finished; lastTime = now; }
   samples.push({rate, queued});
-  if (samples.length > 300) samples.shift();
-  drawChart();
+  if (samples.length > SPAN) samples.shift();
+  drawCharts();
 }
-function points(values) {
-  const known = values.filter((v) => v !== null), peak = Math.max(0, ...known);
+function niceTop(peak) {  // the smallest 1, 2 or 5 times a power of ten at or above peak
+  if (!(peak > 0)) return 1;
+  const power = Math.pow(10, Math.floor(Math.log10(peak)));
+  return [1, 2, 5, 10].map((n) => n * power).find((n) => n >= peak * 0.9999);
+}
+function svg(tag, attributes, text) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+function number(value) {
+  return value >= 1e6 ? (value / 1e6) + "M" : value >= 1e4 ? (value / 1e3) + "k" : String(value);
+}
+function drawChart(chart, line, values) {
+  const known = values.filter((v) => v !== null), peak = Math.max(0, ...known), top = niceTop(peak);
+  const step = (WIDTH - LEFT - 8) / (SPAN - 1), axes = [];
+  for (const fraction of [0, 0.5, 1]) {
+    const y = BASE - fraction * (BASE - TOP), value = Math.round(top * fraction * 1000) / 1000;
+    axes.push(svg("line", {class: fraction ? "grid" : "base", x1: LEFT, y1: y, x2: WIDTH - 8, y2: y}),
+              svg("text", {x: LEFT - 6, y: y + 4, "text-anchor": "end"}, number(value)));
+  }
+  for (let minutes = 0; minutes <= 5; minutes++) {
+    const x = WIDTH - 8 - minutes * 60 * step;
+    axes.push(svg("text", {x, y: BASE + 18, "text-anchor": minutes ? "middle" : "end"},
+                  minutes ? "-" + minutes + " min" : "now"));
+  }
+  if (!known.length || peak === 0) {
+    axes.push(svg("text", {x: (LEFT + WIDTH) / 2, y: (TOP + BASE) / 2, "text-anchor": "middle"},
+                  known.length ? "nothing yet in five minutes" : "waiting for the first sample"));
+  }
+  chart.querySelector(".axes").replaceChildren(...axes);
   const out = [];
   values.forEach((v, i) => {
     if (v === null) return;
-    const x = 600 - (values.length - 1 - i) * 2, y = 140 - (peak ? v / peak : 0) * 125;
+    const x = WIDTH - 8 - (values.length - 1 - i) * step, y = BASE - (v / top) * (BASE - TOP);
     out.push(x.toFixed(1) + "," + y.toFixed(1));
   });
-  return {points: out.join(" "), peak, now: known.length ? known[known.length - 1] : null};
+  line.setAttribute("points", out.join(" "));
+  return {peak, now: known.length ? known[known.length - 1] : null};
 }
-function drawChart() {
-  const rate = points(samples.map((s) => s.rate)), depth = points(samples.map((s) => s.queued));
-  $("line-finished").setAttribute("points", rate.points);
-  $("line-queued").setAttribute("points", depth.points);
+function drawCharts() {
+  const rate = drawChart($("chart-finished"), $("line-finished"), samples.map((s) => s.rate));
+  const depth = drawChart($("chart-queued"), $("line-queued"), samples.map((s) => s.queued));
   $("rate-now").textContent = rate.now === null ? "-" : rate.now.toFixed(1);
   $("rate-max").textContent = rate.peak.toFixed(1);
   $("depth-now").textContent = depth.now === null ? "-" : depth.now;
   $("depth-max").textContent = depth.peak;
+}
+
+// The panels: the fleet, the queues, the schedules, the failed jobs.
+async function refreshFleet() {
+  const answer = await api("GET", "/workers");
+  const processes = answer.status === 200 ? answer.data.processes : [];
+  $("n-processes").textContent = answer.status === 200 ? processes.filter((p) => p.alive).length : "-";
+  fill("fleet", "fleet-note", answer, processes.map((p) => tableRow([
+    ["Host", p.host], ["Pid", p.pid], ["Role", p.http ? "serves and works" : "works"],
+    ["Workers", p.workers], ["Busy", p.busy], ["Queues", p.queues ? p.queues.join(", ") : "every"],
+    ["Heartbeat", ago(p.heartbeat_at)],
+    ["State", el("span", p.alive ? "alive" : "gone", "badge " + (p.alive ? "alive" : "gone"))]])),
+    "No process has recorded itself yet.");
+}
+function rateText(rate) { return rate ? rate.limit + " per " + rate.per + " s" : "none"; }
+async function refreshQueues() {
+  const answer = await api("GET", "/queues");
+  fill("queues", "queues-note", answer, answer.status !== 200 ? [] : answer.data.queues.map((q) => {
+    const row = tableRow([
+      ["Queue", q.name], ["Queued", q.queued], ["Running", q.running],
+      ["Concurrency", q.concurrency === null ? "none" : q.concurrency], ["Rate", rateText(q.rate)],
+      ["State", el("span", q.paused ? "paused" : "active", "badge " + (q.paused ? "paused" : "active"))],
+      ["", button(q.paused ? "Resume" : "Pause", () => api("PATCH", "/queues/" + encodeURIComponent(q.name),
+        JSON.stringify({paused: !q.paused}), "application/merge-patch+json"))]]);
+    row.dataset.queue = q.name;
+    return row;
+  }), "No queue yet: one appears with its first job.");
+}
+async function refreshSchedules() {
+  const answer = await api("GET", "/schedules");
+  fill("schedules", "schedules-note", answer, answer.status !== 200 ? [] : answer.data.schedules.map((c) => {
+    const timing = c.cron !== undefined ? "cron " + c.cron : "every " + c.every + " s";
+    const last = c.last_job ? button(c.last_job.slice(0, 8) + "\u2026", () => showDetail("job", c.last_job)) : "none yet";
+    const body = {job: c.job, paused: !c.paused};
+    if (c.cron !== undefined) body.cron = c.cron; else body.every = c.every;
+    if (c.timezone) body.timezone = c.timezone;
+    const row = tableRow([
+      ["Schedule", c.name], ["Timing", timing + (c.timezone ? " (" + c.timezone + ")" : "")],
+      ["Next run", c.paused ? "paused" : when(c.next_run_at)], ["Last job", last],
+      ["State", el("span", c.paused ? "paused" : "active", "badge " + (c.paused ? "paused" : "active"))],
+      ["", button(c.paused ? "Resume" : "Pause", () => api("PUT", "/schedules/" + encodeURIComponent(c.name),
+        JSON.stringify(body)))]]);
+    row.dataset.schedule = c.name;
+    return row;
+  }), "No schedule: PUT /schedules/<name> makes one.");
+}
+let failedShown = [];
+async function refreshFailed() {
+  const answer = await api("GET", "/jobs?status=failed&limit=10");
+  failedShown = answer.status === 200 ? answer.data.jobs.map((job) => job.hash) : [];
+  $("retry-all").disabled = !failedShown.length;
+  fill("failed", "failed-note", answer, answer.status !== 200 ? [] : answer.data.jobs.map((job) => {
+    const open = el("button", job.hash.slice(0, 8) + "\u2026");
+    open.type = "button"; open.title = "show job " + job.hash;
+    open.addEventListener("click", () => showDetail("job", job.hash));
+    const row = tableRow([
+      ["Token", open], ["Item", job.item], ["Queue", job.queue], ["Attempts", job.attempts],
+      ["Error", el("span", job.error, "error")], ["Finished", when(job.finished_at)],
+      ["", button("Retry", () => api("POST", "/check/" + job.hash + "/retry"))]]);
+    row.dataset.token = job.hash;
+    return row;
+  }), "No failed job.");
 }
 
 // The detail panel: every field of one job, or a batch with its jobs.
@@ -5904,7 +6374,8 @@ async function refresh() {
   if (busy) return;
   busy = true;
   try {
-    await Promise.all([refreshCounts(), refreshJobs(),
+    await Promise.all([refreshCounts(), refreshJobs(), refreshFleet(), refreshQueues(),
+                       refreshSchedules(), refreshFailed(),
                        shown && !shown.final ? showDetail(shown.kind, shown.id) : null]);
     $("status").textContent = "live, updated " + new Date().toLocaleTimeString();
   } catch (e) {
@@ -5972,8 +6443,14 @@ $("batch-form").addEventListener("submit", async (event) => {
 $("key-form").addEventListener("submit", (event) => {
   event.preventDefault();
   key = $("key").value;
-  sessionStorage.setItem("queue_tool.key", key);
+  $("key").value = "";
   $("key-form").hidden = true;
+  for (const resume of keyAsked.splice(0)) resume();
+  refresh();
+});
+$("retry-all").addEventListener("click", async () => {
+  $("retry-all").disabled = true;
+  for (const token of failedShown) await api("POST", "/check/" + token + "/retry");
   refresh();
 });
 $("add-row").addEventListener("click", addRow);

@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -1007,8 +1008,8 @@ def test_stop_puts_jobs_back_only_after_the_claim_under_way(make):
     hold.set()
     stopper.join(30)
     assert order == ["claimed", "released"]
-    row = store.get(token)
-    assert (row["status"], row["owner"], row["attempts"]) == ("queued", None, 1)
+    row = store.get(token)  # its owner stays: the process that last ran it
+    assert (row["status"], row["owner"], row["attempts"]) == ("queued", built.runner.owner, 1)
 
 
 # -- Shutdown --------------------------------------------------------------------------------
@@ -1024,7 +1025,7 @@ def test_close_gives_grace_then_requeues_without_failing(make, gated, seen, gate
     reader = make(workers=0)
     for token in tokens:
         row = reader.store.get(token)
-        assert row["status"] == "queued" and row["owner"] is None
+        assert row["status"] == "queued" and row["lease_until"] is None
     assert_queued_gauge_is_true(db)
 
 
@@ -1291,31 +1292,30 @@ def test_unreadable_store_is_503_store_unavailable(make, tmp_path, method, path)
                              "error": "store_unavailable"}
 
 
-METRIC_LINE = re.compile(r'([a-z_]+)(\{status="[a-z]+"\})? (\d+)\Z')
+METRIC_TYPES = {"queue_tool_jobs_submitted": "counter", "queue_tool_items_invalid": "counter",
+                "queue_tool_items_duplicate": "counter", "queue_tool_jobs_finished": "counter",
+                "queue_tool_jobs_retried": "counter", "queue_tool_jobs": "gauge",
+                "queue_tool_workers": "gauge", "queue_tool_queue_jobs": "gauge",
+                "queue_tool_job_wait_seconds": "histogram",
+                "queue_tool_job_run_seconds": "histogram"}
 
 
-def scrape(client):
-    """Parse /metrics line by line: every line is HELP, TYPE or `name{labels} value`."""
+def scrape(client, families=None):
+    """/metrics as the official parser reads it: {'name{label="value",...}': value}, the
+    labels in name order; `families`, when given, gets {family name: its samples}."""
+    from prometheus_client.parser import text_string_to_metric_families
     response = client.get("/metrics", status=200)
     assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     samples, typed = {}, {}
-    for line in response.text.splitlines():
-        if line.startswith("# HELP "):
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            typed[name] = kind
-            continue
-        match = METRIC_LINE.match(line)
-        assert match, f"not a sample line: {line!r}"
-        assert match[1] in typed, f"{match[1]} has no TYPE line before it"
-        samples[match[1] + (match[2] or "")] = int(match[3])
-    assert typed == {"queue_tool_jobs_submitted_total": "counter",
-                     "queue_tool_items_invalid_total": "counter",
-                     "queue_tool_items_duplicate_total": "counter",
-                     "queue_tool_jobs_finished_total": "counter",
-                     "queue_tool_jobs_retried_total": "counter",
-                     "queue_tool_jobs": "gauge", "queue_tool_workers": "gauge"}
+    for family in text_string_to_metric_families(response.text):
+        typed[family.name] = family.type
+        if families is not None:
+            families[family.name] = family.samples
+        for sample in family.samples:
+            labels = ",".join(f'{name}="{value}"' for name, value in sorted(sample.labels.items()))
+            value = int(sample.value) if float(sample.value).is_integer() else sample.value
+            samples[sample.name + (f"{{{labels}}}" if labels else "")] = value
+    assert typed == METRIC_TYPES
     return samples
 
 
@@ -1374,7 +1374,7 @@ def test_openapi_document_is_valid_openapi_3_1(client):
                                       "/metrics", "/openapi.json", "/schedules",
                                       "/schedules/{name}", "/check/{token}/retry",
                                       "/jobs/retry", "/jobs/cancel", "/queues",
-                                      "/queues/{name}"}
+                                      "/queues/{name}", "/workers"}
 
 
 def test_openapi_item_schema_is_the_validators_own_dict(make):
@@ -1473,6 +1473,8 @@ def test_every_documented_status_is_one_the_app_returns(make, tmp_path):
         ("/queues/{name}", "PATCH", 401): {"path": "/queues/mail", "body": b"{}"},
         ("/queues/{name}", "PATCH", 415): {"path": "/queues/mail", "body": b"{}",
                                            "headers": key, "content_type": "text/plain"},
+        ("/workers", "GET", 200): {"headers": key},
+        ("/workers", "GET", 401): {},
         ("/health", "GET", 200): {},
         ("/metrics", "GET", 200): {"headers": key},
         ("/metrics", "GET", 401): {},
@@ -1580,7 +1582,7 @@ GUARDED = [("POST", "/api"), ("DELETE", f"/check/{UNKNOWN_TOKEN}"), ("GET", "/jo
            ("GET", "/schedules/a"), ("PUT", "/schedules/a"), ("DELETE", "/schedules/a"),
            ("POST", f"/check/{UNKNOWN_TOKEN}/retry"), ("POST", "/jobs/retry"),
            ("POST", "/jobs/cancel"), ("GET", "/queues"), ("GET", "/queues/a"),
-           ("PATCH", "/queues/a")]
+           ("PATCH", "/queues/a"), ("GET", "/workers")]
 
 
 @pytest.mark.parametrize("method, path", GUARDED)
@@ -2059,6 +2061,81 @@ def test_dashboard_in_chromium_asks_for_the_key_and_leaks_nothing(servers, brows
     assert all("401" in problem for problem in browser.problems), browser.problems
 
 
+PAGE_TASKS = """
+def flaky(job):
+    if job.item == "flaky" and job.attempts == 1:
+        raise RuntimeError("the first try fails")
+    job.canceled.wait(job.valor)
+    return job.item
+"""
+
+
+def test_dashboard_in_chromium_shows_and_steers_fleet_queues_schedules_and_failures(
+        servers, browser, tmp_path):
+    from playwright.sync_api import expect
+    (tmp_path / "pagetasks.py").write_text(PAGE_TASKS)
+    server = servers("--db", str(tmp_path / "ui.sqlite3"), "--workers", "2",
+                     "--api-key", "k3y", "--process", "pagetasks:flaky",
+                     env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    keyed = {"Authorization": "Bearer k3y"}
+    assert server.request("PUT", "/schedules/nightly", {"cron": "0 3 * * *", "job": {
+        "item": "n", "valor": 0, "queue": "reports"}}, keyed)[0] == 201
+    _, body = server.request("POST", "/api", [
+        {"item": "flaky", "valor": 0}, {"item": "later", "valor": 0, "queue": "reports",
+                                        "delay": 3600}], keyed)
+    flaky = body["processing_items"][0]["hash"]
+    wait_until(lambda: server.request("GET", f"/check/{flaky}")[1]["status"] == "failed")
+    page = browser(server.url + "/")
+    requested = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.evaluate("""window.violations = [];
+        document.addEventListener("securitypolicyviolation",
+                                  (event) => window.violations.push(event.violatedDirective));""")
+    expect(page.locator("#fleet-note")).to_have_text("The API key is needed to see this.")
+    page.fill("#key", "k3y")
+    page.click("#key-form button")
+
+    fleet = page.locator("#fleet tr")
+    expect(fleet).to_have_count(1)
+    expect(fleet.locator("td[data-label=Pid]")).to_have_text(str(server.process.pid))
+    expect(fleet.locator("td[data-label=State]")).to_have_text("alive")
+    expect(fleet.locator("td[data-label=Role]")).to_have_text("serves and works")
+    expect(page.locator("#n-processes")).to_have_text("1")
+
+    reports = page.locator("#queues tr[data-queue=reports]")
+    expect(reports.locator("td[data-label=Queued]")).to_have_text("1")
+    reports.locator("button", has_text="Pause").click()
+    expect(reports.locator("td[data-label=State]")).to_have_text("paused")
+    assert server.request("GET", "/queues/reports", headers=keyed)[1]["paused"] is True
+    reports.locator("button", has_text="Resume").click()
+    expect(reports.locator("td[data-label=State]")).to_have_text("active")
+    assert server.request("GET", "/queues/reports", headers=keyed)[1]["paused"] is False
+
+    nightly = page.locator("#schedules tr[data-schedule=nightly]")
+    expect(nightly.locator("td[data-label=Timing]")).to_have_text("cron 0 3 * * * (UTC)")
+    expect(nightly.locator("td[data-label='Last job']")).to_have_text("none yet")
+    nightly.locator("button", has_text="Pause").click()
+    expect(nightly.locator("td[data-label='Next run']")).to_have_text("paused")
+    assert server.request("GET", "/schedules/nightly", headers=keyed)[1]["paused"] is True
+    nightly.locator("button", has_text="Resume").click()
+    expect(nightly.locator("td[data-label=State]")).to_have_text("active")
+    assert server.request("GET", "/schedules/nightly", headers=keyed)[1]["paused"] is False
+
+    failed = page.locator(f"#failed tr[data-token='{flaky}']")
+    expect(failed.locator("td[data-label=Error]")).to_have_text("the first try fails")
+    page.screenshot(path=tmp_path / "dashboard-panels.png", full_page=True)
+    failed.locator("button", has_text="Retry").click()
+    expect(page.locator("#failed-note")).to_have_text("No failed job.")
+    _, view = server.request("GET", f"/check/{flaky}?wait=10")
+    assert (view["status"], view["attempts"]) == ("done", 2)  # it ran again, and passed
+
+    outside = [url for url in requested if not url.startswith(server.url + "/")]
+    assert outside == [], outside  # nothing external is ever loaded
+    assert page.evaluate("window.violations") == []
+    # the browser logs the 401s from before the key was given; nothing else went wrong
+    assert all("401" in problem for problem in browser.problems), browser.problems
+
+
 # -- Job options: delay, priority, queue, retries -------------------------------------
 
 @both_stores
@@ -2187,7 +2264,7 @@ def test_store_retry_requeues_for_later_and_counts(store):
     assert not store.retry(token, "other:1:x", 1, "boom", 60)
     assert store.retry(token, "me:1:x", 1, "boom", 60)
     row = store.get(token)
-    assert (row["status"], row["error"], row["retried"], row["owner"]) == (
+    assert (row["status"], row["error"], row["retried"], row["lease_until"]) == (
         "queued", "boom", 1, None)
     assert 55 < row["run_at"] - time.time() < 65
     assert claim(store, "me:1:x", 60) is None  # not before its time
@@ -2975,7 +3052,7 @@ def test_store_finish_is_for_the_owner_of_a_running_job(store):
     assert finish(store, failed, "me:1:x", "failed", error="boom")
     row = store.get(done)
     assert (row["status"], row["result"], row["owner"], row["lease_until"]) == (
-        "done", '{"n":1}', None, None)
+        "done", '{"n":1}', "me:1:x", None)  # the owner stays: the process that ran it
     assert row["finished_at"] >= row["started_at"]
     assert (store.get(failed)["status"], store.get(failed)["error"]) == ("failed", "boom")
     counters = store.counters()
@@ -2999,7 +3076,8 @@ def test_store_cancel_ends_queued_and_running_jobs_once(store):
     store.submit([(running, "r", 1), (queued, "q", 1)], 0, 10)
     claim(store, "me:1:x", 60)
     before, after = store.cancel(running)
-    assert (before["status"], after["status"], after["owner"]) == ("running", "canceled", None)
+    assert (before["status"], after["status"], after["lease_until"]) == (
+        "running", "canceled", None)
     before, after = store.cancel(queued)
     assert (before["status"], after["status"]) == ("queued", "canceled")
     assert after["finished_at"] is not None
@@ -3031,7 +3109,7 @@ def test_store_release_puts_an_owners_jobs_back(store):
     claim(store, "them:1:x", 60)
     assert store.release("me:1:x") == [mine]
     row = store.get(mine)
-    assert (row["status"], row["owner"], row["attempts"]) == ("queued", None, 1)
+    assert (row["status"], row["lease_until"], row["attempts"]) == ("queued", None, 1)
     assert store.get(theirs)["status"] == "running"
     assert store.counts() == {"queued": 1, "running": 1}
 
@@ -3205,7 +3283,7 @@ def test_a_database_of_version_3_opens_at_this_version_with_its_jobs_and_counter
             metrics["queue_tool_items_duplicate_total"]) == (2, 4, 0)
     assert metrics['queue_tool_jobs{status="queued"}'] == 1
     version = "SELECT version FROM queue_tool_schema" if postgres else "PRAGMA user_version"
-    assert sql(db, version) == [(5,)] == [(store_class.VERSION,)]
+    assert sql(db, version) == [(6,)] == [(store_class.VERSION,)]
     (entry,) = entries(submit(client, [{"item": "new", "valor": 0, "unique": "k"}]))
     assert "duplicate" not in entry and client.get("/schedules").json == {"schedules": []}
 
@@ -5409,7 +5487,8 @@ def test_worker_processes_share_jobs_a_killed_child_comes_back_and_sigterm_stops
                what="six jobs running in three children")
     (owner,) = sql(db, "SELECT owner FROM {jobs} WHERE token = ?", (long[0],))[0]
     victim = int(owner.split(":")[1])
-    lost = [token for (token,) in sql(db, "SELECT token FROM {jobs} WHERE owner = ?", (owner,))]
+    lost = [token for (token,) in sql(
+        db, "SELECT token FROM {jobs} WHERE owner = ? AND status = 'running'", (owner,))]
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: f"(pid {victim}) was killed by SIGKILL" in supervisor.log.read_text(),
                what="the supervisor to see its child die")
@@ -5557,3 +5636,218 @@ def test_the_module_app_logs_at_the_level_and_in_the_format_its_variables_say(
     assert (health["level"], health["method"], health["path"], health["status"]) == (
         "info", "GET", "/health", 200)
     assert health["message"].startswith("GET /health 200 ")
+
+
+# -- The fleet: processes, heartbeats, histograms -----------------------------------------
+
+def process_of(processes, pid):
+    (found,) = [process for process in processes if process["pid"] == pid]
+    return found
+
+
+@both_stores
+def test_workers_lists_the_fleet_with_heartbeats_and_sees_a_stop_and_a_kill(
+        servers, flow, db):
+    server = servers("--db", str(db), "--workers", "1", "--queues", "default,other",
+                     "--grace", "0.5")
+    worker = flow(db, "--workers", "2", "--queues", "slow", "--grace", "0.5")
+    quick = server.request("POST", "/api", [{"item": "q", "valor": 0}])[1]
+    quick = quick["processing_items"][0]["hash"]
+    slow = server.request("POST", "/api", [{"item": "s", "valor": 60, "queue": "slow"}])[1]
+    slow = slow["processing_items"][0]["hash"]
+    assert server.request("GET", f"/check/{quick}?wait=10")[1]["status"] == "done"
+    wait_until(lambda: server.request("GET", f"/check/{slow}")[1]["status"] == "running")
+
+    status, body = server.request("GET", "/workers")
+    assert status == 200 and len(body["processes"]) == 2
+    serving = process_of(body["processes"], server.process.pid)
+    working = process_of(body["processes"], worker.process.pid)
+    for process in (serving, working):
+        assert list(process) == list(queue_tool.PROCESS_FIELDS)
+        assert process["host"] == socket.gethostname() and process["alive"] is True
+        assert process["version"] == queue_tool.__version__
+        assert process["id"].split(":")[:2] == [process["host"], str(process["pid"])]
+        assert process["started_at"] <= process["heartbeat_at"]
+    assert (serving["http"], serving["workers"], serving["queues"], serving["busy"]) == (
+        True, 1, ["default", "other"], 0)
+    assert (working["http"], working["workers"], working["queues"], working["busy"]) == (
+        False, 2, ["slow"], 1)
+    # Each job names the process that ran it.
+    assert server.request("GET", f"/check/{quick}")[1]["worker"] == serving["id"]
+    assert server.request("GET", f"/check/{slow}")[1]["worker"] == working["id"]
+    wait_until(lambda: process_of(server.request("GET", "/workers")[1]["processes"],
+                                  worker.process.pid)["heartbeat_at"] > working["heartbeat_at"],
+               timeout=queue_tool.HEARTBEAT + 2, what="the worker's heartbeat to move")
+
+    assert server.stop() == 0
+    store = queue_tool.open_store(str(db))
+    try:  # a clean stop says so at once; gone ones stay listed
+        assert [(p["pid"], p["alive"]) for p in store.processes()] == [
+            (worker.process.pid, True), (server.process.pid, False)]
+    finally:
+        store.close()
+
+
+def test_a_killed_process_is_gone_within_20s_on_either_store(flow, tmp_path, db_postgres):
+    """Its heartbeat stops: not alive after ALIVE_WITHIN seconds. Both stores in one test,
+    waiting side by side (the wait is most of its time)."""
+    dbs = [tmp_path / "q.sqlite3", db_postgres]
+    workers = [flow(db, "--workers", "1", name=f"worker-{n}") for n, db in enumerate(dbs)]
+    stores = [queue_tool.open_store(str(db)) for db in dbs]
+    try:
+        for worker, store in zip(workers, stores, strict=True):
+            assert process_of(store.processes(), worker.process.pid)["alive"]
+            worker.process.kill()
+        killed = time.monotonic()
+        for worker, store in zip(workers, stores, strict=True):
+            wait_until(lambda s=store, pid=worker.process.pid: not process_of(
+                s.processes(), pid)["alive"], timeout=20 - (time.monotonic() - killed),
+                what="the killed worker gone")
+    finally:
+        for store in stores:
+            store.close()
+
+
+def backdate_heartbeat(db, process_id, seconds):
+    """Move a process's last heartbeat `seconds` into the past, in the store."""
+    if is_postgres(db):
+        sql(db, "UPDATE queue_tool_processes SET heartbeat_at = heartbeat_at - ? * interval '1s'"
+                " WHERE id = ?", (seconds, process_id))
+    else:
+        sql(db, "UPDATE processes SET heartbeat_at = heartbeat_at - ? WHERE id = ?",
+            (seconds, process_id))
+
+
+@store_suite
+def test_store_keeps_the_fleet_heartbeats_stops_and_purges_the_gone(store, db):
+    record = {"id": "h:1:a", "host": "h", "pid": 1, "version": "9", "http": True,
+              "workers": 4, "queues": None}
+    store.register(record)
+    store.register({**record, "id": "h:2:b", "pid": 2, "http": False, "queues": ["x", "y"]})
+    store.register({**record, "id": "h:3:c", "pid": 3})
+    token = hexes("f")[0]
+    store.submit([queue_tool.NewJob(token, "f", 0)], 0, 10)
+    assert claim(store, "h:2:b", 60)["token"] == token
+    listed = store.processes()
+    assert [(p["id"], p["busy"], p["alive"], p["queues"]) for p in listed] == [
+        ("h:1:a", 0, True, None), ("h:2:b", 1, True, ["x", "y"]), ("h:3:c", 0, True, None)]
+    before = listed[0]["heartbeat_at"]
+    assert store.heartbeat("h:1:a", 3) and not store.heartbeat("h:9:z", 1)
+    (first,) = [p for p in store.processes() if p["id"] == "h:1:a"]
+    assert first["heartbeat_at"] >= before and first["workers"] == 3
+    store.unregister("h:3:c")
+    assert not store.heartbeat("h:3:c", 4)  # a stopped one stays stopped
+    backdate_heartbeat(db, "h:2:b", queue_tool.ALIVE_WITHIN + 1)  # its heartbeat stopped
+    assert [(p["id"], p["alive"]) for p in store.processes()] == [
+        ("h:1:a", True), ("h:2:b", False), ("h:3:c", False)]  # alive ones first
+    backdate_heartbeat(db, "h:2:b", queue_tool.GONE_KEPT)
+    backdate_heartbeat(db, "h:3:c", queue_tool.GONE_KEPT - 60)
+    store.maintain()
+    assert [p["id"] for p in store.processes()] == ["h:1:a", "h:3:c"]
+    store.register({**record, "id": "h:3:c", "pid": 3})  # the same id starts again
+    assert [p["alive"] for p in store.processes()] == [True, True]
+
+
+def test_workers_needs_the_key(keyed):
+    keyed.get("/workers", status=401)
+    body = keyed.get("/workers", headers={"Authorization": "Bearer s3cret-key"}).json
+    assert [process["pid"] for process in body["processes"]] == [os.getpid()]
+
+
+def histogram(families, name):
+    """A histogram family's samples checked for consistency: {labels without le:
+    (count, sum)}; buckets cumulative, ending at +Inf with the count."""
+    series = collections.defaultdict(list)
+    totals = {}
+    for sample in families[name]:
+        labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+        if sample.name == name + "_bucket":
+            series[labels].append((float(sample.labels["le"]), sample.value))
+        else:
+            totals.setdefault(labels, {})[sample.name[len(name) + 1:]] = sample.value
+    out = {}
+    for labels, buckets in series.items():
+        bounds = [bound for bound, _ in buckets]
+        counts = [count for _, count in buckets]
+        assert bounds == sorted(bounds) and bounds[-1] == math.inf
+        assert bounds[:-1] == list(queue_tool.Histograms.BUCKETS)
+        assert counts == sorted(counts) and counts[-1] == totals[labels]["count"]
+        out[dict(labels).get("queue"), dict(labels).get("status")] = (
+            totals[labels]["count"], totals[labels]["sum"])
+    return out
+
+
+@both_stores
+def test_metrics_histograms_count_this_process_runs_by_queue_and_outcome(make, gate):
+    def process(job):
+        if job.item == "boom":
+            raise RuntimeError("boom")
+        if job.item in ("hang", "deaf"):
+            job.canceled.wait(30)
+        elif job.item == "gated":
+            gate.wait(30)
+        return job.item
+    built = make(process=process, workers=3, retry_delay=0.01)
+    client = webtest.TestApp(built)
+    tokens = tokens_of(submit(client, [
+        {"item": "ok", "valor": 0, "queue": "a"}, {"item": "ok", "valor": 0, "queue": "a"},
+        {"item": "boom", "valor": 0, "queue": "b", "retries": 1},
+        {"item": "deaf", "valor": 0, "queue": "b", "timeout": 0.05},
+        {"item": "hang", "valor": 0, "queue": "c"},
+        {"item": "later", "valor": 0, "queue": "d", "delay": 3600}]))
+    for token in tokens[:4]:
+        assert client.get(f"/check/{token}?wait=10").json["status"] in ("done", "failed")
+    wait_until(lambda: client.get(f"/check/{tokens[4]}").json["status"] == "running")
+    client.delete(f"/check/{tokens[4]}", status=200)
+    gated = tokens_of(submit(client, [{"item": "gated", "valor": 0, "queue": "e"}]))[0]
+    wait_until(lambda: client.get(f"/check/{gated}").json["status"] == "running")
+    wait_until(lambda: histogram(_families(client), "queue_tool_job_run_seconds").get(
+        ("c", "canceled")), what="the canceled run's end")
+    families = {}
+    samples = scrape(client, families)
+    runs = histogram(families, "queue_tool_job_run_seconds")
+    assert {labels: count for labels, (count, _) in runs.items()} == {
+        ("a", "done"): 2, ("b", "error"): 3, ("c", "canceled"): 1}  # a raise twice, a timeout
+    assert runs["b", "error"][1] >= 0.05  # the timeout's run counts its full time
+    waits = histogram(families, "queue_tool_job_wait_seconds")
+    assert {labels: count for labels, (count, _) in waits.items()} == {
+        ("a", None): 2, ("b", None): 3, ("c", None): 1, ("e", None): 1}  # every start
+    # The per-queue gauge, from the store: the same from any process on it.
+    gauge = {key: value for key, value in samples.items()
+             if key.startswith("queue_tool_queue_jobs{")}
+    assert gauge['queue_tool_queue_jobs{queue="d",status="queued"}'] == 1
+    assert gauge['queue_tool_queue_jobs{queue="e",status="running"}'] == 1
+    assert sum(gauge.values()) == 2 and len(gauge) == 2 * 5  # every queue, both states
+    other = scrape(webtest.TestApp(make(workers=0)))
+    assert {key: value for key, value in other.items()
+            if key.startswith("queue_tool_queue_jobs{")} == gauge
+    assert not [key for key in other if key.startswith("queue_tool_job_run_seconds")]
+
+
+def _families(client):
+    families = {}
+    scrape(client, families)
+    return families
+
+
+@pytest.mark.scale
+@both_stores
+def test_a_million_jobs_leave_every_page_call_under_a_second(servers, db):
+    """Selected with `-m scale` (the default run leaves it out: the filling takes a while)."""
+    import bench_queue_tool
+    bench_queue_tool.fill_directly(str(db), 1_000_000)
+    server = servers("--db", str(db), "--workers", "0")
+    took = {}
+    for path in ("/", *bench_queue_tool.PAGE_REFRESH, "/queues/q7"):
+        began = time.monotonic()
+        request = urllib.request.Request(server.url + path)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200
+            body = response.read()
+        took[path] = time.monotonic() - began
+        if path == "/health":
+            assert json.loads(body)["queued"] == 250_000
+        if path == "/queues":
+            queues = json.loads(body)["queues"]
+            assert len(queues) == 50 and sum(queue["queued"] for queue in queues) == 250_000
+    assert max(took.values()) < 1, took
