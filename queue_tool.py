@@ -5506,6 +5506,10 @@ class Client:
         """Every queue's view, by name."""
         return self._call("GET", "/queues")["queues"]
 
+    def workers(self):
+        """The processes of the fleet (GET /workers), alive ones first."""
+        return self._call("GET", "/workers")["processes"]
+
     def queue(self, name):
         return self._call("GET", f"/queues/{urllib.parse.quote(name)}")
 

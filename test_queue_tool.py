@@ -1867,7 +1867,9 @@ XSS = "<img src=x onerror=alert(1)>"
 
 @pytest.fixture
 def browser(tmp_path):
-    """Pages in headless Chromium (Debian's), with a fresh profile; problems recorded."""
+    """Pages in headless Chromium (Debian's), with a fresh profile; problems recorded,
+    and on each page the URLs it asked for (`page.requested`) and the CSP violations
+    (`window.violations`)."""
     if not Path(CHROMIUM).exists() or importlib.util.find_spec("playwright") is None:
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the browser tests: install {CHROMIUM} and playwright")
@@ -1886,6 +1888,11 @@ def browser(tmp_path):
             page.on("console", lambda message: message.type == "error" and problems.append(
                 f"console: {message.text}"))
             page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.requested = []  # every URL it asks for
+            page.on("request", lambda request: page.requested.append(request.url))
+            page.add_init_script("""window.violations = [];
+                document.addEventListener("securitypolicyviolation",
+                                          (event) => window.violations.push(event.violatedDirective));""")
             page.goto(url)
             return page
         open_page.problems = problems
@@ -1998,11 +2005,6 @@ def test_dashboard_in_chromium_charts_activity_and_opens_details(servers, browse
     from playwright.sync_api import expect
     server = servers("--db", str(tmp_path / "ui.sqlite3"), "--workers", "2")
     page = browser(server.url + "/")
-    requested = []
-    page.on("request", lambda request: requested.append(request.url))
-    page.evaluate("""window.violations = [];
-        document.addEventListener("securitypolicyviolation",
-                                  (event) => window.violations.push(event.violatedDirective));""")
     finished = page.locator("#line-finished")
     expect(page.locator("#line-queued")).not_to_have_attribute("points", "")
     page.click("summary")
@@ -2035,7 +2037,7 @@ def test_dashboard_in_chromium_charts_activity_and_opens_details(servers, browse
     page.click("#detail-close")
     expect(detail).to_be_hidden()
 
-    outside = [url for url in requested if not url.startswith(server.url + "/")]
+    outside = [url for url in page.requested if not url.startswith(server.url + "/")]
     assert outside == [], outside  # nothing external is ever loaded
     assert page.evaluate("window.violations") == []
     assert browser.problems == []
@@ -2086,11 +2088,6 @@ def test_dashboard_in_chromium_shows_and_steers_fleet_queues_schedules_and_failu
     flaky = body["processing_items"][0]["hash"]
     wait_until(lambda: server.request("GET", f"/check/{flaky}")[1]["status"] == "failed")
     page = browser(server.url + "/")
-    requested = []
-    page.on("request", lambda request: requested.append(request.url))
-    page.evaluate("""window.violations = [];
-        document.addEventListener("securitypolicyviolation",
-                                  (event) => window.violations.push(event.violatedDirective));""")
     expect(page.locator("#fleet-note")).to_have_text("The API key is needed to see this.")
     page.fill("#key", "k3y")
     page.click("#key-form button")
@@ -2102,24 +2099,20 @@ def test_dashboard_in_chromium_shows_and_steers_fleet_queues_schedules_and_failu
     expect(fleet.locator("td[data-label=Role]")).to_have_text("serves and works")
     expect(page.locator("#n-processes")).to_have_text("1")
 
+    def pause_and_resume(row, path):
+        for label, state, paused in (("Pause", "paused", True), ("Resume", "active", False)):
+            row.locator("button", has_text=label).click()
+            expect(row.locator("td[data-label=State]")).to_have_text(state)
+            assert server.request("GET", path, headers=keyed)[1]["paused"] is paused
+
     reports = page.locator("#queues tr[data-queue=reports]")
     expect(reports.locator("td[data-label=Queued]")).to_have_text("1")
-    reports.locator("button", has_text="Pause").click()
-    expect(reports.locator("td[data-label=State]")).to_have_text("paused")
-    assert server.request("GET", "/queues/reports", headers=keyed)[1]["paused"] is True
-    reports.locator("button", has_text="Resume").click()
-    expect(reports.locator("td[data-label=State]")).to_have_text("active")
-    assert server.request("GET", "/queues/reports", headers=keyed)[1]["paused"] is False
-
+    pause_and_resume(reports, "/queues/reports")
     nightly = page.locator("#schedules tr[data-schedule=nightly]")
     expect(nightly.locator("td[data-label=Timing]")).to_have_text("cron 0 3 * * * (UTC)")
     expect(nightly.locator("td[data-label='Last job']")).to_have_text("none yet")
-    nightly.locator("button", has_text="Pause").click()
-    expect(nightly.locator("td[data-label='Next run']")).to_have_text("paused")
-    assert server.request("GET", "/schedules/nightly", headers=keyed)[1]["paused"] is True
-    nightly.locator("button", has_text="Resume").click()
-    expect(nightly.locator("td[data-label=State]")).to_have_text("active")
-    assert server.request("GET", "/schedules/nightly", headers=keyed)[1]["paused"] is False
+    pause_and_resume(nightly, "/schedules/nightly")
+    expect(nightly.locator("td[data-label='Next run']")).not_to_have_text("paused")
 
     failed = page.locator(f"#failed tr[data-token='{flaky}']")
     expect(failed.locator("td[data-label=Error]")).to_have_text("the first try fails")
@@ -2129,7 +2122,7 @@ def test_dashboard_in_chromium_shows_and_steers_fleet_queues_schedules_and_failu
     _, view = server.request("GET", f"/check/{flaky}?wait=10")
     assert (view["status"], view["attempts"]) == ("done", 2)  # it ran again, and passed
 
-    outside = [url for url in requested if not url.startswith(server.url + "/")]
+    outside = [url for url in page.requested if not url.startswith(server.url + "/")]
     assert outside == [], outside  # nothing external is ever loaded
     assert page.evaluate("window.violations") == []
     # the browser logs the 401s from before the key was given; nothing else went wrong
@@ -5270,7 +5263,7 @@ def test_bad_queue_settings_are_400_and_change_nothing(make):
     assert client.get("/queues/mail").json == before
 
 
-def test_queue_settings_through_the_python_client(servers, tmp_path):
+def test_queue_settings_and_the_fleet_through_the_python_client(servers, tmp_path):
     server = servers("--db", str(tmp_path / "q.sqlite3"), "--workers", "0")
     client = queue_tool.Client(server.url)
     try:
@@ -5286,6 +5279,9 @@ def test_queue_settings_through_the_python_client(servers, tmp_path):
         with pytest.raises(queue_tool.ClientError) as unknown:
             client.queue("nothing")
         assert unknown.value.status == 404
+        (process,) = client.workers()
+        assert (process["pid"], process["http"], process["alive"]) == (
+            server.process.pid, True, True)
     finally:
         client.close()
     assert server.stop() == 0
