@@ -189,9 +189,7 @@ class Served:
 
 def serve_trivial():
     """--serve-trivial: the trivial app under queue_tool's own threaded server."""
-    server = queue_tool.wsgiref.simple_server.make_server(
-        "127.0.0.1", 0, trivial_app, server_class=queue_tool.ThreadingWSGIServer,
-        handler_class=queue_tool.RequestHandler)
+    server = queue_tool.Server("127.0.0.1", 0, trivial_app)
     print(f"serving on http://127.0.0.1:{server.server_address[1]}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     server.serve_forever(poll_interval=0.2)

@@ -63,14 +63,18 @@ import copy
 import dataclasses
 import datetime
 import decimal
+import errno
 import functools
 import hashlib
+import heapq
 import hmac
 import html
 import http
 import http.client
 import http.server
 import importlib
+import io
+import itertools
 import json
 import logging
 import math
@@ -79,9 +83,9 @@ import os
 import random
 import re
 import secrets
+import selectors
 import signal
 import socket
-import socketserver
 import sqlite3
 import subprocess
 import sys
@@ -92,6 +96,7 @@ import urllib.parse
 import weakref
 import wsgiref.simple_server
 import zoneinfo
+from queue import SimpleQueue
 
 import jsonschema
 
@@ -137,6 +142,8 @@ class Settings:
     timeout: float = None  # seconds one run may take, when the item sets none
     log_level: str = "info"  # one of LOG_LEVELS
     log_format: str = "text"  # one of LOG_FORMATS
+    max_connections: int = 1000  # the built-in server's open connections, at most
+    keepalive: float = 5  # seconds the built-in server keeps an idle connection open
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -212,6 +219,9 @@ SETTING_HELP = {
     "timeout": "seconds one run may take, when the item sets none (default: no limit)",
     "log_level": "least level logged: debug, info, warning or error (--debug: debug)",
     "log_format": "text, or json: one JSON object per line",
+    "max_connections": "most connections the built-in server holds open at once; more"
+                       " wait in the listen backlog",
+    "keepalive": "seconds the built-in server keeps an idle connection open",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -223,10 +233,11 @@ POOLERS = ("none", "session", "transaction")
 # Bounds (inclusive) of the numeric settings; a lease must also be above 0.
 _MINIMUM = {"port": 0, "workers": 0, "max_valor": 0, "max_items": 1, "max_body": 1,
             "max_queued": 1, "max_attempts": 1, "retention": 0, "grace": 0, "retries": 0,
-            "retry_delay": 0, "max_delay": 0}
+            "retry_delay": 0, "max_delay": 0, "max_connections": 1}
 MAX_RETRIES = 25
-_MAXIMUM = {"port": 65535, "workers": 1024, "retries": MAX_RETRIES}
-_POSITIVE = {"lease", "store_timeout"}
+_MAXIMUM = {"port": 65535, "workers": 1024, "retries": MAX_RETRIES,
+            "max_connections": 1_000_000}
+_POSITIVE = {"lease", "store_timeout", "keepalive"}
 
 
 PROCESS_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
@@ -974,6 +985,22 @@ def _reset_after_fork():
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+class _Submit:
+    """One submit waiting for a group commit (SQLiteStore.submit): its arguments, and
+    its outcome once a transaction committed or failed."""
+
+    __slots__ = ("args", "done", "outcome")
+
+    def __init__(self, args):
+        self.args, self.outcome, self.done = args, None, threading.Event()
+
+    def answer(self):
+        kind, value = self.outcome
+        if kind == "error":
+            raise value
+        return value
+
+
 class Store:
     """The method set every store implements: the contract the Runner and the App use.
 
@@ -1380,7 +1407,9 @@ class SQLiteStore(Store):
     # the workers' claims and ends: one lost to a power cut only runs a job again.
     DURABLE, NOT_DURABLE = "PRAGMA synchronous=FULL", "PRAGMA synchronous=NORMAL"
 
-    # -- Submitting.
+    # -- Submitting; a group of submits gives each a savepoint.
+    SAVEPOINT, RELEASE_SAVEPOINT = "SAVEPOINT submit", "RELEASE submit"
+    ROLLBACK_TO_SAVEPOINT = "ROLLBACK TO submit"
     BATCH_OF_KEY = "SELECT fingerprint, response FROM batches WHERE idempotency_key = ?"
     QUEUED_GAUGE = "SELECT value FROM counters WHERE name = 'queued'"
     INSERT_BATCH = """INSERT INTO batches (id, created_at, total, idempotency_key, fingerprint,
@@ -1673,6 +1702,8 @@ class SQLiteStore(Store):
         # WAL mode a read needs no lock on the file). A :memory: database is one per
         # connection: there, reads take the writer's.
         self._lock = threading.Lock()  # guards the write connection, _durable, _busy_ms
+        self._group_lock = threading.Lock()  # guards _pending
+        self._pending = []  # _Submit requests waiting for the next group commit
         self._read_lock = self._lock if self.path == ":memory:" else threading.Lock()
         self._conns, self._pid = {}, None  # "write"/"read" -> connection, of process _pid
 
@@ -1703,24 +1734,29 @@ class SQLiteStore(Store):
         """One write transaction within `timeout` seconds: BEGIN IMMEDIATE, then
         COMMIT, or ROLLBACK on error. `durable=False` commits without waiting for
         the disk."""
-        with self._locked(timeout) as (conn, left):
-            # Another connection's write lock is waited for at most the time left
-            # (in steps of 0.1 s, so that a worker's transactions rarely change it).
-            busy_ms = max(1, int(left * 10)) * 100
-            if busy_ms != self._busy_ms:
-                conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
-                self._busy_ms = busy_ms
-            if durable != self._durable:
-                conn.execute(self.DURABLE if durable else self.NOT_DURABLE)
-                self._durable = durable
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        with self._locked(timeout) as (conn, left), self._begun(conn, left, durable):
+            yield conn
+
+    @contextlib.contextmanager
+    def _begun(self, conn, left, durable):
+        """A write transaction on the writer `conn` (its lock held), `left` seconds to go."""
+        # Another connection's write lock is waited for at most the time left (in
+        # steps of 0.1 s, so that a worker's transactions rarely change it).
+        busy_ms = max(1, int(left * 10)) * 100
+        if busy_ms != self._busy_ms:
+            conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            self._busy_ms = busy_ms
+        if durable != self._durable:
+            conn.execute(self.DURABLE if durable else self.NOT_DURABLE)
+            self._durable = durable
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def _read(self, sql, params=(), on_writer=False):
         """Rows of one query, within the store's timeout, on the connection for reads
@@ -1747,26 +1783,80 @@ class SQLiteStore(Store):
     # Each method below is one transaction.
 
     def submit(self, jobs, invalid, max_queued, batch=None, key=None):
-        jobs = _new_jobs(jobs)
-        with self._transaction(timeout=self.timeout) as conn:
-            if key is not None:
-                earlier = conn.execute(self.BATCH_OF_KEY, (key[0],)).fetchone()
-                if earlier is not None:
-                    return {}, tuple(earlier)
-            now = time.time()
-            jobs, duplicates = self._sort_out(conn, jobs, now)
-            if jobs:
-                (queued,) = conn.execute(self.QUEUED_GAUGE).fetchone()
-                if queued + len(jobs) > max_queued:
-                    raise QueueFull(f"{queued} jobs are queued; the limit is {max_queued}")
-            if batch is not None:
-                response = key and (key[2](duplicates) if callable(key[2]) else key[2])
-                conn.execute(self.INSERT_BATCH, (batch, now, len(jobs),
-                                                 *(key[:2] if key else (None, None)), response))
-            named = self._insert(conn, jobs, now, batch)
-            self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs),
-                        duplicate=len(duplicates))
-        self._named = self._named | named  # replaced whole: other threads read it
+        """Group commit: the submits that wait for this process's writer while another
+        commits go in the next transaction together, each in a savepoint of its own,
+        so they share one fsync (a 202 still follows the commit that holds its jobs)."""
+        request = _Submit((_new_jobs(jobs), invalid, max_queued, batch, key))
+        with self._group_lock:
+            self._pending.append(request)
+        try:
+            if not request.done.is_set():
+                self._commit_group()
+        except StoreError:
+            with self._group_lock:
+                if request in self._pending:  # never taken: nothing of it was written
+                    self._pending.remove(request)
+                    raise
+        request.done.wait()  # taken by another thread's transaction: its outcome
+        return request.answer()
+
+    def _commit_group(self):
+        """Commit every submit waiting in this process, in one transaction."""
+        group, outcomes, named = [], [], set()
+        try:
+            with self._locked(self.timeout) as (conn, left):
+                with self._group_lock:
+                    group, self._pending = self._pending, []
+                if not group:
+                    return  # the transaction before took them all
+                with self._begun(conn, left, durable=True):
+                    for request in group:
+                        outcomes.append(self._submit_in(conn, request, len(group) > 1, named))
+        except BaseException as exc:
+            outcomes = [("error", exc)] * len(group)  # none of them was written
+            if not group:
+                raise
+        else:
+            self._named = self._named | named  # replaced whole: other threads read it
+        for request, outcome in zip(group, outcomes, strict=True):
+            request.outcome = outcome
+            request.done.set()
+
+    def _submit_in(self, conn, request, several, named):
+        """One submit of a group: ("ok", its answer) or ("error", QueueFull), the
+        latter rolled back to its savepoint (alone, it rolls the transaction back)."""
+        if several:
+            conn.execute(self.SAVEPOINT)
+        try:
+            answer = self._submit(conn, *request.args, named)
+        except QueueFull as exc:
+            if not several:
+                raise
+            conn.execute(self.ROLLBACK_TO_SAVEPOINT)
+            conn.execute(self.RELEASE_SAVEPOINT)
+            return "error", exc
+        if several:
+            conn.execute(self.RELEASE_SAVEPOINT)
+        return "ok", answer
+
+    def _submit(self, conn, jobs, invalid, max_queued, batch, key, named):
+        if key is not None:
+            earlier = conn.execute(self.BATCH_OF_KEY, (key[0],)).fetchone()
+            if earlier is not None:
+                return {}, tuple(earlier)
+        now = time.time()
+        jobs, duplicates = self._sort_out(conn, jobs, now)
+        if jobs:
+            (queued,) = conn.execute(self.QUEUED_GAUGE).fetchone()
+            if queued + len(jobs) > max_queued:
+                raise QueueFull(f"{queued} jobs are queued; the limit is {max_queued}")
+        if batch is not None:
+            response = key and (key[2](duplicates) if callable(key[2]) else key[2])
+            conn.execute(self.INSERT_BATCH, (batch, now, len(jobs),
+                                             *(key[:2] if key else (None, None)), response))
+        named |= self._insert(conn, jobs, now, batch)
+        self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs),
+                    duplicate=len(duplicates))
         return duplicates, None
 
     def _sort_out(self, conn, jobs, now):
@@ -5533,13 +5623,331 @@ class Client:
 
 # -- Built-in server ---------------------------------------------------------
 
-class ThreadingWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
-    """wsgiref's server with a thread per connection, so one long poll blocks no one."""
+REQUEST_TIMEOUT = 10.0  # seconds a request's head, and then its body, may take to arrive
+MAX_HEAD = 65536  # bytes of a request line and its headers
+REQUEST_THREADS = 64  # the built-in server's threads that run requests (a long poll holds one)
+ACCEPT_PAUSE = 0.5  # seconds the server stops accepting when it runs out of descriptors
 
-    daemon_threads = True
-    # socketserver's listen backlog is 5: a burst of new connections overflowed it
-    # and the kernel dropped them, each client retrying a second later.
-    request_queue_size = 1024
+
+class _Connection:
+    """One client connection of the Server: what it sent that no request took yet."""
+
+    __slots__ = (
+        "address",
+        "buffer",
+        "deadline",
+        "framing",
+        "head_end",
+        "need",
+        "sock",
+        "state",
+    )
+
+    def __init__(self, sock, address, deadline):
+        self.sock, self.address, self.buffer = sock, address, bytearray()
+        self.deadline = deadline  # monotonic time it is closed unless it moves on
+        self.state = "new"  # new | idle (kept alive) | head | body | busy (a thread has it)
+        self.head_end = self.need = 0  # where its head ends; the bytes its request needs
+        self.framing = None  # (status, error, message) of a request refused as framed
+
+
+def _framing(head):
+    """How a request head says its body ends, as RFC 9112 reads it: (its Content-Length,
+    None), or (None, (status, error, message)) for a head to refuse and close on."""
+    lengths, chunked = set(), False
+    for line in head.split(b"\n")[1:]:
+        line = line.rstrip(b"\r")
+        if not line:
+            continue  # the blank line that ends the head
+        if line[:1] in (b" ", b"\t"):
+            return None, (400, "invalid_header", "a header line folded onto the next one")
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip() or b" " in name or b"\t" in name:
+            return None, (400, "invalid_header",
+                          "a header line without a name and a colon right after it")
+        name = name.lower()
+        if name == b"content-length":
+            lengths.update(part.strip() for part in value.split(b","))
+        elif name == b"transfer-encoding":
+            chunked = True
+    if chunked and lengths:
+        return None, (400, "invalid_content_length",
+                      "both Transfer-Encoding and Content-Length: where the body ends is unclear")
+    if chunked:
+        return None, (411, "length_required", "send the body with a Content-Length")
+    if len(lengths) > 1 or any(not DIGITS_RE.match(length.decode("latin-1"))
+                               for length in lengths):
+        return None, (400, "invalid_content_length",
+                      "Content-Length must be one whole number of bytes")
+    return (int(lengths.pop()) if lengths else 0), None
+
+
+class Server:
+    """The built-in HTTP/1.1 server: one selector loop holds every connection and reads
+    each request's head and body; a fixed pool of threads runs the requests, one at a
+    time per connection, through wsgiref's handler (RequestHandler).
+
+    So an idle or slow client holds no thread: a connection with nothing to say is
+    only a socket in the selector, and one sending a byte a second is read by the loop
+    until its request is whole (or its REQUEST_TIMEOUT passes: closed). At most
+    `max_connections` are open; the next ones wait in the listen backlog. An idle
+    kept-alive connection is closed after `keepalive` seconds. The same interface as
+    socketserver's servers: serve_forever(), shutdown(), server_close().
+    """
+
+    def __init__(self, host, port, app, max_connections=1000, keepalive=5.0, max_body=1 << 20,
+                 threads=REQUEST_THREADS):
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        self.socket = socket.create_server((host, port), family=family, backlog=1024)
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+        self.app, self.max_connections, self.keepalive = app, max_connections, keepalive
+        self.max_body = max_body
+        self.base_environ = {"SERVER_NAME": socket.getfqdn(host) if host else "",
+                             "GATEWAY_INTERFACE": "CGI/1.1",
+                             "SERVER_PORT": str(self.server_address[1]), "REMOTE_HOST": "",
+                             "CONTENT_LENGTH": "", "SCRIPT_NAME": ""}
+        self._selector = selectors.DefaultSelector()
+        self._wake_in, self._wake_out = socket.socketpair()
+        self._wake_in.setblocking(False)
+        self._wake_out.setblocking(False)
+        self._selector.register(self._wake_in, selectors.EVENT_READ, "wake")
+        self._accepting = False
+        self._paused_until = 0.0  # out of descriptors: no accept before then (monotonic)
+        self._open = set()  # every connection not closed, busy or not
+        self._deadlines = []  # heap of (deadline, n, connection); stale entries skipped
+        self._counter = itertools.count()
+        self._returned = collections.deque()  # (connection, keep) from the threads
+        self._requests = SimpleQueue()  # connections whose request is whole
+        self._stopped = threading.Event()
+        self._done = threading.Event()
+        self._threads = [threading.Thread(target=self._serve_requests, daemon=True,
+                                          name=f"queue_tool-http-{n}") for n in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    # The loop.
+
+    def serve_forever(self, poll_interval=0.5):
+        self._accept_again()
+        try:
+            while not self._stopped.is_set():
+                now = time.monotonic()
+                timeout = poll_interval
+                if self._deadlines:
+                    timeout = min(timeout, max(0.0, self._deadlines[0][0] - now))
+                if self._paused_until:
+                    timeout = min(timeout, max(0.0, self._paused_until - now))
+                for key, _ in self._selector.select(timeout):
+                    if key.data is None:
+                        self._accept()
+                    elif key.data == "wake":
+                        self._take_back()
+                    else:
+                        self._read(key.data)
+                self._expire(time.monotonic())
+                if self._paused_until and time.monotonic() >= self._paused_until:
+                    self._paused_until = 0.0
+                    self._accept_again()
+        finally:
+            self._done.set()
+
+    def shutdown(self):
+        """Stop serve_forever() (from another thread) and wait until it has."""
+        self._stopped.set()
+        self._wake()
+        self._done.wait()
+
+    def server_close(self):
+        """Close the listening socket and every connection; the request threads end."""
+        self._stopped.set()
+        for _ in self._threads:
+            self._requests.put(None)
+        for connection in list(self._open):
+            connection.sock.close()
+        self._open.clear()
+        self.socket.close()
+        self._selector.close()
+        self._wake_in.close()
+        self._wake_out.close()
+
+    def _wake(self):
+        try:
+            self._wake_out.send(b"x")
+        except OSError:  # its buffer is full: the loop wakes anyway
+            pass
+
+    def _accept_again(self):
+        if (not self._accepting and not self._paused_until
+                and len(self._open) < self.max_connections):
+            self._selector.register(self.socket, selectors.EVENT_READ, None)
+            self._accepting = True
+
+    def _stop_accepting(self):
+        if self._accepting:
+            self._selector.unregister(self.socket)
+            self._accepting = False
+
+    def _accept(self):
+        while len(self._open) < self.max_connections:
+            try:
+                sock, address = self.socket.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: the connection stays in the backlog. Accepting
+                    # again at once would spin; one closes meanwhile, or the pause ends.
+                    log.warning("cannot accept a connection (%s): pausing %gs",
+                                exc.strerror, ACCEPT_PAUSE)
+                    self._stop_accepting()
+                    self._paused_until = time.monotonic() + ACCEPT_PAUSE
+                return  # ECONNABORTED and the like: that client is gone
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection = _Connection(sock, address, time.monotonic() + REQUEST_TIMEOUT)
+            self._open.add(connection)
+            self._selector.register(sock, selectors.EVENT_READ, connection)
+            self._expire_at(connection)
+        self._stop_accepting()
+
+    def _expire_at(self, connection):
+        heapq.heappush(self._deadlines, (connection.deadline, next(self._counter), connection))
+
+    def _expire(self, now):
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, _, connection = heapq.heappop(self._deadlines)
+            if connection.deadline == deadline and connection.state != "busy" \
+                    and connection in self._open:
+                self._close(connection)
+
+    def _close(self, connection):
+        if connection in self._open:
+            self._open.discard(connection)
+            if connection.state != "busy":
+                self._selector.unregister(connection.sock)
+            connection.sock.close()
+            self._accept_again()
+
+    def _read(self, connection):
+        try:
+            data = connection.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(connection)
+            return
+        if connection.state in ("new", "idle"):
+            connection.state = "head"
+            connection.deadline = time.monotonic() + REQUEST_TIMEOUT
+            self._expire_at(connection)
+        connection.buffer += data
+        self._advance(connection)
+
+    def _advance(self, connection):
+        """Hand the connection's request to a thread once it is whole (or refused)."""
+        buffer = connection.buffer
+        if connection.state == "head":
+            end = buffer.find(b"\r\n\r\n")
+            end = end + 4 if end >= 0 else -1
+            if end < 0 and buffer.find(b"\n\n") >= 0:  # bare line feeds (RFC 9112 2.2)
+                end = buffer.find(b"\n\n") + 2
+            if end < 0:
+                if len(buffer) > MAX_HEAD:
+                    connection.framing = (431, "head_too_large",
+                                          f"a request head of more than {MAX_HEAD} bytes")
+                    self._dispatch(connection)
+                return
+            length, connection.framing = _framing(bytes(buffer[:end]))
+            connection.head_end = end
+            if connection.framing or length > self.max_body:
+                connection.need = end  # the app refuses it from its head: no body read
+                self._dispatch(connection)
+                return
+            connection.need = end + length
+            if len(buffer) < connection.need:
+                connection.state = "body"
+                connection.deadline = time.monotonic() + REQUEST_TIMEOUT
+                self._expire_at(connection)
+                if b"100-continue" in buffer[:end].lower():
+                    try:  # the client waits for this before it sends its body
+                        connection.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    except OSError:
+                        pass
+                return
+        elif len(buffer) < connection.need:
+            return
+        self._dispatch(connection)
+
+    def _dispatch(self, connection):
+        self._selector.unregister(connection.sock)
+        connection.state = "busy"
+        self._requests.put(connection)
+
+    def _take_back(self):
+        try:
+            while self._wake_in.recv(4096):
+                pass
+        except OSError:
+            pass
+        while self._returned:
+            connection, keep = self._returned.popleft()
+            if connection not in self._open:
+                continue  # closed by server_close meanwhile
+            if not keep:
+                self._close(connection)
+                continue
+            connection.state = "idle"
+            connection.deadline = time.monotonic() + self.keepalive
+            self._selector.register(connection.sock, selectors.EVENT_READ, connection)
+            self._expire_at(connection)
+            if connection.buffer:  # the next request came with this one (pipelining)
+                connection.state = "head"
+                connection.deadline = time.monotonic() + REQUEST_TIMEOUT
+                self._advance(connection)
+
+    # The request threads.
+
+    def _serve_requests(self):
+        while (connection := self._requests.get()) is not None:
+            keep = False
+            try:
+                connection.sock.setblocking(True)
+                connection.sock.settimeout(REQUEST_TIMEOUT)  # for writing the answer
+                keep = self._serve_one(connection)
+            except Exception:  # a client gone mid-answer, or a bug: that connection ends
+                log.debug("a connection ended in error", exc_info=True)
+            if keep:
+                try:
+                    connection.sock.setblocking(False)
+                except OSError:
+                    keep = False
+            self._returned.append((connection, keep))
+            self._wake()
+
+    def _serve_one(self, connection):
+        """Answer the request at the start of the connection's buffer: whether the
+        connection stays open for the next one."""
+        wfile = connection.sock.makefile("wb", RequestHandler.wbufsize)
+        try:
+            if connection.framing:
+                status, error, message = connection.framing
+                body = json_body(error_payload(error, message))
+                wfile.write(f"HTTP/1.1 {STATUS_LINES[status]}\r\nContent-Type: application/json"
+                            f"\r\nContent-Length: {len(body)}\r\nConnection: close"
+                            f"\r\n\r\n".encode("latin-1") + body)
+                wfile.flush()
+                return False
+            request = bytes(connection.buffer[:connection.need])
+            del connection.buffer[:connection.need]
+            handler = RequestHandler(self, connection, io.BytesIO(request), wfile)
+            handler.handle_one_request()
+            return not handler.close_connection
+        finally:
+            wfile.close()
 
 
 class _RequestBody:
@@ -5592,56 +6000,41 @@ class _ServerHandler(wsgiref.simple_server.ServerHandler):
 
 
 class RequestHandler(wsgiref.simple_server.WSGIRequestHandler):
-    """wsgiref's handler, with HTTP/1.1 keep-alive: a client that sends request after
-    request (queue_tool.Client, a load balancer) reuses its connection."""
+    """wsgiref's handler for one request the Server has read whole: HTTP/1.1 with
+    keep-alive, so a client that sends request after request (queue_tool.Client, a
+    load balancer) reuses its connection."""
 
     protocol_version = "HTTP/1.1"
-    timeout = 60  # a client that stalls, mid-request or idle, cannot hold a thread forever
     drain_limit = 65536  # the most of an unread body skipped to keep a connection
     # A response goes out in one write, not a send per header line: on a kept-alive
     # connection, small sends meet the client's delayed ACK and wait 40 ms each.
     wbufsize = 65536
-    disable_nagle_algorithm = True
 
-    def handle(self):
-        http.server.BaseHTTPRequestHandler.handle(self)  # one request after another
+    def __init__(self, server, connection, rfile, wfile):  # not socketserver's
+        self.server, self.request = server, connection.sock
+        self.client_address = connection.address
+        self.rfile, self.wfile = rfile, wfile
+        self.close_connection = True
 
     def handle_expect_100(self):
-        answered = super().handle_expect_100()
-        self.wfile.flush()  # "100 Continue" goes now: the client waits for it to send its body
-        return answered
+        return True  # the Server sent "100 Continue" when it waited for the body
 
     def handle_one_request(self):
-        try:
-            self.raw_requestline = self.rfile.readline(65537)
-        except TimeoutError:
-            self.close_connection = True
-            return
-        if not self.raw_requestline:
-            self.close_connection = True
-            return
-        if len(self.raw_requestline) > 65536:
-            self.requestline = self.request_version = self.command = ""
-            self.send_error(414)
-            return
+        self.raw_requestline = self.rfile.readline(65537)
         if not self.parse_request():
             return  # an error was sent, and the connection is to close
         length = self.headers.get("Content-Length", "0").strip() or "0"
-        if (self.request_version != "HTTP/1.1" or "Transfer-Encoding" in self.headers
-                or not DIGITS_RE.match(length)):
-            self.close_connection = True  # where a body ends is not known: no reuse
-        self.body = _RequestBody(self.rfile, int(length) if DIGITS_RE.match(length) else 0)
-        handler = _ServerHandler(self.body, self.wfile, self.get_stderr(), self.get_environ(),
-                                 multithread=False)
-        handler.request_handler = self
-        handler.run(self.server.get_app())
-        if self.body.left and not self.close_connection:
-            try:
-                self.body.read()  # what the app left unread, so the next request starts clean
-            except OSError:
-                pass
-        if self.body.broken or self.body.left:
+        if self.request_version != "HTTP/1.1":
             self.close_connection = True
+        self.body = _RequestBody(self.rfile, int(length))  # the Server checked it
+        handler = _ServerHandler(self.body, self.wfile, self.get_stderr(), self.get_environ(),
+                                 multithread=True)
+        handler.request_handler = self
+        handler.run(self.server.app)
+        if self.body.left and not self.close_connection:
+            self.body.read()  # what the app left unread, so the next request starts clean
+        if self.body.broken or self.body.left:
+            self.close_connection = True  # its body was not read: where it ends is unknown
         self.wfile.flush()
 
     def get_environ(self):
@@ -5735,9 +6128,8 @@ def main(argv=None):
         service.runner.restart_stuck, service.runner.http = child is not None, False
         return _work(service, settings)
     try:
-        server = wsgiref.simple_server.make_server(
-            settings.host, settings.port, service, server_class=ThreadingWSGIServer,
-            handler_class=RequestHandler)
+        server = Server(settings.host, settings.port, service, settings.max_connections,
+                        settings.keepalive, settings.max_body)
     except OSError as exc:
         service.close(grace=0)
         parser.print_usage(sys.stderr)
