@@ -5637,7 +5637,6 @@ class _Connection:
         "buffer",
         "deadline",
         "framing",
-        "head_end",
         "need",
         "sock",
         "state",
@@ -5647,7 +5646,7 @@ class _Connection:
         self.sock, self.address, self.buffer = sock, address, bytearray()
         self.deadline = deadline  # monotonic time it is closed unless it moves on
         self.state = "new"  # new | idle (kept alive) | head | body | busy (a thread has it)
-        self.head_end = self.need = 0  # where its head ends; the bytes its request needs
+        self.need = 0  # the bytes its request needs, head and body
         self.framing = None  # (status, error, message) of a request refused as framed
 
 
@@ -5812,6 +5811,12 @@ class Server:
             self._expire_at(connection)
         self._stop_accepting()
 
+    def _await(self, connection, state):
+        """The connection now waits for a request's head or body: REQUEST_TIMEOUT to go."""
+        connection.state = state
+        connection.deadline = time.monotonic() + REQUEST_TIMEOUT
+        self._expire_at(connection)
+
     def _expire_at(self, connection):
         heapq.heappush(self._deadlines, (connection.deadline, next(self._counter), connection))
 
@@ -5841,9 +5846,7 @@ class Server:
             self._close(connection)
             return
         if connection.state in ("new", "idle"):
-            connection.state = "head"
-            connection.deadline = time.monotonic() + REQUEST_TIMEOUT
-            self._expire_at(connection)
+            self._await(connection, "head")
         connection.buffer += data
         self._advance(connection)
 
@@ -5862,16 +5865,13 @@ class Server:
                     self._dispatch(connection)
                 return
             length, connection.framing = _framing(bytes(buffer[:end]))
-            connection.head_end = end
             if connection.framing or length > self.max_body:
                 connection.need = end  # the app refuses it from its head: no body read
                 self._dispatch(connection)
                 return
             connection.need = end + length
             if len(buffer) < connection.need:
-                connection.state = "body"
-                connection.deadline = time.monotonic() + REQUEST_TIMEOUT
-                self._expire_at(connection)
+                self._await(connection, "body")
                 if b"100-continue" in buffer[:end].lower():
                     try:  # the client waits for this before it sends its body
                         connection.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -5905,8 +5905,7 @@ class Server:
             self._selector.register(connection.sock, selectors.EVENT_READ, connection)
             self._expire_at(connection)
             if connection.buffer:  # the next request came with this one (pipelining)
-                connection.state = "head"
-                connection.deadline = time.monotonic() + REQUEST_TIMEOUT
+                self._await(connection, "head")
                 self._advance(connection)
 
     # The request threads.
