@@ -1094,6 +1094,11 @@ class Store:
         """Record a run's progress (0 to 1); ignored once the run no longer holds it."""
         raise NotImplementedError
 
+    def unclaim(self, owner, runs):
+        """Put jobs `owner` claimed and never started ({token: attempt}) back in the
+        queue as they were before the claim (the attempt is not counted): how many."""
+        raise NotImplementedError
+
     def renew(self, owner, runs, lease):
         """Extend by `lease` seconds the leases of these runs ({token: attempt}) of
         `owner`: the set of tokens whose runs still hold their job."""
@@ -1516,6 +1521,9 @@ class SQLiteStore(Store):
     RENEW = """UPDATE jobs SET lease_until = :now + :lease
         WHERE token = :token AND owner = :owner AND attempts = :attempt AND status = 'running'
         RETURNING token"""
+    UNCLAIM = """UPDATE jobs SET status = 'queued', owner = NULL, started_at = NULL,
+            lease_until = NULL, attempts = attempts - 1
+        WHERE token = ? AND owner = ? AND attempts = ? AND status = 'running'"""
 
     # -- Canceling.
     CANCEL = f"""UPDATE jobs SET status = 'canceled', finished_at = ?, lease_until = NULL
@@ -1976,6 +1984,13 @@ class SQLiteStore(Store):
         with self._transaction() as conn:
             conn.execute(self.SET_PROGRESS, {"progress": progress, "token": token,
                                              "owner": owner, "attempt": attempt})
+
+    def unclaim(self, owner, runs):
+        with self._transaction() as conn:
+            count = sum(conn.execute(self.UNCLAIM, (token, owner, attempt)).rowcount
+                        for token, attempt in runs.items())
+            self._count(conn, queued=count)
+        return count
 
     def renew(self, owner, runs, lease):
         held = set()
@@ -2621,6 +2636,21 @@ class PostgresStore(Store):
         UPDATE queue_tool_jobs AS j SET lease_until = now() + %(lease)s * interval '1 second'
         FROM mine WHERE j.id = mine.id
         RETURNING j.token"""
+    UNCLAIM = """WITH mine AS MATERIALIZED (
+            SELECT j.id FROM queue_tool_jobs AS j
+            JOIN unnest(%(tokens)s::text[], %(attempts)s::integer[]) AS r (token, attempt)
+                ON j.token = r.token AND j.attempts = r.attempt
+            WHERE j.owner = %(owner)s AND j.status = 'running'
+            ORDER BY j.id FOR UPDATE OF j),
+        job AS (
+            UPDATE queue_tool_jobs AS j SET status = 'queued', owner = NULL, started_at = NULL,
+                lease_until = NULL, attempts = j.attempts - 1
+            FROM mine WHERE j.id = mine.id RETURNING 1),
+        counted AS (
+            INSERT INTO queue_tool_counters AS c (name, shard, value)
+            SELECT 'queued', mod(pg_backend_pid(), 64), count(*) FROM job HAVING count(*) > 0
+            ON CONFLICT (name, shard) DO UPDATE SET value = c.value + EXCLUDED.value)
+        SELECT count(*) FROM job"""
 
     # -- Canceling.
     LOCK_JOB = f"SELECT {COLUMNS} FROM queue_tool_jobs WHERE token = %s FOR UPDATE"
@@ -3092,6 +3122,14 @@ class PostgresStore(Store):
         self._write(self.SET_PROGRESS, {"progress": progress, "token": token, "owner": owner,
                                         "attempt": attempt})
 
+    def unclaim(self, owner, runs):
+        with self._transaction() as conn:
+            ((count,),) = conn.execute(self.UNCLAIM, {
+                "tokens": list(runs), "attempts": list(runs.values()), "owner": owner}).fetchall()
+            if count:  # other processes' idle workers take them now
+                conn.execute(self.NOTIFY, (f"submitted:{count}",))
+        return count
+
     def renew(self, owner, runs, lease):
         rows = self._write(self.RENEW, {"tokens": list(runs), "attempts": list(runs.values()),
                                         "owner": owner, "lease": lease})
@@ -3405,15 +3443,14 @@ def wait_valor(job):
     job.canceled.wait(job.valor)
 
 
-class _Commit:
-    """A worker's request to the committer: a run's end to record, and/or a claim."""
+class _Claim:
+    """A worker's wait for a job: the committer's next transaction claims it one."""
 
-    __slots__ = ("claim", "done", "error", "finish", "finished", "row")
+    __slots__ = ("done", "error", "row")
 
-    def __init__(self, finish, claim):
-        self.finish, self.claim = finish, claim  # finish: (token, attempt, status, result, error)
+    def __init__(self):
         self.done = threading.Event()
-        self.finished, self.row, self.error = False, None, None
+        self.row, self.error = None, None
 
 
 class Runner:
@@ -3438,6 +3475,8 @@ class Runner:
     purge_interval = 60.0
     listen_timeout = 0.5  # longest a listener blocks, so it sees a stop soon
     commit_window = 0.002  # longest the committer waits for running jobs to end
+    prefetch = 8  # most jobs claimed ahead per worker, when jobs end within the window
+    hold_ahead = 0.05  # longest a job claimed ahead waits for a worker here
     stop_wait = 5.0  # longest stop() waits for a transaction under way before releasing
 
     def __init__(self, store, process=wait_valor, workers=16, lease=30.0, max_attempts=3,
@@ -3469,10 +3508,18 @@ class Runner:
         self._pid = None       # the process whose threads these are
         self._threads = []
         self._committer = None
-        self._live = {}        # token -> (Job, Event set when it ends)
+        # token -> [Job, Event set when it ends, made by the first waiter (_wait)]; a run
+        # that ended stays until the committer has recorded its end.
+        self._live = {}
         self._wakeups = 0      # jobs announced that no idle worker has looked for yet
         self._store_down = False  # claims are failing: an outage is being logged
-        self._commits = []     # _Commit requests waiting for the committer
+        self._claims = []      # _Claim requests waiting for the committer
+        self._ends = []        # (finish, live entry, seconds run): ends not yet recorded
+        # Jobs claimed ahead for the next free workers: (row, when it goes back to the
+        # queue if no worker took it, in monotonic time).
+        self._ready = collections.deque()
+        self._drained = False  # the last claim found fewer jobs than it asked for
+        self._committer_idle = False  # it waits for any request: the first end wakes it
         self._committing = False  # the committer takes requests (until stop() ends it)
         self._working = 0      # worker threads not yet ended
         self._busy = 0         # jobs claimed here whose run has not ended (_run settles it)
@@ -3612,6 +3659,7 @@ class Runner:
             # found nothing and its sleep: then no wake-up is missed, and one submit
             # sends one worker looking, not every worker that was busy at the time.
             self._wakeups = min(self._wakeups + count, self.workers)
+            self._drained = False
             self._wake.notify(count)
 
     def set_queue(self, name, change):
@@ -3681,11 +3729,18 @@ class Runner:
         with self._lock:
             entry = self._live.get(token)
             if entry is None or attempt not in (None, entry[0].attempts):
-                return False
+                # Claimed ahead and not started: dropped, as if it had never been.
+                ahead = [held for held in self._ready if held[0]["token"] == token
+                         and attempt in (None, held[0]["attempts"])]
+                for held in ahead:
+                    self._ready.remove(held)
+                    self._busy -= 1
+                return bool(ahead)
             del self._live[token]
         job, ended = entry
         job.canceled.set()
-        ended.set()
+        if ended is not None:
+            ended.set()
         return True
 
     def wait_for(self, token, timeout):
@@ -3715,6 +3770,8 @@ class Runner:
                 return value
             with self._lock:
                 entry = next((self._live[t] for t in pending if t in self._live), None)
+                if entry is not None and entry[1] is None:
+                    entry[1] = threading.Event()
             if entry is not None:
                 # Bounded: another process may end it (a cancel, a lost lease).
                 entry[1].wait(min(remaining, 1.0))
@@ -3750,12 +3807,19 @@ class Runner:
                 self._committer_wake.notify()  # one worker fewer for the commit window
 
     def _claim_and_run(self, stopping):
-        row = None  # a job claimed with the last one's end, to run next
+        row = None  # a job claimed with the last one's end, or ahead, to run next
         polled = False  # this worker just looked for room in a full queue
-        while row is not None or not stopping.is_set():
+        while True:
+            if row is None and stopping.is_set():
+                # Jobs claimed ahead are claimed: they run in the grace, as one
+                # claimed with a run's end does. Nothing more is claimed.
+                with self._lock:
+                    row = self._ready.popleft()[0] if self._ready else None
+                if row is None:
+                    break
             if row is None:
                 try:
-                    row = self._commit(claim=True)[1]
+                    row = self._claim()
                     if polled and row is not None:  # off to run it: another looks next
                         with self._lock:
                             self._handoff = True
@@ -3777,7 +3841,7 @@ class Runner:
                     # idle worker at a time: more would only slow every claim down.
                     with self._lock:
                         polled = due == LIMIT_POLL and not self._polling
-                        if not self._wakeups and not stopping.is_set():
+                        if not self._wakeups and not self._ready and not stopping.is_set():
                             self._polling |= polled
                             self._wake.wait(None if due is None or (
                                 due == LIMIT_POLL and not polled) else max(due, 0.002))
@@ -3794,53 +3858,60 @@ class Runner:
             if threading.current_thread() in self._abandoned:
                 return
 
-    def _commit(self, finish=None, claim=False, ran=None):
-        """Record a job's end and/or claim one job, in the committer's next transaction.
-
-        Returns (whether the end was recorded, the claimed row or None). Workers
-        that ask while a transaction is under way share the next one: many jobs
-        for one commit (one fsync on SQLite) instead of two commits per job.
-        """
-        request = _Commit(finish, claim)
+    def _claim(self):
+        """A job's row for this worker: one claimed ahead, else one claimed in the
+        committer's next transaction (None when none is ready)."""
+        request = _Claim()
         with self._lock:
+            if self._ready:
+                return self._ready.popleft()[0]
             if not self._committing:
                 raise StoreError("the workers are stopping: nothing more is recorded")
-            self._commits.append(request)
-            if finish:
-                self._typical += (ran - self._typical) / 16
+            self._claims.append(request)
             self._committer_wake.notify()
         request.done.wait()  # the committer answers every request it was given
         if request.error is not None:
             raise request.error
-        return request.finished, request.row
+        return request.row
+
+    def _record_end(self, finish, entry, ran):
+        """Hand a run's end (token, attempt, status, result, error) to the committer,
+        which records it in its next transaction with the other ends and claims; the
+        worker goes on at once. The caller holds the lock."""
+        self._ends.append((finish, entry, ran))
+        self._typical += (ran - self._typical) / 16
+        if self._committer_idle or self._busy <= len(self._ends):
+            self._committer_wake.notify()  # else the committer's window ends soon anyway
 
     def _commit_loop(self):
-        """The committer thread: one transaction for every request waiting, until
-        stop() ends it. Every request it takes gets an answer, an error if anything
-        failed (the worker's job then comes back by its lease, as after any failed
-        commit), so no worker can wait for ever; the thread itself goes on."""
+        """The committer thread: one transaction for every end and claim waiting, until
+        stop() ends it. Every claim it takes gets an answer, an error if anything
+        failed (a job whose end was not recorded then comes back by its lease, as
+        after any failed commit), so no worker can wait for ever; the thread itself
+        goes on."""
         try:
             while (batch := self._next_commits()) is not None:
+                claims, ends, ahead, back = batch
                 error = StoreError("the committer stopped")
+                finished = set()
                 try:
-                    # Rows go to the workers that just ended a run first: one of a
-                    # queue at its concurrency then gets the room its end made.
-                    claims = sorted((request for request in batch if request.claim),
-                                    key=lambda request: request.finish is None)
+                    if back:  # if this fails, their leases run out as after a crash
+                        self.store.unclaim(self.owner, back)
                     finished, rows = self.store.finish_and_claim(
-                        self.owner, [request.finish for request in batch if request.finish],
-                        len(claims), self.lease, self.queues, self._limits)
-                    self._hand_out(batch, claims, finished, rows)
+                        self.owner, [finish for finish, _, _ in ends], len(claims) + ahead,
+                        self.lease, self.queues, self._limits)
+                    self._hand_out(claims, len(claims) + ahead, rows)
                 except StoreError as exc:
                     error = exc
                 except Exception as exc:  # logged; every waiter hears of it
                     log.exception("recording ends and claims failed")
                     error = StoreError(f"{type(exc).__name__}: {exc}")
                 finally:
-                    for request in batch:
+                    for request in claims:
                         if not request.done.is_set():
                             request.row, request.error = None, error
                             request.done.set()
+                    self._ended(ends, finished, error)
         except BaseException:
             log.critical("the committer died: this process claims and records no more jobs",
                          exc_info=True)
@@ -3848,45 +3919,104 @@ class Runner:
         finally:
             with self._lock:
                 self._committing = False
-                left, self._commits = self._commits, []
+                left, self._claims = self._claims, []
+                ends, self._ends = self._ends, []
             for request in left:
                 request.error = StoreError("the committer stopped")
                 request.done.set()
+            self._ended(ends, set(), StoreError("the committer stopped"))
 
     def _next_commits(self):
-        """The requests for the next transaction, or None once stop() ended the
-        committer and none is left.
+        """The next transaction's (claims, ends, jobs to claim ahead, {token: attempt}
+        of jobs claimed ahead to put back), or None once stop() ended the committer
+        and nothing is left.
 
         A short group-commit window: when jobs here take less than the window,
         those still running will end within moments, and a transaction costs
         nearly the same for 16 ends as for 8. An idle service (nothing running) or
-        one of longer jobs commits at once.
+        one of longer jobs commits at once. Jobs that short are also claimed ahead,
+        as many as this process ends in a window (at most `prefetch` per worker),
+        so a worker that ends one starts the next without waiting for a commit.
+        Longer jobs are not claimed ahead; and one claimed ahead that no worker
+        took within `hold_ahead` goes back to the queue for other processes.
         """
         with self._lock:
-            while not self._commits:
+            while not self._claims and not self._ends:
                 if not self._committing:
                     return None
-                self._committer_wake.wait()
+                if self._ready and self._ready[0][1] <= time.monotonic():
+                    break  # jobs claimed ahead waited too long: they go back
+                self._committer_idle = True
+                self._committer_wake.wait(
+                    self._ready[0][1] - time.monotonic() if self._ready else None)
+            self._committer_idle = False
             deadline = time.monotonic() + self.commit_window
-            while (self._typical < self.commit_window and len(self._commits) < self._working
-                   and self._busy > sum(bool(request.finish) for request in self._commits)):
+            while (self._typical < self.commit_window and len(self._claims) < self._working
+                   and self._busy > len(self._ends)):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._committer_wake.wait(remaining)
-            batch, self._commits = self._commits, []
-        return batch
+            claims, self._claims = self._claims, []
+            ends, self._ends = self._ends, []
+            now, back = time.monotonic(), {}
+            while self._ready and self._ready[0][1] <= now:
+                # Jobs run here longer than the window now: those claimed ahead would
+                # wait for one to end, so other processes take them instead, and no
+                # more are claimed ahead until runs are short again.
+                row, _ = self._ready.popleft()
+                back[row["token"]] = row["attempts"]
+                self._busy -= 1
+                self._typical = max(self._typical, self.commit_window)
+            ahead = 0
+            if self._typical < self.commit_window and not self._drained \
+                    and not self._stopping.is_set():
+                ahead = min(self.prefetch * self.workers,
+                            int(self.workers * self.commit_window / max(self._typical, 1e-6)))
+                ahead = max(0, ahead - len(self._ready))
+        return claims, ends, ahead, back
 
-    def _hand_out(self, batch, claims, finished, rows):
-        """Give each request its answer from the committer's transaction."""
+    def _hand_out(self, claims, asked, rows):
+        """Give each waiting worker a row, in priority order; keep the rest ahead."""
         for request, row in zip(claims, rows, strict=False):  # never more rows than asked
             request.row = row
-        for request in batch:
-            request.finished = bool(request.finish) and request.finish[0] in finished
         with self._lock:
             self._busy += len(rows)  # before any of them can end
-        for request in batch:
+            self._drained = len(rows) < asked
+            ahead = rows[len(claims):]
+            if ahead:
+                back_at = time.monotonic() + self.hold_ahead
+                self._ready.extend((row, back_at) for row in ahead)
+                self._wakeups = min(self._wakeups + len(ahead), self.workers)
+                self._wake.notify(len(ahead))  # an idle worker takes one
+        for request in claims:
             request.done.set()
+
+    def _ended(self, ends, finished, error):
+        """After the transaction that recorded them (or failed to): the ends' waiters
+        are woken, their entries dropped, and each end is logged."""
+        with self._lock:
+            waiters = []
+            for (token, _, _, _, _), entry, _ in ends:
+                if self._live.get(token) is entry:
+                    del self._live[token]
+                if entry[1] is not None:
+                    waiters.append(entry[1])
+        for ended in waiters:
+            ended.set()
+        for (token, attempt, status, _, _), _, ran in ends:
+            if token not in finished:
+                # The lease runs out and another worker takes it again: at-least-once.
+                if error is not None and not self._stopping.is_set():
+                    log.error("recording job %s as %s failed: %s", token, status, error)
+                continue
+            # A job done is a debug line: at info, two lines a job cost half the
+            # throughput of a busy service (measured); what went wrong stays info.
+            level = logging.DEBUG if status == DONE else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(level, "job %s %s in %.3fs", token, status, ran, extra={
+                    "token": token, "attempt": attempt, "status": status,
+                    "duration_ms": round(ran * 1e3, 3)})
 
     def _store_failed(self, exc):
         """Log an outage once, not once a second for every worker."""
@@ -3904,44 +4034,55 @@ class Runner:
 
     def _run(self, row):
         """Run one claimed job, holding it in the live map while it runs; the row
-        of the next job, claimed as this one's end was recorded, or None.
+        of the next job, claimed ahead, or None.
 
         Every job claimed here ends here, once, whatever happens: the one place the
         busy count goes down. A job claimed while the workers stop still runs, in
         the grace stop() gives every running job (the store shows it running); one
         claimed after the grace is not run: stop() puts it back in the queue.
         """
-        job, ended = Job(self, row), threading.Event()
-        entry = (job, ended)
+        job = Job(self, row)
+        entry = [job, None]
         with self._lock:
             # An older run of this job here lost its lease (an outage, say), and the
             # job was claimed again: the old run holds it no more, so it is told to stop.
             displaced = self._live.get(job.token)
             self._live[job.token] = entry
             self.wait_seconds.observe((job.queue,), max(0.0, row["started_at"] - row["run_at"]))
+            if job.timeout:
+                job.deadline = time.monotonic() + job.timeout
+                self._timer_wake.notify()
         if displaced is not None:
             displaced[0]._cut = True
             displaced[0].canceled.set()
-        if job.timeout:
-            with self._lock:
-                job.deadline = time.monotonic() + job.timeout
-                self._timer_wake.notify()
+        end = None
         try:
-            return None if self._grace_over.is_set() else self._execute(job)
+            end = None if self._grace_over.is_set() else self._execute(job)
         finally:  # whatever the processor raised: a job not live here is not renewed
             with self._lock:
-                if self._live.get(job.token) is entry:  # not dropped by a cancel
-                    del self._live[job.token]
+                job.deadline = None  # ended: nothing for the timer
                 if not job._timed_out:  # else the timer settled it
                     self._busy -= 1
                 if job._outcome is not None:
                     self.run_seconds.observe((job.queue, job._outcome[0]), job._outcome[1])
-                self._committer_wake.notify()
-            ended.set()
+                if end is not None and self._live.get(job.token) is entry:
+                    self._record_end(end[0], entry, end[1])  # the committer drops the entry
+                else:
+                    end = None
+                    if self._live.get(job.token) is entry:  # not dropped by a cancel
+                        del self._live[job.token]
+                    self._committer_wake.notify()  # one job fewer for its window
+                row = self._ready.popleft()[0] if end is not None and self._ready else None
+            if end is None and entry[1] is not None:
+                entry[1].set()
+        return row
 
     def _execute(self, job):
-        log.debug("job %s running (attempt %d)", job.token, job.attempts,
-                  extra={"token": job.token, "attempt": job.attempts, "queue": job.queue})
+        """Run the processor: (finish, seconds) for the committer to record, or None
+        (a retry recorded here, a cancel, a timeout, a shutdown)."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("job %s running (attempt %d)", job.token, job.attempts,
+                      extra={"token": job.token, "attempt": job.attempts, "queue": job.queue})
         started = time.monotonic()
         delay = None
         try:
@@ -3961,37 +4102,26 @@ class Runner:
                 job._outcome = ("canceled", ran)
             return None
         job._outcome = ("done" if status == DONE else "error", ran)
-        return self._end(job, status, result, error, delay, ran,
-                         claim=not self._stopping.is_set())
+        if status == FAILED and job._retried < job._retries:
+            self._retry(job, error, delay)
+            return None
+        return (job.token, job.attempts, status, result, error), ran
 
-    def _end(self, job, status, result, error, delay, ran, claim):
-        """Record how a run ended: a failure with retries left goes back to the queue
-        (in `delay` seconds, or the backoff's). The row claimed with it, or None."""
+    def _retry(self, job, error, delay):
+        """A failure with retries left goes back to the queue, in `delay` seconds or
+        the backoff's."""
+        delay = self.backoff(job._retried + 1) if delay is None else delay
         try:
-            if status == FAILED and job._retried < job._retries:
-                delay = self.backoff(job._retried + 1) if delay is None else delay
-                if self.store.retry(job.token, self.owner, job.attempts, error,
-                                    min(delay, self.max_delay)):
-                    log.info("job %s failed (attempt %d); retry %d of %d in %.3fs", job.token,
-                             job.attempts, job._retried + 1, job._retries, delay,
-                             extra={"token": job.token, "attempt": job.attempts,
-                                    "status": QUEUED})
-                return None
-            finished, row = self._commit((job.token, job.attempts, status, result, error),
-                                         claim=claim, ran=ran)
+            if self.store.retry(job.token, self.owner, job.attempts, error,
+                                min(delay, self.max_delay)):
+                log.info("job %s failed (attempt %d); retry %d of %d in %.3fs", job.token,
+                         job.attempts, job._retried + 1, job._retries, delay,
+                         extra={"token": job.token, "attempt": job.attempts,
+                                "status": QUEUED})
         except StoreError as exc:
             # The lease runs out and another worker takes it again: at-least-once.
             if not self._stopping.is_set():
-                log.error("recording job %s as %s failed: %s", job.token, status, exc)
-            return None
-        if finished:
-            # A job done is a debug line: at info, two lines a job cost half the
-            # throughput of a busy service (measured); what went wrong stays info.
-            log.log(logging.DEBUG if status == DONE else logging.INFO, "job %s %s in %.3fs",
-                    job.token, status, ran, extra={
-                        "token": job.token, "attempt": job.attempts, "status": status,
-                        "duration_ms": round(ran * 1e3, 3)})
-        return row
+                log.error("recording job %s as %s failed: %s", job.token, FAILED, exc)
 
     def _timer(self):
         """The timer thread: ends each run that passes its timeout, until the
@@ -4013,7 +4143,7 @@ class Runner:
                                   + list(self._stuck_at.values()), default=None)
                     self._timer_wake.wait(None if soonest is None else soonest - now)
                 workers = []
-                for job, ended in late:
+                for job, _ in late:
                     del self._live[job.token]  # over for its waiters and the lease renewals
                     job._timed_out = True
                     self._busy -= 1
@@ -4027,21 +4157,26 @@ class Runner:
                 for job in stuck:
                     del self._stuck_at[job]
                 stuck = [job for job in stuck if job._thread in self._abandoned]
-            for (job, ended), worker in zip(late, workers, strict=True):
-                self._time_out(job, ended, worker)
+            for entry, worker in zip(late, workers, strict=True):
+                self._time_out(entry[0], entry, worker)
             for job in stuck:
                 if job._thread.is_alive():
                     self._stuck(job)
 
-    def _time_out(self, job, ended, worker):
+    def _time_out(self, job, entry, worker):
         job.canceled.set()
-        ended.set()
         worker.start()
         error = f"timed out after {job.timeout:g} s"
         log.warning("job %s %s (attempt %d); a new worker takes its thread's place",
                     job.token, error, job.attempts,
                     extra={"token": job.token, "attempt": job.attempts})
-        self._end(job, FAILED, None, error, None, job.timeout, claim=False)
+        if job._retried < job._retries:
+            self._retry(job, error, None)
+            if entry[1] is not None:
+                entry[1].set()
+            return
+        with self._lock:  # its waiters are woken once the end is recorded
+            self._record_end((job.token, job.attempts, FAILED, None, error), entry, job.timeout)
 
     def _stuck(self, job):
         if self.restart_stuck:
@@ -4131,6 +4266,7 @@ class Runner:
         """Renew the leases of the jobs live here; stop those canceled elsewhere."""
         with self._lock:
             runs = {token: job.attempts for token, (job, _) in self._live.items()}
+            runs.update((row["token"], row["attempts"]) for row, _ in self._ready)
         if runs:  # only these: a job whose thread died must lose its lease
             held = self.store.renew(self.owner, runs, self.lease)
             for token in runs.keys() - held:  # canceled (or taken back) elsewhere

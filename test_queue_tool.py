@@ -926,12 +926,14 @@ def test_a_run_that_lost_its_job_cannot_end_the_run_that_took_it_back(make):
         gates[job.attempts].wait(30)
         return f"run {job.attempts}"
     built = make(process=process, workers=2)
-    commits, original = [], built.runner._commit
+    ran, original = [], built.runner._execute
 
-    def commit(finish=None, claim=False, ran=None):
-        commits.append(threading.current_thread().name)
-        return original(finish, claim, ran)
-    built.runner._commit = commit
+    def execute(job):
+        try:
+            return original(job)
+        finally:
+            ran.append(job.attempts)
+    built.runner._execute = execute
     client = webtest.TestApp(built)
     (token,) = tokens_of(submit(client, [{"item": "a", "valor": 1}]))
     wait_until(lambda: len(runs) == 1, what="the first run")
@@ -940,11 +942,10 @@ def test_a_run_that_lost_its_job_cannot_end_the_run_that_took_it_back(make):
     built.runner.notify_submitted(1)
     wait_until(lambda: len(runs) == 2, what="the second run")
     assert [job.attempts for job, _ in runs] == [1, 2]
-    (first, first_thread), _ = runs
+    (first, _), _ = runs
     assert first.canceled.is_set()  # told that it holds the job no more
-    mark = len(commits)
     gates[1].set()
-    wait_until(lambda: first_thread in commits[mark:], what="the first run's thread to go on")
+    wait_until(lambda: 1 in ran, what="the first run to end")
     row = built.store.get(token)
     assert (row["status"], row["attempts"], row["result"]) == ("running", 2, None)
     gates[2].set()
@@ -953,16 +954,76 @@ def test_a_run_that_lost_its_job_cannot_end_the_run_that_took_it_back(make):
 
 
 @both_stores
+def test_jobs_claimed_ahead_go_back_to_the_queue_when_no_worker_takes_them_soon(make, db, gate):
+    """Short jobs are claimed ahead; once a long one holds the worker, those wait no
+    longer than hold_ahead before other processes may take them, their attempt
+    not counted."""
+    def process(job):
+        if job.item == "long":
+            gate.wait(30)
+    built = make(process=process, workers=1)
+    given_back, original = [], built.store.unclaim
+
+    def unclaim(owner, runs):
+        given_back.append(dict(runs))
+        return original(owner, runs)
+    built.store.unclaim = unclaim
+    client = webtest.TestApp(built)
+    for token in tokens_of(submit(client, [{"item": f"quick {n}", "valor": 0}
+                                           for n in range(200)])):
+        assert client.get(f"/check/{token}?wait=10").json["status"] == "done"
+    long, *after = tokens_of(submit(client, [{"item": "long", "valor": 0}] + [
+        {"item": f"after {n}", "valor": 0} for n in range(20)]))
+    wait_until(lambda: given_back, what="jobs claimed ahead to go back")
+    assert set(given_back[0]) <= set(after) and set(given_back[0].values()) == {1}
+    wait_until(lambda: not built.runner._ready, what="nothing held ahead")
+    rows = {job["token"]: job for job in built.store.list(limit=100)[0]}
+    assert rows[long]["status"] == "running"
+    assert {(rows[t]["status"], rows[t]["attempts"]) for t in after} == {("queued", 0)}
+    assert_queued_gauge_is_true(db)
+    gate.set()
+    for token in after:
+        view = client.get(f"/check/{token}?wait=10").json
+        assert (view["status"], view["attempts"]) == ("done", 1)
+
+
+@both_stores
+def test_a_job_claimed_ahead_and_canceled_never_runs(make, gate):
+    ran = []
+
+    def process(job):
+        ran.append(job.item)
+        if job.item == "long":
+            gate.wait(30)
+    built = make(process=process, workers=1)
+    built.runner.hold_ahead = 60  # they stay claimed ahead while the long one runs
+    client = webtest.TestApp(built)
+    for token in tokens_of(submit(client, [{"item": f"quick {n}", "valor": 0}
+                                           for n in range(200)])):
+        assert client.get(f"/check/{token}?wait=10").json["status"] == "done"
+    _, canceled, *after = tokens_of(submit(client, [{"item": "long", "valor": 0}] + [
+        {"item": f"after {n}", "valor": 0} for n in range(5)]))
+    wait_until(lambda: len(built.runner._ready) == 5, what="five jobs claimed ahead")
+    assert client.delete(f"/check/{canceled}", status=200).json["status"] == "canceled"
+    assert canceled not in {row["token"] for row, _ in built.runner._ready}
+    gate.set()
+    for token in after:
+        assert client.get(f"/check/{token}?wait=10").json["status"] == "done"
+    assert client.get(f"/check/{canceled}").json["status"] == "canceled"
+    assert "after 0" not in ran and len(ran) == 205
+
+
+@both_stores
 def test_a_failure_in_the_committer_wakes_its_workers_and_they_carry_on(make, caplog):
     built = make(workers=2, lease=1)
     runner, failed = built.runner, []
     original = runner._hand_out
 
-    def hand_out(batch, claims, finished, rows):
+    def hand_out(claims, asked, rows):
         if rows and not failed:  # once, after the store claimed a job for nobody
             failed.append(len(rows))
             raise RuntimeError("the bookkeeping broke")
-        return original(batch, claims, finished, rows)
+        return original(claims, asked, rows)
     runner._hand_out = hand_out
     client = webtest.TestApp(built)
     (token,) = tokens_of(submit(client, [{"item": "lost", "valor": 0}]))
