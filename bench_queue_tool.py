@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -402,19 +403,20 @@ def bench_single(dbs, quick):
 class Gunicorn(Served):
     """gunicorn (gthread) serving `app` on a free loopback port; None if not installed."""
 
-    def __init__(self, workdir, app, env):
+    def __init__(self, workdir, app, env, workers=2, threads=16, core=None):
         program = shutil.which("gunicorn", path=str(Path(sys.executable).parent))
         self.log = Path(workdir) / f"gunicorn-{time.monotonic_ns()}.log"
+        pin = [] if core is None else ["taskset", "-c", str(core)]
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [program, "-w", "2", "-k", "gthread", "--threads", "16", "--backlog", "2048",
-                 "-b", "127.0.0.1:0", app], cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(HERE), **env})
+                [*pin, program, "-w", str(workers), "-k", "gthread", "--threads", str(threads),
+                 "--backlog", "2048", "-b", "127.0.0.1:0", app], cwd=workdir, stdout=log,
+                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(HERE), **env})
         deadline = time.monotonic() + 30
         while True:
             text = self.log.read_text()
             found = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", text)
-            if found and text.count("Booting worker") >= 2:
+            if found and text.count("Booting worker") >= workers:
                 self.port = int(found[1])
                 return
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -458,6 +460,143 @@ def bench_gunicorn(dbs, quick):
             ("100-item batches under gunicorn, 32 connections (items/s)", batches[0],
              batches[1], f">= 50 x the seed's {SEED_ITEMS_PER_SECOND:,}",
              batches[0] >= 50 * SEED_ITEMS_PER_SECOND)]
+
+
+WRK_POST = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [[{body}]]
+"""
+WRK_PATHS = """local paths, n = {{{paths}}}, 0
+request = function() n = n % #paths + 1 return wrk.format("GET", paths[n]) end
+"""
+
+
+def wrk(workdir, port, seconds, script, connections=32):
+    """Requests/s that wrk (on the second core) gets from 127.0.0.1:`port` over
+    `connections` kept-alive connections, running the Lua `script`; every answer
+    must be a 2xx."""
+    lua = Path(workdir) / f"wrk-{time.monotonic_ns()}.lua"
+    lua.write_text(script)
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t", "2", "-c", str(connections),
+                          "-d", f"{seconds}s", "-s", str(lua), f"http://127.0.0.1:{port}/"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "Non-2xx" not in out and "Socket errors" not in out, out
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
+
+
+def one_job_clients(served, clients, each):
+    """`clients` threads, each sending `each` one-job submits on its own kept-alive
+    connection, all at once."""
+    body = json.dumps([{"item": "one", "valor": 0}]).encode()
+    start = threading.Barrier(clients)
+
+    def client():
+        connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+        start.wait()
+        for _ in range(each):
+            connection.request("POST", "/api", body=body,
+                               headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 202, response.status
+        connection.close()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def bench_web(dbs, quick):
+    """17. The web tier as issue 21 measured it: `gunicorn -w 1 -k gthread --threads 8`
+    pinned to one core with QUEUE_TOOL_WORKERS=0, wrk on the other core with 32
+    kept-alive connections, against the trivial app under the same gunicorn: one job
+    per request, 100-item batches, GET /check. Then the built-in server: disk syncs
+    per submit from 32 concurrent one-job clients (SQLite: the process's fsync calls
+    counted by strace; PostgreSQL: pg_stat_wal.wal_sync), and 10,000 idle connections
+    held open (threads and RSS)."""
+    rows = []
+    seconds = 2 if quick else 5
+    if shutil.which("wrk") is None or shutil.which("taskset") is None:
+        print("no gunicorn/wrk rows: wrk or taskset is missing", file=sys.stderr)
+    else:
+        db = dbs.new("web")
+        paths = check_paths(db, 500)
+        env = {"QUEUE_TOOL_DB": db, "QUEUE_TOOL_WORKERS": "0",
+               "QUEUE_TOOL_MAX_QUEUED": "100000000"}
+        figures = {}
+        for name, app in (("ours", "queue_tool:app"), ("trivial", "bench_queue_tool:trivial_app")):
+            served = Gunicorn(dbs.workdir, app, env, workers=1, threads=8, core=0)
+            try:
+                figures[name] = [
+                    wrk(dbs.workdir, served.port, seconds, WRK_POST.format(
+                        body=json.dumps([{"item": "one", "valor": 0}]))),
+                    100 * wrk(dbs.workdir, served.port, seconds, WRK_POST.format(
+                        body=json.dumps(BATCH))),
+                    wrk(dbs.workdir, served.port, seconds, WRK_PATHS.format(
+                        paths=", ".join(f'"{path}"' for path in paths)))]
+            finally:
+                served.stop()
+        (one, batch, check), (one_ref, batch_ref, check_ref) = figures["ours"], figures["trivial"]
+        where = "32 connections, gunicorn on one core"
+        rows += [(f"one job per request, {where} (jobs/s; ref: trivial app)", one, one_ref,
+                  ">= 0.7 of reference", one >= 0.7 * one_ref),
+                 (f"100-item batches, {where} (items/s; ref: trivial app)", batch, batch_ref,
+                  ">= 100,000", batch >= 100_000),
+                 (f"GET /check, {where} (req/s; ref: trivial app)", check, check_ref,
+                  ">= 0.9 of reference", check >= 0.9 * check_ref)]
+    clients, each = 32, 20 if quick else 100
+    for kind in dbs.kinds():
+        db = dbs.new("group", kind)
+        served = Served(dbs.workdir, "--db", db, "--workers", "0")
+        one_job_clients(served, clients, 5)  # warm up: the schema, the threads
+        if kind == "sqlite":
+            counted = strace_fsyncs(served.process.pid)
+        else:
+            before = postgres_wal_syncs(db)
+        one_job_clients(served, clients, each)
+        if kind == "sqlite":
+            served.stop()
+            syncs = None if counted is None else counted()
+        else:
+            syncs = postgres_wal_syncs(db) - before
+            served.stop()
+        where = "strace" if kind == "sqlite" else "pg_stat_wal.wal_sync"
+        per = None if syncs is None else syncs / (clients * each)
+        name = f"disk syncs per submit, 32 concurrent one-job clients, {kind} ({where})"
+        rows.append((name, per, None, "<= 0.1", None if per is None else per <= 0.1))
+    rows += idle_connections(dbs, 2000 if quick else 10_000)
+    return rows
+
+
+def idle_connections(dbs, count):
+    """The built-in server (default settings but --max-connections) holding `count`
+    silent connections: its threads and RSS meanwhile."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < count + 1000:
+        print(f"no idle-connection rows: the hard file limit is {hard}", file=sys.stderr)
+        return []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the server inherits it
+    served = Served(dbs.workdir, "--db", dbs.new("idle"), "--max-connections",
+                    str(count + 2000))
+    sockets = []
+    try:
+        for _ in range(count):
+            sockets.append(socket.create_connection(("127.0.0.1", served.port)))
+        # Each is accepted and held: then /health still answers.
+        assert served.request("GET", "/health")[0] == 200
+        rss, threads = rss_and_threads(served.process.pid)
+    finally:
+        for sock in sockets:
+            sock.close()
+        served.stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limit = queue_tool.REQUEST_THREADS + 32
+    return [(f"{count:,} idle connections, built-in server: threads (16 workers)", threads,
+             None, f"<= {limit} (the pool + 32)", threads <= limit),
+            (f"{count:,} idle connections, built-in server: RSS (MiB)", rss / 2**20, None,
+             "<= 256", rss <= 256 * 2**20)]
 
 
 def posts(served, clients, seconds):
@@ -640,6 +779,134 @@ def job_times(db, column):
         with sqlite3.connect(db) as connection:
             rows = connection.execute(f"SELECT {column} FROM jobs").fetchall()
     return sorted(value for (value,) in rows)
+
+
+# The peers, as their users run them: Huey's consumer and pgqueuer's CLI, each on a
+# store holding the jobs already, with a no-op task that notes the first start and
+# the last end (the clock the served rows read from the store).
+PEER_MODULE = '''
+import os, threading, time
+COUNT, OUT = int(os.environ["PEER_COUNT"]), os.environ["PEER_OUT"]
+_lock, _seen = threading.Lock(), []
+
+def ran(started):
+    with _lock:
+        _seen.append(started)
+        if len(_seen) == COUNT:
+            with open(OUT + ".tmp", "w") as out:
+                out.write(f"{min(_seen)} {time.time()}")
+            os.replace(OUT + ".tmp", OUT)
+
+if os.environ.get("PEER") == "huey":
+    from huey import SqliteHuey
+    huey = SqliteHuey(filename=os.environ["PEER_DB"])
+
+    @huey.task()
+    def noop():
+        ran(time.time())
+else:
+    async def main():
+        import psycopg
+        from pgqueuer import PgQueuer, PsycopgDriver
+        connection = await psycopg.AsyncConnection.connect(os.environ["PEER_DB"], autocommit=True)
+        pgq = PgQueuer(PsycopgDriver(connection))
+
+        @pgq.entrypoint("noop")
+        async def noop(job):
+            ran(time.time())
+        return pgq
+
+    async def run():
+        await (await main()).run()
+'''
+
+
+def peer_rate(workdir, peer, db, count):
+    """Jobs/s of a peer (huey: an SQLite file; pgqueuer: a PostgreSQL URL), from the
+    first start to the last end of `count` no-op jobs queued before it starts."""
+    (Path(workdir) / "peer_jobs.py").write_text(PEER_MODULE)
+    out = Path(workdir) / f"peer-{peer}-{time.monotonic_ns()}.txt"
+    env = {**os.environ, "PYTHONPATH": str(workdir), "PEER": peer, "PEER_DB": db,
+           "PEER_COUNT": str(count), "PEER_OUT": str(out), "PGDSN": db}
+    bin_dir = Path(sys.executable).parent
+    if peer == "huey":
+        fill_code = """if True:
+            import os, peer_jobs
+            huey, count = peer_jobs.huey, int(os.environ["PEER_COUNT"])
+            rows = [(huey.storage.name, huey.storage.to_blob(huey.serialize_task(
+                peer_jobs.noop.s())), 0) for _ in range(count)]
+            with huey.storage.db(commit=True) as cursor:
+                cursor.executemany("insert into task (queue, data, priority) values (?, ?, ?)", rows)
+            """
+        command = [str(bin_dir / "huey_consumer"), "peer_jobs.huey", "-w", "16", "-k", "thread"]
+    else:
+        fill_code = """if True:
+            import asyncio, os, psycopg
+            from pgqueuer import PsycopgDriver, Queries
+            async def fill():
+                connection = await psycopg.AsyncConnection.connect(
+                    os.environ["PEER_DB"], autocommit=True)
+                queries, left = Queries(PsycopgDriver(connection)), int(os.environ["PEER_COUNT"])
+                await queries.install()
+                while left:
+                    n = min(left, 10_000)
+                    await queries.enqueue(["noop"] * n, [None] * n, [0] * n)
+                    left -= n
+            asyncio.run(fill())
+            """
+        # As its README runs it from Python (its `pgq run` fails to start in 1.6.0: its
+        # default --log-level is a str where its logging set-up wants an enum).
+        run = "import asyncio, peer_jobs\nasyncio.run(peer_jobs.run())"
+        command = [sys.executable, "-c", run]
+    subprocess.run([sys.executable, "-c", fill_code], env=env, cwd=workdir, check=True)
+    log = Path(workdir) / f"{out.name}.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, env=env, cwd=workdir, stdout=output,
+                                   stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while not out.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{peer} did not finish:\n{log.read_text()[-2000:]}")
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGINT if peer == "huey" else signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    first, last = map(float, out.read_text().split())
+    return rate(count, last - first)
+
+
+PEERS_SERVED = {"sqlite": "huey", "postgres": "pgqueuer"}
+
+
+def bench_served(dbs, quick):
+    """16. Processing as users run it: a store holding 100,000 queued no-op jobs, then
+    `python queue_tool.py --workers 16` started with its default settings (logging
+    at info); jobs/s from the first job's start to the last one's end, the store's
+    clock. Beside it, the peer on the same store kind, started as its users start it
+    (`huey_consumer -w 16 -k thread`; pgqueuer's QueueManager.run() with its defaults,
+    the entrypoint unlimited: with concurrency_limit=16, pgqueuer 1.6.0 ran 9 jobs/s
+    here), timed the same way by its own task."""
+    count = 10_000 if quick else 100_000
+    goals = {"sqlite": 30_000, "postgres": 15_000}
+    rows = []
+    for kind in dbs.kinds():
+        db = dbs.new("served", kind)
+        fill(db, count)
+        ours = served_rate(db, count, Served(
+            dbs.workdir, "--db", db, "--workers", "16", "--max-queued", str(count + 1),
+            ready=False))
+        peer = PEERS_SERVED[kind]
+        theirs = peer_rate(dbs.workdir, peer, dbs.new(f"peer-{peer}", kind), count)
+        name = f"process {count:,} queued jobs served, 16 workers, {kind} (jobs/s; ref: {peer})"
+        rows.append((name, ours, theirs,
+                     f">= {goals[kind]:,} and >= 5x reference",
+                     ours >= goals[kind] and ours >= 5 * theirs))
+    return rows
 
 
 def bench_limits(dbs, quick):
@@ -1095,7 +1362,8 @@ MEASURES = {"submit": bench_submit, "check": bench_check, "http": bench_http,
             "makespan": bench_makespan, "memory": bench_memory, "scale": bench_scale,
             "process": bench_process, "gunicorn": bench_gunicorn,
             "schedules": bench_schedules, "unique": bench_unique, "limits": bench_limits,
-            "cpu": bench_cpu, "logs": bench_logs, "fleet": bench_fleet}
+            "cpu": bench_cpu, "logs": bench_logs, "fleet": bench_fleet,
+            "served": bench_served, "web": bench_web}
 
 
 def main(argv=None):
