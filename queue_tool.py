@@ -1710,8 +1710,9 @@ class SQLiteStore(Store):
         # WAL mode a read needs no lock on the file). A :memory: database is one per
         # connection: there, reads take the writer's.
         self._lock = threading.Lock()  # guards the write connection, _durable, _busy_ms
-        self._group_lock = threading.Lock()  # guards _pending
+        self._group_lock = threading.Lock()  # guards _pending and _leading
         self._pending = []  # _Submit requests waiting for the next group commit
+        self._leading = False  # a thread commits groups: the others wait for it
         self._read_lock = self._lock if self.path == ":memory:" else threading.Lock()
         self._conns, self._pid = {}, None  # "write"/"read" -> connection, of process _pid
 
@@ -1797,38 +1798,40 @@ class SQLiteStore(Store):
         request = _Submit((_new_jobs(jobs), invalid, max_queued, batch, key))
         with self._group_lock:
             self._pending.append(request)
-        try:
-            if not request.done.is_set():
-                self._commit_group()
-        except StoreError:
-            with self._group_lock:
-                if request in self._pending:  # never taken: nothing of it was written
-                    self._pending.remove(request)
-                    raise
-        request.done.wait()  # taken by another thread's transaction: its outcome
+            lead, self._leading = not self._leading, True
+        if not lead:
+            request.done.wait()  # its outcome, or the lead handed to it
+        if request.outcome is None:
+            self._commit_group()
         return request.answer()
 
     def _commit_group(self):
-        """Commit every submit waiting in this process, in one transaction."""
+        """Commit every submit waiting in this process, in one transaction; then hand
+        the lead to the first that came meanwhile. One thread at a time waits for
+        the writer: the others wait for it, not in a convoy on the writer's lock."""
         group, outcomes, named = [], [], set()
         try:
             with self._locked(self.timeout) as (conn, left):
                 with self._group_lock:
                     group, self._pending = self._pending, []
-                if not group:
-                    return  # the transaction before took them all
                 with self._begun(conn, left, durable=True):
                     for request in group:
                         outcomes.append(self._submit_in(conn, request, len(group) > 1, named))
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - each waiter is answered with it
+            if not group:  # the writer stayed busy: each submit waiting fails alike
+                with self._group_lock:
+                    group, self._pending = self._pending, []
             outcomes = [("error", exc)] * len(group)  # none of them was written
-            if not group:
-                raise
         else:
             self._named = self._named | named  # replaced whole: other threads read it
         for request, outcome in zip(group, outcomes, strict=True):
             request.outcome = outcome
             request.done.set()
+        with self._group_lock:
+            successor = self._pending[0] if self._pending else None
+            self._leading = successor is not None
+        if successor is not None:
+            successor.done.set()  # with no outcome yet: it commits the next group
 
     def _submit_in(self, conn, request, several, named):
         """One submit of a group: ("ok", its answer) or ("error", QueueFull), the
