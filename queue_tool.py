@@ -986,8 +986,8 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 class _Submit:
-    """One submit waiting for a group commit (SQLiteStore.submit): its arguments, and
-    its outcome once a transaction committed or failed."""
+    """One submit waiting for a group commit: its arguments, and its outcome once a
+    transaction committed or failed."""
 
     __slots__ = ("args", "done", "outcome")
 
@@ -999,6 +999,61 @@ class _Submit:
         if kind == "error":
             raise value
         return value
+
+
+class _Group:
+    """Group commit of one store's submits in this process: the submits that arrive
+    while a group commits go in the next transaction together, so they share one
+    disk sync (a 202 still follows the commit that holds its jobs).
+
+    One thread at a time leads: commit(take) opens a transaction, calls take() for
+    every submit waiting by then, and returns one outcome for each, ("ok", answer)
+    or ("error", exception); an exception fails every one taken (none was written).
+    The leader then hands the lead to the first submit that came meanwhile. The
+    others wait for it, not in a convoy on the store's lock (five times the disk
+    syncs, measured)."""
+
+    def __init__(self, commit):
+        self._commit = commit
+        self._pid = None  # the process of the state below: a forked child starts afresh
+
+    def submit(self, args):
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._lock = threading.Lock()  # guards _pending and _leading
+            self._pending = []  # _Submit requests waiting for the next group
+            self._leading = False  # a thread commits groups: the others wait for it
+        request = _Submit(args)
+        with self._lock:
+            self._pending.append(request)
+            lead, self._leading = not self._leading, True
+        if not lead:
+            request.done.wait()  # its outcome, or the lead handed to it
+        if request.outcome is None:
+            self._lead()
+        return request.answer()
+
+    def _lead(self):
+        group = []
+
+        def take():
+            with self._lock:
+                group[:], self._pending = self._pending, []
+            return group
+        try:
+            outcomes = self._commit(take)
+        except BaseException as exc:  # noqa: BLE001 - each waiter is answered with it
+            if not group:  # nothing was taken (the store stayed busy): all fail alike
+                take()
+            outcomes = [("error", exc)] * len(group)
+        for request, outcome in zip(group, outcomes, strict=True):
+            request.outcome = outcome
+            request.done.set()
+        with self._lock:
+            successor = self._pending[0] if self._pending else None
+            self._leading = successor is not None
+        if successor is not None:
+            successor.done.set()  # with no outcome yet: it commits the next group
 
 
 class Store:
@@ -1710,9 +1765,7 @@ class SQLiteStore(Store):
         # WAL mode a read needs no lock on the file). A :memory: database is one per
         # connection: there, reads take the writer's.
         self._lock = threading.Lock()  # guards the write connection, _durable, _busy_ms
-        self._group_lock = threading.Lock()  # guards _pending and _leading
-        self._pending = []  # _Submit requests waiting for the next group commit
-        self._leading = False  # a thread commits groups: the others wait for it
+        self._group = _Group(self._commit_group)
         self._read_lock = self._lock if self.path == ":memory:" else threading.Lock()
         self._conns, self._pid = {}, None  # "write"/"read" -> connection, of process _pid
 
@@ -1795,43 +1848,19 @@ class SQLiteStore(Store):
         """Group commit: the submits that wait for this process's writer while another
         commits go in the next transaction together, each in a savepoint of its own,
         so they share one fsync (a 202 still follows the commit that holds its jobs)."""
-        request = _Submit((_new_jobs(jobs), invalid, max_queued, batch, key))
-        with self._group_lock:
-            self._pending.append(request)
-            lead, self._leading = not self._leading, True
-        if not lead:
-            request.done.wait()  # its outcome, or the lead handed to it
-        if request.outcome is None:
-            self._commit_group()
-        return request.answer()
+        return self._group.submit((_new_jobs(jobs), invalid, max_queued, batch, key))
 
-    def _commit_group(self):
-        """Commit every submit waiting in this process, in one transaction; then hand
-        the lead to the first that came meanwhile. One thread at a time waits for
-        the writer: the others wait for it, not in a convoy on the writer's lock."""
-        group, outcomes, named = [], [], set()
-        try:
-            with self._locked(self.timeout) as (conn, left):
-                with self._group_lock:
-                    group, self._pending = self._pending, []
-                with self._begun(conn, left, durable=True):
-                    for request in group:
-                        outcomes.append(self._submit_in(conn, request, len(group) > 1, named))
-        except BaseException as exc:  # noqa: BLE001 - each waiter is answered with it
-            if not group:  # the writer stayed busy: each submit waiting fails alike
-                with self._group_lock:
-                    group, self._pending = self._pending, []
-            outcomes = [("error", exc)] * len(group)  # none of them was written
-        else:
-            self._named = self._named | named  # replaced whole: other threads read it
-        for request, outcome in zip(group, outcomes, strict=True):
-            request.outcome = outcome
-            request.done.set()
-        with self._group_lock:
-            successor = self._pending[0] if self._pending else None
-            self._leading = successor is not None
-        if successor is not None:
-            successor.done.set()  # with no outcome yet: it commits the next group
+    def _commit_group(self, take):
+        """The group commit's transaction (see _Group): the submits waiting once this
+        process's writer is free, each in a savepoint of its own."""
+        named = set()
+        with self._locked(self.timeout) as (conn, left):
+            group = take()
+            with self._begun(conn, left, durable=True):
+                outcomes = [self._submit_in(conn, request, len(group) > 1, named)
+                            for request in group]
+        self._named = self._named | named  # replaced whole: other threads read it
+        return outcomes
 
     def _submit_in(self, conn, request, several, named):
         """One submit of a group: ("ok", its answer) or ("error", QueueFull), the
@@ -2862,6 +2891,7 @@ class PostgresStore(Store):
                                  **({"prepare_threshold": None} if pooled else {})}
         self._lock = threading.Lock()  # guards self._pool, self._pid, self._closed
         self._pool = self._pid = None
+        self._group = _Group(self._commit_group)
         self._closed = False
         try:
             with self._errors(), self._connect() as conn:
@@ -2993,23 +3023,55 @@ class PostgresStore(Store):
     # Each method below is one transaction.
 
     def submit(self, jobs, invalid, max_queued, batch=None, key=None):
+        """Group commit (see _Group) for the submits that take no lock: without unique
+        keys or an idempotency key. Those that take them keep a transaction each: two
+        groups taking keys' locks in different orders could deadlock."""
         jobs = _new_jobs(jobs)
+        if key is None and not _first_keys(jobs):
+            return self._group.submit((jobs, invalid, max_queued, batch))
         with self._transaction(self.timeout) as conn:
-            # The unique keys' locks, then the batch's key: a concurrent submit with the
-            # same keys waits on them until this one commits or rolls back.
-            jobs, duplicates = self._sort_out(conn, jobs)
-            response = key and (key[2](duplicates) if callable(key[2]) else key[2])
-            taken = batch is None or conn.execute(self.INSERT_BATCH, (
-                batch, len(jobs), *(key[:2] if key else (None, None)), response)).fetchone()
-            if not taken:
-                return {}, tuple(conn.execute(self.BATCH_OF_KEY, (key[0],)).fetchone())
-            if jobs:
-                (queued,) = conn.execute(self.QUEUED_GAUGE).fetchone()
-                if queued + len(jobs) > max_queued:
-                    raise QueueFull(f"{queued} jobs are queued; the limit is {max_queued}")
-            self._insert(conn, jobs, batch)
-            self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs),
-                        duplicate=len(duplicates))
+            return self._submit(conn, jobs, invalid, max_queued, batch, key)
+
+    def _commit_group(self, take):
+        """The group commit's transaction: each submit in a savepoint of its own
+        when there are several, and one NOTIFY for them all (PostgreSQL delivers
+        one of several identical ones in a transaction)."""
+        with self._transaction(self.timeout) as conn:
+            group = take()
+            outcomes = [self._submit_in(conn, request, len(group) > 1) for request in group]
+            queued = sum(len(request.args[0]) for request, (kind, _) in zip(
+                group, outcomes, strict=True) if kind == "ok")
+            if queued:
+                conn.execute(self.NOTIFY, (f"submitted:{queued}",))
+        return outcomes
+
+    def _submit_in(self, conn, request, several):
+        """One submit of a group: ("ok", its answer) or ("error", QueueFull), the
+        latter rolled back to its savepoint (alone, it rolls the transaction back)."""
+        try:
+            with conn.transaction() if several else contextlib.nullcontext():
+                return "ok", self._submit(conn, *request.args, None, notify=False)
+        except QueueFull as exc:
+            if not several:
+                raise
+            return "error", exc
+
+    def _submit(self, conn, jobs, invalid, max_queued, batch, key, notify=True):
+        # The unique keys' locks, then the batch's key: a concurrent submit with the
+        # same keys waits on them until this one commits or rolls back.
+        jobs, duplicates = self._sort_out(conn, jobs)
+        response = key and (key[2](duplicates) if callable(key[2]) else key[2])
+        taken = batch is None or conn.execute(self.INSERT_BATCH, (
+            batch, len(jobs), *(key[:2] if key else (None, None)), response)).fetchone()
+        if not taken:
+            return {}, tuple(conn.execute(self.BATCH_OF_KEY, (key[0],)).fetchone())
+        if jobs:
+            (queued,) = conn.execute(self.QUEUED_GAUGE).fetchone()
+            if queued + len(jobs) > max_queued:
+                raise QueueFull(f"{queued} jobs are queued; the limit is {max_queued}")
+        self._insert(conn, jobs, batch, notify=notify)
+        self._count(conn, submitted=len(jobs), invalid=invalid, queued=len(jobs),
+                    duplicate=len(duplicates))
         return duplicates, None
 
     def _sort_out(self, conn, jobs):
@@ -3033,7 +3095,7 @@ class PostgresStore(Store):
         else:
             conn.execute(self.LOCK_ALL_KEYS)
 
-    def _insert(self, conn, jobs, batch=None, scheduled=False):
+    def _insert(self, conn, jobs, batch=None, scheduled=False, notify=True):
         if not jobs:
             return
         # One Python type per array: psycopg types a list by its items, and refuses
@@ -3054,7 +3116,8 @@ class PostgresStore(Store):
         else:
             conn.execute(self.INSERT_JOBS, {**columns, "batch": batch,
                                             "delays": [float(job.delay) for job in jobs]})
-        conn.execute(self.NOTIFY, (f"submitted:{len(jobs)}",))
+        if notify:
+            conn.execute(self.NOTIFY, (f"submitted:{len(jobs)}",))
 
     def get(self, token):
         return self._job(next(iter(self._read(self.GET_JOB, (token,))), None))

@@ -2899,7 +2899,7 @@ def submits_held_behind_the_writer(built, bodies):
     with store._lock:
         for thread in threads:
             thread.start()
-        wait_until(lambda: len(store._pending) == len(bodies), what="every submit waiting")
+        wait_until(lambda: len(store._group._pending) == len(bodies), what="every submit waiting")
     for thread in threads:
         thread.join(10)
     return answers, statements
@@ -2922,6 +2922,45 @@ def test_sqlite_submits_that_wait_together_share_one_commit(make, tmp_path):
     items = sorted(item for (item,) in sql(tmp_path / "group.sqlite3", "SELECT item FROM {jobs}"))
     assert items == sorted([f"a{n}" for n in range(10) if n not in (3, 6, 7)] + ["u"])
     assert built.store.counters()["submitted"] == 8
+
+
+def test_postgres_submits_that_wait_together_share_one_transaction(make, db_postgres):
+    """Plain submits group-commit on PostgreSQL too; a submit with unique keys keeps
+    a transaction of its own (its keys' locks)."""
+    built = make(db=db_postgres, workers=0, max_queued=12)
+    built.start()
+    bodies = [[{"item": f"a{n}", "valor": 0}] for n in range(8)]
+    bodies[3] = [{"item": "too many", "valor": 0}] * 13  # past max_queued: refused alone
+    bodies[5] = [{"item": "u", "valor": 0, "unique": "k"}]
+    answers = [None] * len(bodies)
+
+    def post(n):
+        body = json.dumps(bodies[n]).encode()
+        status, _, body = call(built, "POST", "/api", body, CONTENT_TYPE="application/json",
+                               CONTENT_LENGTH=str(len(body)))
+        answers[n] = (status, body)
+    pool = built.store._pool_here()
+    held = [pool.getconn() for _ in range(built.store.pool_size)]  # no transaction can start
+    threads = [threading.Thread(target=post, args=(n,)) for n in range(len(bodies))]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(built.store._group._pending) == len(bodies) - 1,
+                   what="every plain submit waiting")
+    finally:
+        for conn in held:
+            pool.putconn(conn)
+    for thread in threads:
+        thread.join(10)
+    assert [status for status, _ in answers] == [202] * 3 + [503] + [202] * 4
+    assert answers[3][1]["error"] == "queue_full"
+    rows = sql(db_postgres, "SELECT item, created_at FROM {jobs}")
+    assert sorted(item for item, _ in rows) == sorted(
+        [f"a{n}" for n in range(8) if n not in (3, 5)] + ["u"])
+    # One transaction holds the six plain ones (now() is its start, to the
+    # microsecond); the keyed one has its own.
+    assert len({created for item, created in rows if item != "u"}) == 1
+    assert built.store.counters()["submitted"] == 7
 
 
 def test_sqlite_a_failed_group_commit_fails_each_submit_and_queues_none(make, tmp_path):
