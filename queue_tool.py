@@ -3946,7 +3946,7 @@ class Runner:
         worker goes on at once. The caller holds the lock."""
         self._ends.append((finish, entry, ran))
         self._typical += (ran - self._typical) / 16
-        if self._committer_idle or self._busy <= len(self._ends):
+        if self._committer_idle or self._busy <= len(self._ready):
             self._committer_wake.notify()  # else the committer's window ends soon anyway
 
     def _commit_loop(self):
@@ -4017,8 +4017,9 @@ class Runner:
                     self._ready[0][1] - time.monotonic() if self._ready else None)
             self._committer_idle = False
             deadline = time.monotonic() + self.commit_window
+            # While jobs still run here (those claimed ahead are busy, not running).
             while (self._typical < self.commit_window and len(self._claims) < self._working
-                   and self._busy > len(self._ends)):
+                   and self._busy > len(self._ready)):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
