@@ -2659,21 +2659,18 @@ class PostgresStore(Store):
     SET_PROGRESS = """UPDATE queue_tool_jobs SET progress = %(progress)s
         WHERE token = %(token)s AND owner = %(owner)s AND attempts = %(attempt)s
           AND status = 'running'"""
-    RENEW = """WITH mine AS MATERIALIZED (
+    # These runs ({token: attempt}) of an owner, locked in id order.
+    MINE = """WITH mine AS MATERIALIZED (
             SELECT j.id FROM queue_tool_jobs AS j
             JOIN unnest(%(tokens)s::text[], %(attempts)s::integer[]) AS r (token, attempt)
                 ON j.token = r.token AND j.attempts = r.attempt
             WHERE j.owner = %(owner)s AND j.status = 'running'
-            ORDER BY j.id FOR UPDATE OF j)
+            ORDER BY j.id FOR UPDATE OF j)"""
+    RENEW = MINE + """
         UPDATE queue_tool_jobs AS j SET lease_until = now() + %(lease)s * interval '1 second'
         FROM mine WHERE j.id = mine.id
         RETURNING j.token"""
-    UNCLAIM = """WITH mine AS MATERIALIZED (
-            SELECT j.id FROM queue_tool_jobs AS j
-            JOIN unnest(%(tokens)s::text[], %(attempts)s::integer[]) AS r (token, attempt)
-                ON j.token = r.token AND j.attempts = r.attempt
-            WHERE j.owner = %(owner)s AND j.status = 'running'
-            ORDER BY j.id FOR UPDATE OF j),
+    UNCLAIM = MINE + """,
         job AS (
             UPDATE queue_tool_jobs AS j SET status = 'queued', owner = NULL, started_at = NULL,
                 lease_until = NULL, attempts = j.attempts - 1
@@ -3873,7 +3870,7 @@ class Runner:
                 self._committer_wake.notify()  # one worker fewer for the commit window
 
     def _claim_and_run(self, stopping):
-        row = None  # a job claimed with the last one's end, or ahead, to run next
+        row = None  # a job claimed ahead, to run next
         polled = False  # this worker just looked for room in a full queue
         while True:
             if row is None and stopping.is_set():
